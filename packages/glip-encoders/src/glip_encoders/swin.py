@@ -243,7 +243,7 @@ class SwinBackbone(nn.Module):
             dynamic_img_pad=True,  # official: pad right/bottom to a multiple of the patch size
         )
         rate = config.drop_path_rate if drop_path_rate is None else drop_path_rate
-        dpr = [r.item() for r in torch.linspace(0, rate, sum(config.depths))]
+        dpr = torch.linspace(0, rate, sum(config.depths), device="cpu").tolist()  # official rule (cpu: meta-safe)
         self.layers = nn.ModuleList()
         start = 0
         for s in range(num_stages):
