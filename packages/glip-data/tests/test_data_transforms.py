@@ -103,3 +103,117 @@ def test_test_transform_matches_fixture(parity_dir, parity_index):
             assert torch.count_nonzero(batch[i][:, ~mask[i]]) == 0
             assert torch.count_nonzero(official[i][:, ~mask[i]]) == 0
         torch.testing.assert_close(batch, official, rtol=1e-4, atol=1e-4)
+
+
+# --- training transforms ----------------------------------------------------------------------------------------
+
+from glip_data import (  # noqa: E402
+    GroundingSample,
+    RandomHorizontalFlip,
+    RandomResize,
+    ToModelTensor,
+    flip_boxes,
+    swap_left_right,
+    train_transforms,
+)
+
+
+def _grounding_sample(image, boxes, caption="a dog on the left", spans=None):
+    w, h = image.size
+    spans = spans if spans is not None else [[(2, 5)] for _ in boxes]
+    return GroundingSample(image_path="x.png", width=w, height=h, boxes=boxes, caption=caption,
+                           tokens_positive=spans, labels=[1] * len(boxes), image=image)
+
+
+def test_random_resize_scales_boxes_and_records_size():
+    image = Image.new("RGB", (40, 30))
+    sample = _grounding_sample(image, [[4, 3, 20, 15]])
+    out = RandomResize(min_sizes=(60,), max_size=1000, rng=0)(sample)
+    assert out.image.size == (80, 60) and (out.width, out.height) == (80, 60)
+    assert out.boxes.tolist() == [[8, 6, 40, 30]]
+    assert out.metadata["orig_size"] == (40, 30)
+    assert sample.boxes.tolist() == [[4, 3, 20, 15]]  # input untouched
+
+
+def test_random_resize_draws_from_the_sizes_reproducibly():
+    image = Image.new("RGB", (40, 30))
+    sizes = [
+        RandomResize((30, 45, 60), max_size=None, rng=seed)(_grounding_sample(image, [[0, 0, 1, 1]])).height
+        for seed in range(30)
+    ]
+    assert set(sizes) == {30, 45, 60}
+    again = [
+        RandomResize((30, 45, 60), max_size=None, rng=seed)(_grounding_sample(image, [[0, 0, 1, 1]])).height
+        for seed in range(30)
+    ]
+    assert sizes == again
+
+
+def test_flip_boxes_conventions():
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
+    assert flip_boxes(boxes, 100).tolist() == [[69, 20, 89, 40]]  # official: W - x - 1
+    assert flip_boxes(boxes, 100, legacy_plus_one=False).tolist() == [[70, 20, 90, 40]]
+    for legacy in (True, False):
+        assert torch.equal(flip_boxes(flip_boxes(boxes, 100, legacy), 100, legacy), boxes)
+
+
+def test_flip_moves_pixels_with_inclusive_box_convention():
+    # White pixels in columns 10..19 (inclusive, the legacy box [10, y, 19, y2]); after flipping a 50-wide image
+    # they are in columns 30..39, which is exactly the legacy flipped box.
+    arr = np.zeros((20, 50, 3), dtype=np.uint8)
+    arr[5:15, 10:20] = 255
+    sample = _grounding_sample(Image.fromarray(arr), [[10, 5, 19, 14]])
+    out = RandomHorizontalFlip(prob=1.0)(sample)
+    cols = np.nonzero(np.asarray(out.image)[10, :, 0])[0]
+    assert (cols.min(), cols.max()) == (30, 39)
+    assert out.boxes.tolist() == [[30, 5, 39, 14]]
+    assert out.caption == sample.caption  # official: the caption is not touched
+    assert out.metadata["hflip"] is True
+
+
+def test_flip_probability_zero_is_identity():
+    sample = _grounding_sample(Image.new("RGB", (10, 10)), [[1, 1, 4, 4]])
+    assert RandomHorizontalFlip(prob=0.0)(sample) is sample
+
+
+def test_swap_left_right_moves_spans():
+    caption = "the left dog and the Right cat. LEFT leftover rightmost left-handed"
+    spans = [[(4, 12)], [(21, 30)], [(32, 36)], [(37, 45), (46, 55)], [(56, 67)]]
+    assert [caption[s:e] for s, e in (sp[0] for sp in spans)] == ["left dog", "Right cat", "LEFT", "leftover",
+                                                                  "left-handed"]
+    new, new_spans = swap_left_right(caption, spans)
+    assert new == "the right dog and the Left cat. RIGHT leftover rightmost right-handed"
+    assert [[new[s:e] for s, e in sp] for sp in new_spans] == [
+        ["right dog"], ["Left cat"], ["RIGHT"], ["leftover", "rightmost"], ["right-handed"],
+    ]
+
+
+def test_flip_with_swap_updates_caption_and_drops_positive_map():
+    caption = "a dog on the left and a cat"
+    sample = _grounding_sample(Image.new("RGB", (10, 10)), [[1, 1, 4, 4], [5, 5, 8, 8]], caption=caption,
+                               spans=[[(2, 5)], [(22, 27)]])
+    sample.positive_map = torch.zeros(2, 256, dtype=torch.bool)
+    out = RandomHorizontalFlip(prob=1.0, swap_left_right=True)(sample)
+    assert out.caption == "a dog on the right and a cat"
+    assert [out.caption[s:e] for (s, e), in out.tokens_positive] == ["dog", "a cat"]
+    assert out.positive_map is None
+
+
+def test_train_transforms_pipeline_outputs_model_tensor():
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    sample = _grounding_sample(image, [[4, 3, 20, 15]])
+    out = train_transforms(min_sizes=(60,), max_size=1000, flip_prob=0.0, rng=0)(sample)
+    assert isinstance(out.image, torch.Tensor) and out.image.shape == (3, 60, 80)
+    expected = TestTransform(60, 1000)(image)  # same resize + normalisation as the test transform
+    torch.testing.assert_close(out.image, expected)
+
+
+def test_to_model_tensor_checks_image_size():
+    sample = _grounding_sample(Image.new("RGB", (10, 10)), [[1, 1, 4, 4]])
+    sample.width = 12
+    with pytest.raises(ValueError, match="x.png: the image is 10x10 but the sample records width=12"):
+        ToModelTensor()(sample)
+    sample.image = None
+    with pytest.raises(ValueError, match="no decoded image"):
+        ToModelTensor()(sample)

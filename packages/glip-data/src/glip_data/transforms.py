@@ -7,7 +7,6 @@ official checkpoints expect exactly that.
 """
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -18,6 +17,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from .grounding import RandomSource
 from .sample import GroundingSample
 
 # Per-channel statistics in BGR order, 0-255 scale (cfg.INPUT.PIXEL_MEAN / PIXEL_STD of the official configs).
@@ -117,3 +117,214 @@ class TestTransform:
 
     def __repr__(self) -> str:
         return f"TestTransform(min_size={self.min_size}, max_size={self.max_size})"
+
+
+# --- training transforms on GroundingSample ---------------------------------------------------------------------
+
+
+def _image_size(sample: GroundingSample) -> tuple[int, int]:
+    """(w, h) of the sample's decoded image, checked against the recorded width/height."""
+    image = sample.image
+    if image is None:
+        raise ValueError(f"{sample.image_path}: the sample has no decoded image (sample.image is None); load it first")
+    if isinstance(image, Image.Image):
+        size = image.size
+    elif isinstance(image, torch.Tensor) and image.dim() == 3:
+        size = (int(image.shape[2]), int(image.shape[1]))
+    else:
+        raise TypeError(f"{sample.image_path}: sample.image must be a PIL image or a (3, H, W) tensor")
+    if size != (sample.width, sample.height):
+        raise ValueError(
+            f"{sample.image_path}: the image is {size[0]}x{size[1]} but the sample records "
+            f"width={sample.width}, height={sample.height}"
+        )
+    return size
+
+
+class RandomResize:
+    """Multi-scale training resize: shorter side drawn from ``min_sizes``, longer side capped at ``max_size``.
+
+    The image is resized with PIL bilinear (official rules, :func:`get_resize_size`); boxes are scaled by
+    ``(new_w / w, new_h / h)``; ``width``/``height`` become the new size and the original size is kept in
+    ``metadata["orig_size"]`` (``(w, h)``, set once).
+
+    Args:
+        min_sizes: candidate shorter sides (official: 480, 560, 640, 720, 800); one int for a fixed size.
+        max_size: longer-side cap (official 1333).
+        rng: random source (see :class:`glip_data.grounding.RandomSource`).
+    """
+
+    def __init__(self, min_sizes: int | Sequence[int] = TRAIN_MIN_SIZES, max_size: int | None = TRAIN_MAX_SIZE,
+                 rng: Any = None) -> None:
+        self.min_sizes = (min_sizes,) if isinstance(min_sizes, int) else tuple(min_sizes)
+        if not self.min_sizes:
+            raise ValueError("min_sizes is empty")
+        self.max_size = max_size
+        self.rng = RandomSource(rng)
+
+    def __call__(self, sample: GroundingSample) -> GroundingSample:
+        w, h = _image_size(sample)
+        if not isinstance(sample.image, Image.Image):
+            raise TypeError(f"{sample.image_path}: RandomResize works on PIL images (resize before ToModelTensor)")
+        new_w, new_h = get_resize_size((w, h), self.rng.choice(self.min_sizes), self.max_size)
+        image = TF.resize(sample.image, [new_h, new_w], interpolation=TF.InterpolationMode.BILINEAR)
+        scale = torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h], dtype=torch.float32)
+        metadata = dict(sample.metadata)
+        metadata.setdefault("orig_size", (w, h))
+        return replace(sample, image=image, boxes=sample.boxes * scale, width=new_w, height=new_h, metadata=metadata)
+
+
+def flip_boxes(boxes: torch.Tensor, width: int, legacy_plus_one: bool = True) -> torch.Tensor:
+    """Mirror xyxy boxes left-right in an image ``width`` pixels wide.
+
+    ``legacy_plus_one=True`` is the official convention (``BoxList.transpose``, +1 pixel model):
+    ``x1' = W - x2 - 1``, ``x2' = W - x1 - 1``. ``False`` is the continuous convention ``x1' = W - x2``,
+    ``x2' = W - x1``. Both are involutions (flipping twice restores the boxes).
+    """
+    offset = 1.0 if legacy_plus_one else 0.0
+    flipped = boxes.clone()
+    flipped[:, 0] = width - boxes[:, 2] - offset
+    flipped[:, 2] = width - boxes[:, 0] - offset
+    return flipped
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", flags=re.IGNORECASE)
+
+
+def _match_case(template: str, word: str) -> str:
+    if template.isupper():
+        return word.upper()
+    if template[:1].isupper():
+        return word.capitalize()
+    return word
+
+
+def swap_left_right(caption: str, tokens_positive: Sequence[Sequence[tuple[int, int]]]
+                    ) -> tuple[str, list[list[tuple[int, int]]]]:
+    """Swap the whole words "left" and "right" in a caption (case kept) and move the spans accordingly.
+
+    "left" and "right" differ in length, so every character span after a swapped word shifts; a span boundary
+    inside a swapped word (unusual) is moved to the word's start (for starts) or end (for ends).
+
+    Returns:
+        ``(new_caption, new_tokens_positive)``.
+    """
+    edits = []  # (start, end, replacement) in the old caption
+    for m in _LEFT_RIGHT.finditer(caption):
+        new = "right" if m.group().lower() == "left" else "left"
+        edits.append((m.start(), m.end(), _match_case(m.group(), new)))
+    if not edits:
+        return caption, [list(spans) for spans in tokens_positive]
+
+    pieces, cursor = [], 0
+    new_bounds = []  # (old start, old end, new start, new end) per edit
+    shift = 0
+    for start, end, text in edits:
+        pieces.append(caption[cursor:start])
+        pieces.append(text)
+        new_bounds.append((start, end, start + shift, start + shift + len(text)))
+        shift += len(text) - (end - start)
+        cursor = end
+    pieces.append(caption[cursor:])
+    new_caption = "".join(pieces)
+
+    def move(pos: int, is_end: bool) -> int:
+        delta = 0
+        for old_s, old_e, new_s, new_e in new_bounds:
+            if old_s < pos < old_e:  # inside a swapped word
+                return new_e if is_end else new_s
+            if pos >= old_e:
+                delta = new_e - old_e
+        return pos + delta
+
+    new_spans = [[(move(s, False), move(e, True)) for s, e in spans] for spans in tokens_positive]
+    return new_caption, new_spans
+
+
+class RandomHorizontalFlip:
+    """Flip the image and its boxes left-right with probability ``prob`` (official 0.5).
+
+    Args:
+        prob: flip probability.
+        swap_left_right: also swap the words "left"/"right" in the caption and move the spans (see
+            :func:`swap_left_right`). Off by default: the official code flips grounding data without touching the
+            caption (pitfall §12.17), which teaches the model wrong left/right groundings.
+        legacy_plus_one: box convention of :func:`flip_boxes` (official: True).
+        rng: random source.
+
+    A computed ``positive_map`` is dropped when the caption changes (recompute it at collation).
+    """
+
+    def __init__(self, prob: float = 0.5, swap_left_right: bool = False, legacy_plus_one: bool = True,
+                 rng: Any = None) -> None:
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}")
+        self.prob = prob
+        self.swap_left_right = swap_left_right
+        self.legacy_plus_one = legacy_plus_one
+        self.rng = RandomSource(rng)
+
+    def __call__(self, sample: GroundingSample) -> GroundingSample:
+        if not self.rng.random() < self.prob:
+            return sample
+        return self.flip(sample)
+
+    def flip(self, sample: GroundingSample) -> GroundingSample:
+        """Flip unconditionally."""
+        w, _ = _image_size(sample)
+        image = TF.hflip(sample.image)  # PIL or tensor
+        boxes = flip_boxes(sample.boxes, w, self.legacy_plus_one)
+        caption, spans, positive_map = sample.caption, sample.tokens_positive, sample.positive_map
+        if self.swap_left_right:
+            caption, spans = swap_left_right(caption, spans)
+            if caption != sample.caption:
+                positive_map = None
+        metadata = dict(sample.metadata)
+        metadata["hflip"] = not metadata.get("hflip", False)
+        return replace(sample, image=image, boxes=boxes, caption=caption, tokens_positive=spans,
+                       positive_map=positive_map, metadata=metadata)
+
+
+class ToModelTensor:
+    """PIL image -> ``(3, H, W)`` normalised BGR tensor (:func:`to_model_tensor`), on a GroundingSample."""
+
+    def __call__(self, sample: GroundingSample) -> GroundingSample:
+        _image_size(sample)
+        return replace(sample, image=to_model_tensor(to_rgb_image(sample.image)))
+
+
+class Compose:
+    """Apply callables ``GroundingSample -> GroundingSample`` in order."""
+
+    def __init__(self, transforms: Sequence[Callable[[GroundingSample], GroundingSample]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: GroundingSample) -> GroundingSample:
+        for transform in self.transforms:
+            sample = transform(sample)
+        return sample
+
+    def __repr__(self) -> str:
+        inner = ", ".join(type(t).__name__ for t in self.transforms)
+        return f"Compose([{inner}])"
+
+
+def train_transforms(
+    min_sizes: int | Sequence[int] = TRAIN_MIN_SIZES,
+    max_size: int | None = TRAIN_MAX_SIZE,
+    flip_prob: float = 0.5,
+    swap_left_right: bool = False,
+    legacy_plus_one: bool = True,
+    rng: Any = None,
+) -> Compose:
+    """The official training pipeline: multi-scale resize, horizontal flip, then BGR×255 normalisation.
+
+    One random source drives both random steps (pass an int seed for reproducibility; the default None uses the
+    global :mod:`random`, which DataLoader workers re-seed).
+    """
+    source = RandomSource(rng)
+    return Compose([
+        RandomResize(min_sizes, max_size, rng=source),
+        RandomHorizontalFlip(flip_prob, swap_left_right=swap_left_right, legacy_plus_one=legacy_plus_one, rng=source),
+        ToModelTensor(),
+    ])
