@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from glip_encoders import build_image_encoder, image_checkpoint_filter_fn, image_to_official_state_dict
 from glip_encoders.swin import (
+    PatchMerging,
     SwinBackbone,
     SwinBlock,
     SwinConfig,
@@ -22,7 +23,6 @@ from glip_encoders.swin import (
     shifted_window_mask,
     to_official_state_dict,
 )
-from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
 TINY = SwinConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=7, drop_path_rate=0.0)

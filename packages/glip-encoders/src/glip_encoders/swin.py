@@ -14,7 +14,8 @@ The module reproduces the Swin used by the official GLIP code (the Swin-Transfor
 timm 1.0 differs in exactly the place that matters for non-window-multiple inputs: its ``SwinTransformerBlock``
 rolls *then* pads, so the padding ends up in other windows than in the official model. :class:`SwinBlock` keeps
 timm's sub-modules (``norm1``, ``attn`` = timm ``WindowAttention``, ``mlp``, ``drop_path``) and restates only the
-block's forward in the official order.
+block's forward in the official order. :class:`PatchMerging` likewise keeps timm's ``norm``/``reduction`` and states
+the official padding and sub-grid order explicitly (some timm 1.0.x releases swap the H/W padding).
 
 Parameter layout (timm style): the patch merging that the official checkpoint stores at the *end* of stage ``s``
 (``layers.{s}.downsample``) lives at the *start* of stage ``s+1`` here (``layers.{s+1}.downsample``);
@@ -30,8 +31,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.swin_transformer import PatchMerging as TimmPatchMerging
 from timm.models.swin_transformer import (
-    PatchMerging,
     SwinTransformerBlock,
     get_relative_position_index,
     window_partition,
@@ -43,6 +44,7 @@ __all__ = [
     "SwinConfig",
     "SWIN_CONFIGS",
     "SwinBlock",
+    "PatchMerging",
     "SwinStage",
     "SwinBackbone",
     "shifted_window_mask",
@@ -167,8 +169,24 @@ class SwinBlock(SwinTransformerBlock):
         return x
 
 
+class PatchMerging(TimmPatchMerging):
+    """timm's ``PatchMerging`` (``norm`` = LayerNorm(4C), ``reduction`` = Linear(4C -> 2C, no bias)) with the
+    official forward stated explicitly: zero-pad to even H/W, then concatenate the sub-grids (even row, even col),
+    (odd row, even col), (even row, odd col), (odd row, odd col).
+
+    (timm's own forward has the same order in 1.0.31 but swapped the H/W padding in some 1.0.x releases.)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), out_dim)``."""
+        H, W = x.shape[1:3]
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
 class SwinStage(nn.Module):
-    """``downsample`` (timm ``PatchMerging`` or Identity for stage 0) followed by ``blocks``.
+    """``downsample`` (:class:`PatchMerging` or Identity for stage 0) followed by ``blocks``.
 
     Blocks alternate shift 0 / ``window_size // 2``. The shifted-window mask is built once per stage and input size.
     """
