@@ -1,0 +1,40 @@
+"""Dataset readers: every format becomes :class:`glip_data.sample.GroundingSample` s.
+
+=====================  =========================================  ==========================================
+reader                 format                                     caption
+=====================  =========================================  ==========================================
+``COCODetection``      COCO detection json (ODinW, Roboflow)      detection prompt of all categories
+``Objects365Detection`` Objects365 v1/v2 json (quirks handled)    detection prompt of all categories
+``LVISDetection``      LVIS v1 json                               detection prompt of all categories
+``MDETRGrounding``     MDETR json (Flickr30k, GoldG mixed)        the sentence
+``ODVGReader``         ODVG jsonl (+ label map)                   prompt (detection lines) / caption
+``CaptionReader``      captions with pseudo-labels (jsonl)        the caption
+``MixtureDataset``     a seeded weighted mixture of the above     —
+=====================  =========================================  ==========================================
+"""
+from glip_data.readers.base import BOX_CONVENTIONS, GroundingReader, ReaderError, open_image
+from glip_data.readers.captions import CaptionReader, caption_record
+from glip_data.readers.coco import COCODetection
+from glip_data.readers.lvis import LVISDetection
+from glip_data.readers.mdetr import MDETRGrounding
+from glip_data.readers.mixture import MixtureDataset
+from glip_data.readers.objects365 import O365_MISSING_IMAGES, O365_NAME_FIXES, Objects365Detection
+from glip_data.readers.odvg import ODVGReader, load_label_map
+
+__all__ = [
+    "BOX_CONVENTIONS",
+    "CaptionReader",
+    "COCODetection",
+    "GroundingReader",
+    "LVISDetection",
+    "MDETRGrounding",
+    "MixtureDataset",
+    "O365_MISSING_IMAGES",
+    "O365_NAME_FIXES",
+    "Objects365Detection",
+    "ODVGReader",
+    "ReaderError",
+    "caption_record",
+    "load_label_map",
+    "open_image",
+]

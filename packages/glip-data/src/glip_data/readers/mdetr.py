@@ -1,0 +1,207 @@
+"""MDETR grounding json (Flickr30k Entities ``final_flickr_separateGT_*.json``, GoldG ``final_mixed_train*.json``).
+
+COCO-shaped, one ``images`` entry per (image, sentence) with its ``caption``; every annotation carries
+``tokens_positive``, the ``[start, end)`` character spans of the caption its box grounds to. The caption is used
+verbatim (no negatives, glip_spec.md §8.2) and every box gets label 1, as in the official code.
+
+Boxes: ``[x, y, w, h]`` -> xyxy with the official convention ``x2 = x + w - 1``, clipped to ``[0, W - 1]``
+(``box_convention="official"``, the default; ``"exact"`` gives ``x + w`` and ``[0, W]``).
+
+Evaluation fields are kept in ``sample.metadata``: ``tokens_positive_eval`` (one entry per annotated phrase, in phrase
+order), ``sentence_id``, ``original_img_id``, ``dataset_name``, ``tokens_negative``, ``original_id``,
+``data_source``, and per box ``phrase_ids`` (when the file has them).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from glip_data.readers.base import (
+    GroundingReader,
+    ReaderError,
+    as_boxes_tensor,
+    check_spans,
+    read_json,
+    require,
+    sanitize_boxes,
+    xywh_to_xyxy,
+)
+from glip_data.readers.coco import _is_number
+from glip_data.sample import GroundingSample
+
+#: Image-level fields copied into ``sample.metadata`` when present.
+MDETR_IMAGE_FIELDS = ("sentence_id", "original_img_id", "dataset_name", "tokens_negative", "original_id",
+                      "data_source")
+
+
+class MDETRGrounding(GroundingReader):
+    """An MDETR-style grounding file as :class:`GroundingSample` s (one per image entry, i.e. per sentence).
+
+    Args:
+        ann_file: the json (optionally gzipped).
+        image_root: directory ``file_name`` is relative to.
+        skip_empty: leave out entries without any kept box (counted as ``image_without_boxes``).
+        **kwargs: :class:`~glip_data.readers.base.GroundingReader` options.
+    """
+
+    task = "grounding"
+
+    def __init__(self, ann_file, image_root=None, *, skip_empty: bool = False, **kwargs: Any) -> None:
+        super().__init__(ann_file, image_root, **kwargs)
+        data = read_json(self.ann_file)
+        if not isinstance(data, dict):
+            raise ReaderError(f"{self.ann_file}: expected a JSON object with 'images' and 'annotations'")
+        for key in ("images", "annotations"):
+            if not isinstance(data.get(key), list):
+                raise ReaderError(f"{self.ann_file}: missing top-level list {key!r} (present: {sorted(data)})")
+        self._parse_images(data["images"])
+        self._parse_annotations(data["annotations"])
+        counts = np.diff(self._offsets)
+        if skip_empty:
+            self._order = np.nonzero(counts > 0)[0]
+            self._count("image_without_boxes", len(counts) - len(self._order))
+        else:
+            self._order = np.arange(len(counts))
+
+    def _parse_images(self, images: list) -> None:
+        self._entries: list[tuple] = []  # (image id, file name, width, height, caption, metadata extras)
+        self._index: dict[Any, int] = {}
+        skipped: set = set()
+        for i, img in enumerate(images):
+            require(img, ("id", "file_name", "width", "height", "caption"), f"{self.ann_file}: images[{i}]")
+            where = f"images[{i}] (id={img['id']!r})"
+            if img["id"] in self._index or img["id"] in skipped:
+                self._problem("duplicate_image_id", f"{where}: duplicate image id")
+                continue
+            w, h, caption = img["width"], img["height"], img["caption"]
+            if not (_is_number(w) and _is_number(h) and w > 0 and h > 0 and int(w) == w and int(h) == h):
+                self._problem("bad_image_size", f"{where}: width/height must be positive integers, got {w!r}x{h!r}")
+                skipped.add(img["id"])
+                continue
+            if not isinstance(caption, str):
+                self._problem("bad_caption", f"{where}: caption must be a string, got {caption!r}")
+                skipped.add(img["id"])
+                continue
+            extras = {k: img[k] for k in MDETR_IMAGE_FIELDS if k in img}
+            if "tokens_positive_eval" in img:
+                try:
+                    phrases = img["tokens_positive_eval"]
+                    if not isinstance(phrases, list):
+                        raise ReaderError(f"{self.ann_file}: {where}: tokens_positive_eval must be a list")
+                    extras["tokens_positive_eval"] = [
+                        [list(s) for s in check_spans(p, caption, f"{self.ann_file}: {where} tokens_positive_eval")]
+                        for p in phrases
+                    ]
+                except ReaderError:
+                    if self.errors == "raise":
+                        raise
+                    self.stats["span_outside_caption"] += 1
+                    skipped.add(img["id"])
+                    continue
+            self._index[img["id"]] = len(self._entries)
+            self._entries.append((img["id"], img["file_name"], int(w), int(h), caption, extras))
+        self._skipped = skipped
+
+    def _parse_annotations(self, anns: list) -> None:
+        owner: list[int] = []
+        bboxes: list = []
+        spans: list[list[tuple[int, int]]] = []
+        ids: list = []
+        phrase_ids: list = []
+        crowd: list[bool] = []
+        seen: set = set()
+        for j, ann in enumerate(anns):
+            require(ann, ("id", "image_id", "bbox", "tokens_positive"), f"{self.ann_file}: annotations[{j}]")
+            where = f"annotations[{j}] (id={ann['id']!r}, image_id={ann['image_id']!r})"
+            if ann["id"] in seen:
+                self._problem("duplicate_annotation_id", f"{where}: duplicate annotation id")
+                continue
+            seen.add(ann["id"])
+            if ann["image_id"] not in self._index:
+                if ann["image_id"] in self._skipped:
+                    self.stats["box_of_skipped_image"] += 1
+                else:
+                    self._problem("unknown_image_id", f"{where}: image_id is not in 'images'")
+                continue
+            k = self._index[ann["image_id"]]
+            box = ann["bbox"]
+            if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
+                self._problem("bad_bbox", f"{where}: bbox must be [x, y, w, h] numbers, got {box!r}")
+                continue
+            try:
+                box_spans = check_spans(ann["tokens_positive"], self._entries[k][4], f"{self.ann_file}: {where}")
+            except ReaderError:
+                if self.errors == "raise":
+                    raise
+                self.stats["span_outside_caption"] += 1
+                continue
+            if not box_spans:
+                self.stats["box_without_span"] += 1
+            owner.append(k)
+            bboxes.append(box)
+            spans.append(box_spans)
+            ids.append(ann["id"])
+            phrase_ids.append(ann.get("phrase_ids"))
+            crowd.append(bool(ann.get("iscrowd", 0)))
+        xywh = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
+        owner_arr = np.asarray(owner, dtype=np.int64)
+        sizes = np.asarray([(e[2], e[3]) for e in self._entries], dtype=np.float64).reshape(-1, 2)
+        clipped, keep = sanitize_boxes(xywh_to_xyxy(xywh, self.box_convention), sizes[owner_arr],
+                                       self.box_convention, self.stats, input_wh=xywh[:, 2:])
+        crowd_arr = np.asarray(crowd, dtype=bool)
+        if crowd_arr.any():
+            self._count("crowd_flagged", (crowd_arr & keep).sum())
+        order = np.nonzero(keep)[0]
+        order = order[np.argsort(owner_arr[order], kind="stable")]
+        self._boxes = clipped[order].astype(np.float32)
+        self._spans = [spans[i] for i in order]
+        self._ann_ids = [ids[i] for i in order]
+        self._phrase_ids = [phrase_ids[i] for i in order]
+        self._crowd = crowd_arr[order]
+        self._offsets = np.concatenate([[0], np.cumsum(np.bincount(owner_arr[order], minlength=len(self._entries)))])
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @property
+    def num_boxes(self) -> int:
+        return int(sum(self._offsets[i + 1] - self._offsets[i] for i in self._order))
+
+    def _build_sample(self, index: int) -> GroundingSample:
+        k = int(self._order[index])
+        image_id, file_name, width, height, caption, extras = self._entries[k]
+        start, end = int(self._offsets[k]), int(self._offsets[k + 1])
+        train = ~self._crowd[start:end]
+        boxes = self._boxes[start:end]
+        keep_idx = [start + i for i in range(end - start) if train[i]]
+        metadata: dict[str, Any] = {
+            "dataset": self.dataset_name,
+            "task": self.task,
+            "image_id": image_id,
+            "file_name": file_name,
+            "box_convention": self.box_convention,
+            "annotation_ids": [self._ann_ids[i] for i in keep_idx],
+            "crowd_boxes": boxes[~train].tolist(),
+            **extras,
+        }
+        if any(self._phrase_ids[i] is not None for i in keep_idx):
+            metadata["phrase_ids"] = [self._phrase_ids[i] for i in keep_idx]
+        return GroundingSample(
+            image_path=str(self.resolve_path(file_name)),
+            width=width,
+            height=height,
+            boxes=as_boxes_tensor(boxes[train]),
+            caption=caption,
+            tokens_positive=[list(self._spans[i]) for i in keep_idx],
+            labels=torch.ones(len(keep_idx), dtype=torch.int64),
+            metadata=metadata,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {"entries": len(self), "boxes": self.num_boxes,
+                "images": len({self._entries[int(k)][1] for k in self._order})}
+
+
+__all__ = ["MDETRGrounding", "MDETR_IMAGE_FIELDS"]
