@@ -14,7 +14,8 @@ BACKENDS = [b for b in ("reference", "sdpa", "triton") if b in available_backend
 
 
 def _device_for(backend):
-    return torch.device("cuda") if backend == "triton" else torch.device("cpu")
+    # the fused kernel runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1
+    return torch.device("cuda") if backend == "triton" and torch.cuda.is_available() else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,6 +300,35 @@ def test_forcing_unavailable_triton_raises_clearly(monkeypatch):
     monkeypatch.setenv("GLIP_FUSION_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="GLIP_FUSION_BACKEND"):
         bi_attention(q, k, vv, vl)
+
+
+def test_triton_dispatch_contract_with_a_fake_kernel(monkeypatch):
+    """Forced 'triton' calls glip_fusion.triton.bi_attention_triton with the documented keywords; 'auto' only
+    considers it for CUDA inputs inside the kernel's envelope."""
+    seen = {}
+
+    class FakeKernel:
+        @staticmethod
+        def bi_attention_triton(q, k, v_v, v_l, text_mask, image_mask, **kw):
+            seen.update(kw, text_mask=text_mask)
+            return bi_attention_reference(q, k, v_v, v_l, text_mask, image_mask, **kw)
+
+    monkeypatch.setattr(attn_mod, "_triton_status", lambda: (FakeKernel, None))
+    monkeypatch.delenv("GLIP_FUSION_BACKEND", raising=False)
+    assert available_backends() == ["reference", "sdpa", "triton"]
+    q, k, vv, vl = _inputs()
+    tm = torch.ones(2, 7, dtype=torch.bool)
+    o = bi_attention(q, k, vv, vl, tm, backend="triton", dropout_p=0.2, seed=4, skip_masked_text=True)
+    assert seen == dict(scale=8 ** -0.5, dropout_p=0.2, clamp=50000.0, seed=4, skip_masked_text=True, text_mask=tm)
+    assert torch.equal(o[0], bi_attention_reference(q, k, vv, vl, tm, dropout_p=0.2, seed=4)[0])
+    assert attn_mod._resolve_backend("auto", q, k, vv, vl) == "sdpa"  # CPU tensors: never the kernel
+    assert attn_mod._triton_supports(q, k, vv, vl)
+    assert not attn_mod._triton_supports(q.double(), k.double(), vv.double(), vl.double())
+    assert not attn_mod._triton_supports(q, k, vv[..., :4], vl)
+    big_k = torch.zeros(2, 3, 300, 8)
+    assert not attn_mod._triton_supports(q, big_k, vv, big_k)
+    FakeKernel.supports = staticmethod(lambda *a: False)  # the kernel's own probe wins when it has one
+    assert not attn_mod._triton_supports(q, k, vv, vl)
 
 
 def test_auto_dispatch_and_env_override(monkeypatch):

@@ -20,8 +20,9 @@ Backends (``backend=``):
 ``"triton"``
     The fused kernel of :mod:`glip_fusion.triton` (optional extra, imported lazily).
 ``"auto"``
-    ``$GLIP_FUSION_BACKEND`` if set, else ``"triton"`` for CUDA tensors when the kernel is available, else
-    ``"sdpa"`` (memory-efficient, exact whenever the clamp is inactive, falls back to the reference otherwise).
+    ``$GLIP_FUSION_BACKEND`` if set, else ``"triton"`` for CUDA tensors when the kernel is available and supports
+    the inputs (dtype, M <= 256, D <= 256), else ``"sdpa"`` (memory-efficient, exact whenever the clamp is inactive,
+    falls back to the reference otherwise). An explicit ``backend=`` argument wins over the environment variable.
 
 Deliberate differences from the official eager code (both documented in the README):
 
@@ -100,8 +101,26 @@ def available_backends() -> list[str]:
     return names
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """Map ``backend`` (possibly ``"auto"``) to a concrete backend name; raise on unknown or unusable ones."""
+def _triton_supports(q: torch.Tensor, k: torch.Tensor, v_v: torch.Tensor, v_l: torch.Tensor) -> bool:
+    """Whether the fused kernel handles these inputs (so ``"auto"`` never picks it for inputs it would reject).
+
+    Uses ``glip_fusion.triton.supports(q, k, v_v, v_l)`` when the kernel module provides it, else the kernel's
+    documented envelope: float16/bfloat16/float32, value widths equal to D, M <= 256, D <= 256.
+    """
+    module = _triton_status()[0]
+    probe = getattr(module, "supports", None)
+    if callable(probe):
+        return bool(probe(q, k, v_v, v_l))
+    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and v_v.shape == q.shape
+            and v_l.shape == k.shape and k.shape[2] <= 256 and q.shape[3] <= 256)
+
+
+def _resolve_backend(backend: str, *inputs: torch.Tensor) -> str:
+    """Map ``backend`` (possibly ``"auto"``) to a concrete backend name; raise on unknown or unusable ones.
+
+    ``inputs`` are ``(q, k, v_v, v_l)``, already validated.
+    """
+    q = inputs[0]
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
     name = backend.strip().lower()
@@ -110,7 +129,7 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
         forced = os.environ.get(BACKEND_ENV_VAR, "").strip().lower()
         if forced and forced != "auto":
             name, source = forced, f"environment variable {BACKEND_ENV_VAR}"
-        elif q.is_cuda and _triton_status()[0] is not None:
+        elif q.is_cuda and _triton_status()[0] is not None and _triton_supports(*inputs):
             return "triton"
         else:
             return "sdpa"
@@ -366,7 +385,7 @@ def bi_attention(
         Differentiable in every backend.
     """
     _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp)
-    name = _resolve_backend(backend, q)
+    name = _resolve_backend(backend, q, k, v_v, v_l)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     clamp = None if clamp is None else float(clamp)
     return _BACKEND_FNS[name](q, k, v_v, v_l, text_mask, image_mask, scale, float(dropout_p), clamp, seed,
