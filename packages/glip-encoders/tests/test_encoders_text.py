@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from glip_encoders import TextEncoder, load_tokenizer, text_checkpoint_filter_fn, tokenize
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import BertModel
 
 
@@ -33,6 +33,19 @@ def test_minilm_hidden_equals_transformers(minilm, minilm_dir, batch):
                              token_type_ids=torch.zeros_like(batch["input_ids"])).last_hidden_state
     assert out.hidden.shape == (2, 32, 384)
     torch.testing.assert_close(out.hidden, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_from_pretrained_reports_and_refuses(minilm, minilm_dir, tmp_path):
+    assert minilm.ignored_weights == ["pooler.dense.bias", "pooler.dense.weight"]
+    # a directory whose weights lack a layer must not load with silently random weights
+    raw = load_file(str(minilm_dir / "model.safetensors"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((minilm_dir / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in raw.items() if not k.startswith("encoder.layer.5.")},
+              str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match="encoder.layer.5"):
+        TextEncoder.from_pretrained(broken)
 
 
 def test_output_fields(minilm, batch):

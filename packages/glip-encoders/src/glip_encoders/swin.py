@@ -403,7 +403,8 @@ def to_official_state_dict(model: SwinBackbone) -> dict[str, torch.Tensor]:
         out[key] = value
         if key.endswith("attn.relative_position_bias_table"):
             attn = model.get_submodule(key[: -len(".relative_position_bias_table")])
+            index = get_relative_position_index(*attn.window_size)
             out[key[: -len("relative_position_bias_table")] + "relative_position_index"] = (
-                get_relative_position_index(*attn.window_size)
+                index if value.is_meta else index.to(value.device)
             )
     return out

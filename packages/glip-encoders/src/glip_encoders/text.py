@@ -72,6 +72,7 @@ class TextEncoder(nn.Module):
         self.num_layers = num_layers
         self.official_double_division = official_double_division
         self._pass_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
+        self.ignored_weights: list[str] = []  # checkpoint entries from_pretrained did not use
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -84,6 +85,7 @@ class TextEncoder(nn.Module):
             **kwargs: ``num_layers``, ``official_double_division``.
         """
         from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as hf_logging
 
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -91,9 +93,21 @@ class TextEncoder(nn.Module):
                                     "directory (no config.json)")
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         extra = {"add_pooling_layer": False} if _model_class_accepts(config, "add_pooling_layer") else {}
-        model = AutoModel.from_pretrained(str(path), local_files_only=True, attn_implementation=attn_implementation,
-                                          **extra)
-        return cls(model, **kwargs)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the expected "pooler.* unexpected" report is checked below instead
+        try:
+            model, info = AutoModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True,
+                                                    attn_implementation=attn_implementation, **extra)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = sorted(info.get("missing_keys", ()))
+        mismatched = sorted(str(m) for m in info.get("mismatched_keys", ()))
+        if missing or mismatched:  # never run with silently random-initialised weights
+            raise ValueError(f"TextEncoder.from_pretrained({path}): weights missing {missing} / shape-mismatched "
+                             f"{mismatched}")
+        encoder = cls(model, **kwargs)
+        encoder.ignored_weights = sorted(info.get("unexpected_keys", ()))  # e.g. pooler.*, MLM heads
+        return encoder
 
     @classmethod
     def from_config(cls, config, attn_implementation: str = "sdpa", **kwargs) -> TextEncoder:
