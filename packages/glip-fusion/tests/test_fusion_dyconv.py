@@ -226,3 +226,15 @@ def test_gradients_flow_to_every_parameter():
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert all(f.grad is not None for f in feats)
+
+
+def test_deformable_conv_runs_in_float32_under_autocast():
+    from glip_fusion.modules import ModulatedDeformConv3x3
+
+    conv = ModulatedDeformConv3x3(4, 6)
+    x = torch.randn(1, 4, 5, 5).bfloat16()
+    off, msk = torch.randn(1, 18, 5, 5).bfloat16(), torch.rand(1, 9, 5, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x, off, msk)
+    assert y.dtype == torch.float32  # the official op is custom_fwd(cast_inputs=float32)
+    assert torch.equal(y, conv(x.float(), off.float(), msk.float()))

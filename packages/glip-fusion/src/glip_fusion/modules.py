@@ -414,11 +414,19 @@ class ModulatedDeformConv3x3(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
+        if _autocast_enabled(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(),
                                      stride=self.stride, padding=1, mask=mask.float())
         return deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=1, mask=mask)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)`` (torch >= 2.4) with a fallback for older torch."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class _Conv3x3Norm(nn.Module):
