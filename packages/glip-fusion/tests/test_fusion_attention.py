@@ -366,6 +366,8 @@ def test_auto_dispatch_and_env_override(monkeypatch):
     (lambda a: a.update(dropout_p=1.0), ValueError, "dropout_p"),
     (lambda a: a.update(clamp=-1.0), ValueError, "clamp"),
     (lambda a: a.update(scale=float("nan")), ValueError, "scale"),
+    (lambda a: a.update(seed=1.5), ValueError, "seed"),
+    (lambda a: a.update(seed=-1), ValueError, "seed"),
 ])
 def test_validation_errors(mutate, exc, match):
     q, k, vv, vl = _inputs()

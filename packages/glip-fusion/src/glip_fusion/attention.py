@@ -164,7 +164,7 @@ def _check_mask(mask: Optional[torch.Tensor], name: str, shape: tuple[int, int],
         raise ValueError(f"{name} is on {mask.device} but q is on {device}")
 
 
-def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp) -> None:
+def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed=None) -> None:
     """Raise a clear error for any malformed input of :func:`bi_attention`."""
     named = {"q": q, "k": k, "v_v": v_v, "v_l": v_l}
     for name, t in named.items():
@@ -198,6 +198,8 @@ def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp) ->
         raise ValueError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
     if clamp is not None and not (isinstance(clamp, (int, float)) and clamp > 0 and not math.isnan(clamp)):
         raise ValueError(f"clamp must be a positive number or None; got {clamp!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise ValueError(f"seed must be an int in [0, 2**63) or None; got {seed!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,7 +386,7 @@ def bi_attention(
         False gets ``o_v = 0`` (never NaN); one whose ``image_mask`` row is all False gets ``o_l = 0``.
         Differentiable in every backend.
     """
-    _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp)
+    _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed)
     name = _resolve_backend(backend, q, k, v_v, v_l)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     clamp = None if clamp is None else float(clamp)
@@ -413,7 +415,7 @@ def bi_attention_reference(
     probability maps with independent masks. Materialises ``(B, H, N, M)`` logits; fp16/bf16 inputs are computed in
     float32 and the outputs cast back. Kernel authors compare against this function.
     """
-    _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp)
+    _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     clamp = None if clamp is None else float(clamp)
     return _reference(q, k, v_v, v_l, text_mask, image_mask, scale, float(dropout_p), clamp, seed,
