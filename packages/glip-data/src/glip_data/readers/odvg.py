@@ -9,6 +9,8 @@ Every line has ``filename`` (relative to the image root), ``height``, ``width`` 
   fragments are searched in the caption left to right, and a phrase that is not found is a problem).
 
 A line with neither block is an image without annotations (pseudo-labelling input); it is kept and counted.
+An instance or region with ``"iscrowd": 1`` (an extra key our converter writes for COCO crowd boxes) is flagged like
+COCO crowd boxes: kept in ``metadata["crowd_boxes"]``, not a training box.
 
 Detection lines become detection samples exactly like :class:`~glip_data.readers.coco.COCODetection`: caption = the
 detection prompt of all label-map names, labels ``1..K`` in label-map key order (``reader.categories``), each box
@@ -103,6 +105,7 @@ class ODVGReader(GroundingReader):
         raw_labels: list[int] = []
         spans: list = []
         phrases: list = []
+        crowd: list[bool] = []
         inferred: dict[int, str] = {}
         for lineno, rec in iter_jsonl(self.ann_file):
             where = f"line {lineno}"
@@ -147,6 +150,7 @@ class ODVGReader(GroundingReader):
                     raw_labels.append(lab)
                     spans.append(None)
                     phrases.append(None)
+                    crowd.append(bool(inst.get("iscrowd", 0)))
             elif "grounding" in rec:
                 g = rec["grounding"]
                 if not isinstance(g, dict) or not isinstance(g.get("caption"), str) \
@@ -188,6 +192,7 @@ class ODVGReader(GroundingReader):
                         raw_labels.append(-1)
                         spans.append(rspans)
                         phrases.append(phrase)
+                        crowd.append(bool(region.get("iscrowd", 0)))
             else:
                 self._records.append((lineno, rec["filename"], int(w), int(h), "detection", None, extras))
                 self.stats["record_without_annotations"] += 1
@@ -215,6 +220,9 @@ class ODVGReader(GroundingReader):
         self._labels = np.asarray([self.odvg_to_label.get(raw_labels[i], 1) for i in order], dtype=np.int64)
         self._spans = [spans[i] for i in order]
         self._phrases = [phrases[i] for i in order]
+        crowd_arr = np.asarray(crowd, dtype=bool)
+        self._count("crowd_flagged", (crowd_arr & keep).sum())
+        self._crowd = crowd_arr[order]
         self._offsets = np.concatenate([[0], np.cumsum(np.bincount(owner_arr[order], minlength=len(self._records)))])
         counts = np.diff(self._offsets)
         if skip_empty:
@@ -228,7 +236,8 @@ class ODVGReader(GroundingReader):
 
     @property
     def num_boxes(self) -> int:
-        return int(sum(self._offsets[i + 1] - self._offsets[i] for i in self._order))
+        """Training boxes (crowd boxes excluded) over the samples this reader yields."""
+        return int(sum((~self._crowd[self._offsets[i]:self._offsets[i + 1]]).sum() for i in self._order))
 
     def _build_sample(self, index: int) -> GroundingSample:
         k = int(self._order[index])
@@ -242,18 +251,22 @@ class ODVGReader(GroundingReader):
             "file_name": file_name,
             "box_convention": self.box_convention,
         }
-        labels = self._labels[start:end]
+        train = [i for i in range(start, end) if not self._crowd[i]]
+        crowd = [i for i in range(start, end) if self._crowd[i]]
+        labels = self._labels[train]
+        metadata["crowd_boxes"] = self._boxes[crowd].tolist()
+        metadata["crowd_labels"] = self._labels[crowd].tolist()
         if kind == "detection":
             caption = self.prompt
             tokens_positive = [list(self.prompt_spans[int(lab) - 1]) for lab in labels]
         else:
-            tokens_positive = [list(self._spans[i]) for i in range(start, end)]
-            metadata["phrases"] = [self._phrases[i] for i in range(start, end)]
+            tokens_positive = [list(self._spans[i]) for i in train]
+            metadata["phrases"] = [self._phrases[i] for i in train]
         return GroundingSample(
             image_path=str(self.resolve_path(file_name)),
             width=width,
             height=height,
-            boxes=as_boxes_tensor(self._boxes[start:end]),
+            boxes=as_boxes_tensor(self._boxes[train]),
             caption=caption,
             tokens_positive=tokens_positive,
             labels=torch.as_tensor(labels, dtype=torch.int64),

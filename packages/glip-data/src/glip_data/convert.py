@@ -1,0 +1,412 @@
+"""Lossless conversion between COCO, MDETR and ODVG annotation files.
+
+All three are read into one neutral :class:`Collection` (images with an optional caption; annotations with a COCO
+``[x, y, w, h]`` box, an optional category id and optional ``tokens_positive``) and written back out. Conversion is
+about files, not training: boxes are *not* clipped or shifted (``x2 = x + w`` for the xyxy of ODVG), unknown keys are
+carried along, and a round trip gives back the original file (same ids, boxes, categories, captions, spans; boxes
+exact up to float rounding of ``x + w - x``).
+
+How content moves between the formats:
+
+* **COCO → ODVG**: detection lines; ``label`` = index of the category in id order (the label map, written next to
+  the jsonl as ``<stem>_label_map.json``), plus the original ``category_id``, ``id``, ``area``, ``iscrowd`` in each
+  instance and ``image_id`` on the line, so the way back restores them.
+* **COCO → MDETR**: the caption of a detection image is the detection prompt of all categories
+  (:func:`glip_data.detection_prompt`) and each box grounds to its category's name; such images are marked
+  ``"caption_source": "detection_prompt"`` and annotations keep their real ``category_id``, so converting back gives
+  detection data again.
+* **MDETR → COCO**: captions and ``tokens_positive`` stay as extra fields of images/annotations (COCO tools ignore
+  them) and the single ``object`` category is kept.
+* **ODVG grounding → COCO/MDETR**: every region box becomes an annotation with the region's spans (found by searching
+  the phrase when the line has no ``tokens_positive``), category ``object`` (id 1, as MDETR), the phrase kept as
+  ``phrase``. **MDETR/COCO captions → ODVG**: one region per box (boxes are not merged), ``phrase`` = the spanned text.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from glip_data.readers.base import ReaderError, check_spans, iter_jsonl, read_json, require
+from glip_data.readers.odvg import find_phrase_spans, load_label_map
+
+Format = Literal["coco", "mdetr", "odvg"]
+FORMATS = ("coco", "mdetr", "odvg")
+DETECTION_PROMPT = "detection_prompt"
+OBJECT_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
+
+
+@dataclass
+class Annotation:
+    """One box. ``bbox`` is COCO ``[x, y, w, h]``; ``category_id`` is ``None`` for pure grounding boxes."""
+
+    bbox: list[float]
+    category_id: Any = None
+    tokens_positive: list[list[int]] | None = None
+    id: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ImageEntry:
+    """One image (MDETR: one image-sentence pair). ``caption`` is ``None`` for detection images."""
+
+    file_name: str
+    width: int
+    height: int
+    id: Any = None
+    caption: str | None = None
+    annotations: list[Annotation] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_grounding(self) -> bool:
+        return self.caption is not None and self.extra.get("caption_source") != DETECTION_PROMPT
+
+
+@dataclass
+class Collection:
+    images: list[ImageEntry]
+    categories: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+    top_extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_boxes(self) -> int:
+        return sum(len(img.annotations) for img in self.images)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_coco(path: str | os.PathLike) -> Collection:
+    """A COCO (or MDETR: COCO plus captions and spans) json as a :class:`Collection`."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ReaderError(f"{path}: expected a JSON object")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise ReaderError(f"{path}: missing top-level list {key!r} (present: {sorted(data)})")
+    images: list[ImageEntry] = []
+    by_id: dict[Any, ImageEntry] = {}
+    for i, img in enumerate(data["images"]):
+        require(img, ("id", "width", "height"), f"{path}: images[{i}]")
+        if img["id"] in by_id:
+            raise ReaderError(f"{path}: images[{i}]: duplicate image id {img['id']!r}")
+        file_name = img.get("file_name")
+        if file_name is None:
+            raise ReaderError(f"{path}: images[{i}] (id={img['id']!r}) has no 'file_name'")
+        extra = {k: v for k, v in img.items() if k not in ("id", "file_name", "width", "height", "caption")}
+        entry = ImageEntry(file_name, img["width"], img["height"], img["id"], img.get("caption"), [], extra)
+        images.append(entry)
+        by_id[img["id"]] = entry
+    for j, ann in enumerate(data["annotations"]):
+        require(ann, ("image_id", "bbox"), f"{path}: annotations[{j}]")
+        entry = by_id.get(ann["image_id"])
+        if entry is None:
+            raise ReaderError(f"{path}: annotations[{j}] (id={ann.get('id')!r}): unknown image_id {ann['image_id']!r}")
+        spans = ann.get("tokens_positive")
+        if spans is not None:
+            if entry.caption is None:
+                raise ReaderError(f"{path}: annotations[{j}] has tokens_positive but image {entry.id!r} no caption")
+            spans = [list(s) for s in check_spans(spans, entry.caption, f"{path}: annotations[{j}]")]
+        extra = {k: v for k, v in ann.items() if k not in ("id", "image_id", "bbox", "category_id", "tokens_positive")}
+        entry.annotations.append(Annotation(list(ann["bbox"]), ann.get("category_id"), spans, ann.get("id"), extra))
+    top_extra = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories", "info")}
+    return Collection(images, list(data.get("categories", [])), dict(data.get("info", {})), top_extra)
+
+
+load_mdetr = load_coco
+
+
+def load_odvg(path: str | os.PathLike, label_map: Any = None) -> Collection:
+    """An ODVG jsonl (and its label map, looked up as ``<stem>_label_map.json`` when not given) as a Collection."""
+    path = Path(path)
+    if label_map is None:
+        guess = default_label_map_path(path)
+        label_map = guess if guess.is_file() else None
+    names = load_label_map(label_map)
+    images: list[ImageEntry] = []
+    label_to_cid: dict[int, Any] = {}
+    seen_names: dict[int, str] = {}
+    has_object_category = False
+    for lineno, rec in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        require(rec, ("filename", "height", "width"), where)
+        extra = {k: v for k, v in rec.items()
+                 if k not in ("filename", "height", "width", "detection", "grounding", "image_id")}
+        entry = ImageEntry(rec["filename"], rec["width"], rec["height"], rec.get("image_id"), None, [], extra)
+        if "grounding" in rec:
+            g = rec["grounding"]
+            if not isinstance(g, dict) or not isinstance(g.get("caption"), str):
+                raise ReaderError(f"{where}: 'grounding' needs a 'caption' string")
+            entry.caption = g["caption"]
+            entry.extra.update({f"grounding_{k}": v for k, v in g.items() if k not in ("caption", "regions")})
+            for r, region in enumerate(g.get("regions", [])):
+                rwhere = f"{where} region {r}"
+                if not isinstance(region, dict) or "bbox" not in region:
+                    raise ReaderError(f"{rwhere}: needs 'bbox'")
+                if "tokens_positive" in region:
+                    spans = [list(s) for s in check_spans(region["tokens_positive"], entry.caption, rwhere)]
+                else:
+                    found = find_phrase_spans(entry.caption, region.get("phrase"))
+                    if found is None:
+                        raise ReaderError(f"{rwhere}: phrase {region.get('phrase')!r} is not in the caption")
+                    spans = [list(s) for s in found]
+                boxes = region["bbox"] if region["bbox"] and isinstance(region["bbox"][0], (list, tuple)) \
+                    else [region["bbox"]]
+                extra_r = {k: v for k, v in region.items() if k not in ("bbox", "tokens_positive", "category_id",
+                                                                        "id")}
+                if extra_r.get("phrase") == " ".join(entry.caption[s:e] for s, e in spans):
+                    del extra_r["phrase"]  # derivable from the spans: written again on the way out
+                for b in boxes:
+                    _check_xyxy(b, rwhere)
+                    cid = region.get("category_id")
+                    has_object_category |= cid is None
+                    entry.annotations.append(Annotation(_xyxy_to_xywh(b), cid, spans, region.get("id"),
+                                                        dict(extra_r)))
+        elif "detection" in rec:
+            det = rec["detection"]
+            if not isinstance(det, dict) or not isinstance(det.get("instances"), list):
+                raise ReaderError(f"{where}: 'detection' must hold an 'instances' list")
+            for n, inst in enumerate(det["instances"]):
+                iwhere = f"{where} instance {n}"
+                if not isinstance(inst, dict) or "bbox" not in inst or not isinstance(inst.get("label"), int):
+                    raise ReaderError(f"{iwhere}: needs 'bbox' and an integer 'label'")
+                _check_xyxy(inst["bbox"], iwhere)
+                label = inst["label"]
+                if names is not None and label not in names:
+                    raise ReaderError(f"{iwhere}: label {label} is not in the label map")
+                if "category" in inst:
+                    seen_names.setdefault(label, inst["category"])
+                if "category_id" in inst:
+                    if label_to_cid.setdefault(label, inst["category_id"]) != inst["category_id"]:
+                        raise ReaderError(f"{iwhere}: label {label} maps to two category ids")
+                extra_i = {k: v for k, v in inst.items() if k not in ("bbox", "label", "category", "category_id", "id")}
+                entry.annotations.append(Annotation(_xyxy_to_xywh(inst["bbox"]), ("label", label), None,
+                                                    inst.get("id"), extra_i))
+        images.append(entry)
+    if names is None:
+        names = seen_names
+    used = {a.category_id[1] for e in images for a in e.annotations if isinstance(a.category_id, tuple)}
+    if used - set(names):
+        raise ReaderError(f"{path}: labels {sorted(used - set(names))} have no name: give the label map "
+                          f"({default_label_map_path(path).name} was not found) or 'category' fields")
+    # Category ids: the original ids carried by the instances when they are consistent, else label + 1.
+    ids = {lab: label_to_cid.get(lab, lab + 1) for lab in names}
+    if len(set(ids.values())) != len(ids):
+        ids = {lab: lab + 1 for lab in names}
+    categories = [{"id": ids[lab], "name": names[lab]} for lab in sorted(names, key=lambda k: ids[k])]
+    for cat in categories:
+        if cat["name"] == OBJECT_CATEGORY["name"]:
+            cat["supercategory"] = OBJECT_CATEGORY["supercategory"]  # MDETR's single category, as it was
+    for entry in images:
+        for ann in entry.annotations:
+            if isinstance(ann.category_id, tuple):
+                ann.category_id = ids[ann.category_id[1]]
+    if has_object_category:
+        object_id = 1 if all(c["id"] != 1 for c in categories) else max(c["id"] for c in categories) + 1
+        categories.append({**OBJECT_CATEGORY, "id": object_id})
+        for entry in images:
+            for ann in entry.annotations:
+                if ann.category_id is None:
+                    ann.category_id = object_id
+    for i, entry in enumerate(images):
+        if entry.id is None:
+            entry.id = i + 1
+    return Collection(images, categories)
+
+
+def _check_xyxy(box: Any, where: str) -> None:
+    if not (isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        raise ReaderError(f"{where}: bbox must be [x1, y1, x2, y2] numbers, got {box!r}")
+
+
+def _xyxy_to_xywh(b: list[float]) -> list[float]:
+    return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+
+
+def _xywh_to_xyxy(b: list[float]) -> list[float]:
+    return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+
+
+def default_label_map_path(odvg_path: str | os.PathLike) -> Path:
+    """``dir/name.jsonl`` -> ``dir/name_label_map.json`` (MM-GDINO's naming)."""
+    p = Path(odvg_path)
+    stem = p.name
+    for suffix in (".gz", ".jsonl", ".json"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return p.with_name(f"{stem}_label_map.json")
+
+
+def load(path: str | os.PathLike, fmt: Format, label_map: Any = None) -> Collection:
+    if fmt in ("coco", "mdetr"):
+        return load_coco(path)
+    if fmt == "odvg":
+        return load_odvg(path, label_map)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _sorted_categories(col: Collection) -> list[dict[str, Any]]:
+    try:
+        return sorted(col.categories, key=lambda c: c["id"])
+    except (KeyError, TypeError) as err:
+        raise ReaderError(f"categories need comparable 'id's: {err}") from None
+
+
+def _ensure_object_category(col: Collection) -> list[dict[str, Any]]:
+    """The categories, plus an ``object`` category when some annotation has no category id."""
+    cats = list(col.categories)
+    if any(a.category_id is None for img in col.images for a in img.annotations):
+        object_id = 1 if all(c["id"] != 1 for c in cats) else max(c["id"] for c in cats) + 1
+        cats.append({**OBJECT_CATEGORY, "id": object_id})
+        for img in col.images:
+            for a in img.annotations:
+                if a.category_id is None:
+                    a.category_id = object_id
+    return cats
+
+
+def _coco_dict(col: Collection, with_captions: bool) -> dict[str, Any]:
+    cats = _ensure_object_category(col)
+    images, anns = [], []
+    next_ann = 1 + max((a.id for img in col.images for a in img.annotations if isinstance(a.id, int)), default=0)
+    for img in col.images:
+        grounding = img.caption is not None and (with_captions or img.is_grounding)
+        record = {"id": img.id, "file_name": img.file_name, "width": img.width, "height": img.height}
+        extra = dict(img.extra)
+        if not with_captions and not img.is_grounding:
+            extra.pop("caption_source", None)
+        record.update(extra)
+        if grounding:
+            record["caption"] = img.caption
+        images.append(record)
+        for a in img.annotations:
+            if a.id is None:
+                a.id, next_ann = next_ann, next_ann + 1
+            rec = {"id": a.id, "image_id": img.id, "category_id": a.category_id, "bbox": a.bbox}
+            rec.update(a.extra)
+            rec.setdefault("area", a.bbox[2] * a.bbox[3])
+            rec.setdefault("iscrowd", 0)
+            if grounding and a.tokens_positive is not None:
+                rec["tokens_positive"] = a.tokens_positive
+            anns.append(rec)
+    out: dict[str, Any] = {}
+    if col.info:
+        out["info"] = col.info
+    out.update(col.top_extra)
+    out.update({"images": images, "annotations": anns, "categories": cats})
+    return out
+
+
+def to_coco(col: Collection) -> dict[str, Any]:
+    """COCO json. Grounding captions/spans stay as extra fields; captions made from detection prompts are dropped."""
+    return _coco_dict(col, with_captions=False)
+
+
+def to_mdetr(col: Collection) -> dict[str, Any]:
+    """MDETR json: every image gets a caption (detection images: the prompt of all categories, marked)."""
+    from glip_data.prompts import detection_prompt
+
+    cats = _sorted_categories(col)
+    prompt, spans = (detection_prompt([c["name"] for c in cats]) if cats else ("", []))
+    span_of = {c["id"]: [list(s) for s in sp] for c, sp in zip(cats, spans)}
+    for img in col.images:
+        if img.caption is None:
+            if img.annotations and not cats:
+                raise ReaderError(f"image {img.id!r} has boxes but the collection has no categories for a prompt")
+            img.caption = prompt
+            img.extra["caption_source"] = DETECTION_PROMPT
+            for a in img.annotations:
+                if a.category_id not in span_of:
+                    raise ReaderError(f"image {img.id!r}: category_id {a.category_id!r} is not in the categories")
+                a.tokens_positive = span_of[a.category_id]
+    return _coco_dict(col, with_captions=True)
+
+
+def to_odvg(col: Collection) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """ODVG lines and label map (category index in id order -> name)."""
+    cats = _sorted_categories(col)
+    label_of = {c["id"]: i for i, c in enumerate(cats)}
+    name_of = {c["id"]: c["name"] for c in cats}
+    lines = []
+    for img in col.images:
+        rec: dict[str, Any] = {"filename": img.file_name, "height": img.height, "width": img.width}
+        if img.id is not None:
+            rec["image_id"] = img.id
+        extra = {k: v for k, v in img.extra.items() if not k.startswith("grounding_")}
+        if img.is_grounding:
+            regions = []
+            for a in img.annotations:
+                region: dict[str, Any] = {"bbox": _xywh_to_xyxy(a.bbox)}
+                spans = a.tokens_positive or []
+                region["phrase"] = a.extra.get("phrase", " ".join(img.caption[s:e] for s, e in spans))
+                region["tokens_positive"] = spans
+                region.update({k: v for k, v in a.extra.items() if k != "phrase"})
+                if a.id is not None:
+                    region["id"] = a.id
+                if a.category_id is not None:
+                    region["category_id"] = a.category_id
+                regions.append(region)
+            grounding = {"caption": img.caption, "regions": regions}
+            grounding.update({k[len("grounding_"):]: v for k, v in img.extra.items() if k.startswith("grounding_")})
+            rec.update(extra)
+            rec["grounding"] = grounding
+        else:
+            extra.pop("caption_source", None)
+            instances = []
+            for a in img.annotations:
+                if a.category_id not in label_of:
+                    raise ReaderError(f"image {img.id!r}: category_id {a.category_id!r} is not in the categories")
+                inst: dict[str, Any] = {"bbox": _xywh_to_xyxy(a.bbox), "label": label_of[a.category_id],
+                                        "category": name_of[a.category_id], "category_id": a.category_id}
+                if a.id is not None:
+                    inst["id"] = a.id
+                inst.update(a.extra)
+                instances.append(inst)
+            rec.update(extra)
+            rec["detection"] = {"instances": instances}
+        lines.append(rec)
+    return lines, {str(i): c["name"] for i, c in enumerate(cats)}
+
+
+def save(col: Collection, path: str | os.PathLike, fmt: Format, label_map_path: str | os.PathLike | None = None
+         ) -> list[Path]:
+    """Write ``col`` as ``fmt``; returns the files written (ODVG: the jsonl and its label map)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt in ("coco", "mdetr"):
+        data = to_coco(col) if fmt == "coco" else to_mdetr(col)
+        path.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
+        return [path]
+    if fmt == "odvg":
+        lines, label_map = to_odvg(col)
+        path.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines), encoding="utf-8")
+        lm_path = Path(label_map_path) if label_map_path is not None else default_label_map_path(path)
+        lm_path.write_text(json.dumps(label_map, indent=1) + "\n", encoding="utf-8")
+        return [path, lm_path]
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, src_format: Format, dst_format: Format, *,
+            label_map: Any = None, dst_label_map: str | os.PathLike | None = None) -> list[Path]:
+    """Convert an annotation file between COCO, MDETR and ODVG (see the module doc). Returns the files written."""
+    for name, fmt in (("source", src_format), ("destination", dst_format)):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown {name} format {fmt!r}; expected one of {FORMATS}")
+    col = load(src, src_format, label_map)
+    return save(col, dst, dst_format, dst_label_map)
+
+
+__all__ = ["Annotation", "Collection", "FORMATS", "ImageEntry", "convert", "default_label_map_path", "load",
+           "load_coco", "load_mdetr", "load_odvg", "save", "to_coco", "to_mdetr", "to_odvg"]
