@@ -47,3 +47,38 @@ __all__ = [
     "swap_left_right",
     "train_transforms",
 ]
+
+# --- readers, synthetic world (part B) ---
+from .convert import convert  # noqa: E402
+from .readers import (  # noqa: E402
+    CaptionReader,
+    COCODetection,
+    GroundingReader,
+    LVISDetection,
+    MDETRGrounding,
+    MixtureDataset,
+    Objects365Detection,
+    ODVGReader,
+    ReaderError,
+)
+from .shards import MixedStream, ShardedStream, write_shards  # noqa: E402
+from .synth import SynthConfig, SynthWorld, generate_world  # noqa: E402
+
+__all__ += [
+    "CaptionReader",
+    "COCODetection",
+    "GroundingReader",
+    "LVISDetection",
+    "MDETRGrounding",
+    "MixedStream",
+    "MixtureDataset",
+    "Objects365Detection",
+    "ODVGReader",
+    "ReaderError",
+    "ShardedStream",
+    "SynthConfig",
+    "SynthWorld",
+    "convert",
+    "generate_world",
+    "write_shards",
+]
