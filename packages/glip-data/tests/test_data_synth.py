@@ -177,3 +177,12 @@ def test_image_sizes_and_detection_shapes(world):
         with Image.open(world.image_root / img["file_name"]) as im:
             assert im.size == (img["width"], img["height"])
     assert {a["attributes"]["shape"] for a in det["annotations"]} <= set(TINY.detection_shapes)
+
+
+@pytest.mark.slow
+def test_default_world_has_every_frequency_group_and_balanced_shapes(tmp_path):
+    w = generate_world(tmp_path / "default", seed=0)
+    assert all(w.counts[f"lvis_categories_{f}"] > 0 for f in "rcf")
+    det = json.loads(w.detection_train.read_text())
+    per_shape = [sum(a["category_id"] == c["id"] for a in det["annotations"]) for c in det["categories"]]
+    assert min(per_shape) * 3 > max(per_shape)  # no shape is starved in the detection set

@@ -28,7 +28,9 @@ Guarantees:
 
 Frequencies follow LVIS's definition on the training images (detection + grounding sets): ``r`` fewer than 10
 images, ``c`` 10-99, ``f`` 100 or more. Colour×shape pairs are drawn from a seeded Zipf-like distribution
-(``pair_skew``) so that, at the default sizes, all three groups occur.
+Shapes are close to balanced (``shape_skew``: the detection and evaluation tasks stay learnable) while each shape
+has its own seeded, strongly skewed colour distribution (``color_skew``), so the colour_shape categories form a long
+tail and, at the default sizes, all three groups occur.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ _SPLIT_IDS = {"detection": 1, "grounding": 2, "captions": 3, "val": 4, "world": 
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Everything that shapes the world. Defaults generate ~480 images in a few seconds.
+    """Everything that shapes the world. Defaults generate 560 images in a few seconds.
 
     Attributes:
         seed: the seed of everything.
@@ -80,15 +82,16 @@ class SynthConfig:
         image_format: ``"jpg"`` or ``"png"`` (lossless).
         jpeg_quality: JPEG quality (4:4:4 sampling, so colours stay clean).
         gap: minimum pixels between two objects' boxes.
-        pair_skew: Zipf exponent of the colour×shape distribution (0 = uniform).
+        shape_skew: Zipf exponent of the shape distribution over a seeded ranking (0 = uniform).
+        color_skew: Zipf exponent of each shape's colour distribution (its own seeded ranking; 0 = uniform).
         not_exhaustive_prob: chance that an LVIS image marks a category with several instances as not exhaustively
             annotated (and leaves one of its instances out).
         num_neg_categories: verified-absent categories listed per LVIS image.
     """
 
     seed: int = 0
-    num_detection: int = 160
-    num_grounding: int = 160
+    num_detection: int = 200
+    num_grounding: int = 200
     num_captions: int = 64
     num_val: int = 96
     min_size: int = 128
@@ -105,7 +108,8 @@ class SynthConfig:
     image_format: str = "jpg"
     jpeg_quality: int = 92
     gap: int = 3
-    pair_skew: float = 1.1
+    shape_skew: float = 0.4
+    color_skew: float = 2.2
     not_exhaustive_prob: float = 0.15
     num_neg_categories: int = 4
 
@@ -309,8 +313,15 @@ class _World:
         self.cfg = cfg
         rng = np.random.default_rng([cfg.seed, _SPLIT_IDS["world"]])
         self.pairs = [(c, s) for s in cfg.shapes for c in cfg.colors]  # shape-major: LVIS ids follow this order
-        ranks = rng.permutation(len(self.pairs))
-        weights = 1.0 / (ranks + 1.0) ** cfg.pair_skew
+        # p(colour, shape) = p(shape) p(colour | shape): near-balanced shapes, a long tail of colours per shape.
+        shape_rank = rng.permutation(len(cfg.shapes))
+        p_shape = 1.0 / (shape_rank + 1.0) ** cfg.shape_skew
+        weights = []
+        for s_idx in range(len(cfg.shapes)):
+            color_rank = rng.permutation(len(cfg.colors))
+            p_color = 1.0 / (color_rank + 1.0) ** cfg.color_skew
+            weights.extend(p_shape[s_idx] * p_color / p_color.sum())
+        weights = np.asarray(weights)
         self.pair_weights = weights / weights.sum()
 
     def pair_probs(self, shapes: tuple[str, ...]) -> np.ndarray:
