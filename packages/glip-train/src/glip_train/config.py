@@ -50,6 +50,8 @@ class GLIPConfig:
         fusion_bert_heads, fusion_bert_intermediate: the head BERT layers (official: the text encoder's sizes).
         dyconv_offset_mode: "official" (the coarse-level offset reinterpretation) or "per_level" (clean variant).
         batch_invariant: mask image padding in the text-direction softmax (off for parity with official weights).
+        fusion_backend: ``glip_fusion.bi_attention`` backend ("auto", "reference", "sdpa", "triton").
+        gradient_checkpointing: checkpoint each fusion block in training (official ``DYHEAD.USE_CHECKPOINT``).
         num_cls_logits: channels of the frozen, unused ``cls_logits`` conv (80 in every official checkpoint).
         anchor_sizes, anchor_strides: one anchor per location and level.
         tokenizer: a local tokenizer directory, or None for the bundled bert-base-uncased vocabulary.
@@ -72,6 +74,7 @@ class GLIPConfig:
     fusion_bert_intermediate: int | None = None
     dyconv_offset_mode: str = "official"
     batch_invariant: bool = False
+    fusion_backend: str = "auto"
     gradient_checkpointing: bool = False
     num_cls_logits: int = 80
     prior_prob: float = 0.01

@@ -1,0 +1,260 @@
+"""Official GLIP checkpoints in: reading, recognising the variant, and mapping onto our modules strictly.
+
+An official checkpoint is a ``torch.save`` of a dict with ``"model"`` (keys prefixed ``module.`` by DDP) and possibly
+``"model_ema"``, ``"optimizer"``, ``"scheduler"``, ``"iteration"`` (spec §4.1). A raw state dict is accepted too.
+Mapping is strict: every key our model expects must be present with the right shape, or :class:`CheckpointError`
+names the missing, unexpected and mis-shaped keys. Extras that are known to be harmless (BERT pooler, ``position_ids``,
+the other top-level entries) are dropped and reported — never a silent partial load (spec §12.20).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from glip_encoders import image_checkpoint_filter_fn, text_checkpoint_filter_fn
+
+from .config import GLIPConfig
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "read_official_checkpoint",
+    "infer_official_config",
+    "map_official_state_dict",
+]
+
+#: official prefix -> our module prefix (inside each block the names are the official ones)
+PREFIX_MAP = {
+    "backbone.": "backbone.",
+    "language_backbone.body.model.": "language_backbone.model.",
+    "rpn.head.": "head.",
+}
+ANCHOR_PREFIX = "rpn.anchor_generator.cell_anchors."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be mapped onto the model; the message lists every offending key."""
+
+
+@dataclass
+class LoadReport:
+    """What loading an official checkpoint did besides mapping weights."""
+
+    source: str = ""
+    variant: str = ""
+    used_entry: str = ""  # "model", "model_ema" or "<state dict>"
+    ignored_entries: list[str] = field(default_factory=list)  # other top-level entries (optimizer, ...)
+    dropped_keys: list[str] = field(default_factory=list)  # harmless extras inside the weights
+
+    def summary(self) -> str:
+        lines = [f"loaded {self.source} as {self.variant} (weights from {self.used_entry!r})"]
+        if self.ignored_entries:
+            lines.append(f"ignored checkpoint entries: {', '.join(self.ignored_entries)}")
+        if self.dropped_keys:
+            shown = ", ".join(self.dropped_keys[:8]) + (" ..." if len(self.dropped_keys) > 8 else "")
+            lines.append(f"dropped {len(self.dropped_keys)} unused keys: {shown}")
+        return "\n".join(lines)
+
+
+def _strip_module(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    keys = list(state_dict)
+    if keys and all(k.startswith("module.") for k in keys):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def read_official_checkpoint(
+    path: str | Path, *, use_ema: bool = False, trust_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Read an official ``.pth`` and return its weights (``module.`` stripped) with a report.
+
+    Args:
+        path: the checkpoint file.
+        use_ema: take ``"model_ema"`` instead of ``"model"`` (the official evaluation uses ``"model"``, spec §12.19).
+        trust_pickle: allow arbitrary pickled objects (only for files you trust); by default only tensors and plain
+            containers are unpickled.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
+    except RuntimeError:  # mmap needs the zip format; older files are read fully
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
+        if trust_pickle:
+            raise
+        raise CheckpointError(
+            f"{path}: could not be read with weights_only=True ({exc}). If you trust this file, load it with "
+            "trust_pickle=True (CLI: --trust-pickle)."
+        ) from exc
+    report = LoadReport(source=str(path))
+    if isinstance(obj, Mapping) and ("model" in obj or "model_ema" in obj):
+        entry = "model_ema" if use_ema else "model"
+        if entry not in obj:
+            raise CheckpointError(f"{path}: has no {entry!r} entry (entries: {sorted(obj)})")
+        weights = obj[entry]
+        report.used_entry = entry
+        report.ignored_entries = sorted(k for k in obj if k != entry)
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if use_ema:
+            raise CheckpointError(f"{path}: is a bare state dict; it has no 'model_ema' entry")
+        weights = obj
+        report.used_entry = "<state dict>"
+    else:
+        kind = type(obj).__name__
+        keys = sorted(obj)[:20] if isinstance(obj, Mapping) else []
+        raise CheckpointError(f"{path}: not a GLIP checkpoint (a {kind} with entries {keys})")
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{path}: entry {report.used_entry!r} is a {type(weights).__name__}, not a state dict")
+    return _strip_module(weights), report
+
+
+def _describe_prefixes(keys) -> str:
+    counts = Counter(".".join(k.split(".")[:2]) for k in keys)
+    return ", ".join(f"{p}.* ({n})" for p, n in sorted(counts.items()))
+
+
+def infer_official_config(state_dict: Mapping[str, torch.Tensor]) -> GLIPConfig:
+    """Recognise GLIP-T, GLIP-T(A), GLIP-L (or a custom layout of the same family) from keys and shapes."""
+    required = (
+        "backbone.body.patch_embed.proj.weight",
+        "language_backbone.body.model.embeddings.word_embeddings.weight",
+        "rpn.head.bbox_pred.weight",
+    )
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise CheckpointError(
+            "unknown checkpoint layout: expected official GLIP keys such as "
+            f"{', '.join(required)}; missing {missing}. Found: {_describe_prefixes(state_dict)}"
+        )
+    embed_dim = state_dict["backbone.body.patch_embed.proj.weight"].shape[0]
+    depths, heads, window = [], [], None
+    for stage in range(8):
+        blocks = {int(m.group(1)) for k in state_dict
+                  if (m := re.match(rf"backbone\.body\.layers\.{stage}\.blocks\.(\d+)\.", k))}
+        if not blocks:
+            break
+        depths.append(len(blocks))
+        table = state_dict[f"backbone.body.layers.{stage}.blocks.0.attn.relative_position_bias_table"]
+        heads.append(int(table.shape[1]))
+        window = int(round((table.shape[0] ** 0.5 + 1) / 2))
+    tower = {int(m.group(1)) for k in state_dict if (m := re.match(r"rpn\.head\.dyhead_tower\.(\d+)\.", k))}
+    early_fusion = any(".b_attn." in k for k in state_dict if k.startswith("rpn.head.dyhead_tower."))
+    num_layers = len(tower) // 3 if early_fusion else len(tower)
+    text = "language_backbone.body.model."
+    vocab, hidden = state_dict[text + "embeddings.word_embeddings.weight"].shape
+    n_text_layers = len({int(m.group(1)) for k in state_dict if (m := re.match(re.escape(text) + r"encoder\.layer\.(\d+)\.", k))})
+    text_cfg = {
+        "model_type": "bert",
+        "vocab_size": int(vocab),
+        "hidden_size": int(hidden),
+        "num_hidden_layers": n_text_layers,
+        "num_attention_heads": max(1, int(hidden) // 64),
+        "intermediate_size": int(state_dict[text + "encoder.layer.0.intermediate.dense.weight"].shape[0]),
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": int(state_dict[text + "embeddings.position_embeddings.weight"].shape[0]),
+        "type_vocab_size": int(state_dict[text + "embeddings.token_type_embeddings.weight"].shape[0]),
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+    }
+    known = {(96, (2, 2, 6, 2), 7): "swin_tiny", (192, (2, 2, 18, 2), 12): "swin_large"}
+    swin = known.get((embed_dim, tuple(depths), window))
+    if swin is None:
+        raise CheckpointError(
+            f"unsupported Swin layout: embed dim {embed_dim}, depths {depths}, heads {heads}, window {window} "
+            "(supported: Swin-T 96/2,2,6,2/7 and Swin-L 192/2,2,18,2/12)"
+        )
+    if early_fusion:
+        name = {("swin_tiny", 6): "glip_t", ("swin_large", 8): "glip_l"}.get((swin, num_layers), "glip_custom")
+    else:
+        name = "glip_t_a" if (swin, num_layers) == ("swin_tiny", 6) else "glip_custom"
+    kwargs = {}
+    if early_fusion:
+        kwargs["fusion_embed_dim"] = int(state_dict["rpn.head.dyhead_tower.0.b_attn.attn.v_proj.weight"].shape[0])
+        kwargs["fusion_bert_intermediate"] = int(state_dict["rpn.head.dyhead_tower.1.intermediate.dense.weight"].shape[0])
+    return GLIPConfig(
+        name=name,
+        image_encoder=swin,
+        fpn_channels=int(state_dict["backbone.fpn.fpn_inner2.weight"].shape[0]),
+        text_encoder=text_cfg,
+        fusion_layers=num_layers,
+        early_fusion=early_fusion,
+        fused_text_for_logits=early_fusion,
+        num_cls_logits=int(state_dict["rpn.head.cls_logits.weight"].shape[0]),
+        **kwargs,
+    )
+
+
+def map_official_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map official keys (``module.`` already stripped) onto ``model``'s keys, strictly.
+
+    Returns:
+        ``(our_state_dict, dropped_keys)``. Raises :class:`CheckpointError` listing the missing, unexpected and
+        mis-shaped keys if the result would not load strictly.
+    """
+    groups: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in PREFIX_MAP}
+    unexpected, dropped = [], []
+    anchors = {}
+    for key, value in state_dict.items():
+        if key.startswith(ANCHOR_PREFIX):
+            anchors[key] = value
+            continue
+        for prefix in PREFIX_MAP:
+            if key.startswith(prefix):
+                groups[prefix][key[len(prefix):]] = value
+                break
+        else:
+            unexpected.append(key)
+
+    ours: dict[str, torch.Tensor] = {}
+    errors: list[str] = []
+    try:
+        body = image_checkpoint_filter_fn(groups["backbone."], model.backbone)
+        ours.update({PREFIX_MAP["backbone."] + k: v for k, v in body.items()})
+    except (KeyError, ValueError, RuntimeError) as exc:
+        errors.append(f"image encoder: {exc}")
+    try:
+        text, text_dropped = text_checkpoint_filter_fn(groups["language_backbone.body.model."])
+        ours.update({PREFIX_MAP["language_backbone.body.model."] + k: v for k, v in text.items()})
+        dropped += ["language_backbone.body.model." + k for k in text_dropped]
+    except (KeyError, ValueError, RuntimeError) as exc:
+        errors.append(f"text encoder: {exc}")
+    ours.update({PREFIX_MAP["rpn.head."] + k: v for k, v in groups["rpn.head."].items()})
+
+    # anchors are structural: check them against ours instead of loading them
+    for level, cell in enumerate(model.anchor_generator.cell_anchors()):
+        key = f"{ANCHOR_PREFIX}{level}"
+        if key in anchors:
+            if anchors[key].shape != cell.shape or not torch.allclose(anchors[key].float(), cell.cpu()):
+                errors.append(f"{key}: checkpoint anchors {anchors[key].tolist()} differ from ours {cell.tolist()}")
+            dropped.append(key)
+    extra_anchor_keys = sorted(set(anchors) - {f"{ANCHOR_PREFIX}{i}" for i in range(len(model.anchor_generator.strides))})
+    unexpected += extra_anchor_keys
+
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in ours)
+    unexpected += sorted(k for k in ours if k not in expected)
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in ours if k in expected and ours[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mis_shaped or errors:
+        parts = []
+        for title, items in (("errors", errors), ("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mis_shaped)):
+            if items:
+                shown = "\n    ".join(items[:40]) + (f"\n    ... ({len(items) - 40} more)" if len(items) > 40 else "")
+                parts.append(f"  {title} ({len(items)}):\n    {shown}")
+        raise CheckpointError("checkpoint does not match the model:\n" + "\n".join(parts))
+    return ours, sorted(dropped)
