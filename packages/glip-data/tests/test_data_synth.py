@@ -112,6 +112,7 @@ def test_relations_in_captions_are_true(world):
     assert checked > 0
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_coco_and_lvis_files_load_in_the_official_apis(world, monkeypatch):
     from lvis import LVIS, LVISEval, LVISResults
     from pycocotools.coco import COCO

@@ -1,16 +1,12 @@
 """Dataset readers: every format becomes :class:`glip_data.sample.GroundingSample` s.
 
-=====================  =========================================  ==========================================
-reader                 format                                     caption
-=====================  =========================================  ==========================================
-``COCODetection``      COCO detection json (ODinW, Roboflow)      detection prompt of all categories
-``Objects365Detection`` Objects365 v1/v2 json (quirks handled)    detection prompt of all categories
-``LVISDetection``      LVIS v1 json                               detection prompt of all categories
-``MDETRGrounding``     MDETR json (Flickr30k, GoldG mixed)        the sentence
-``ODVGReader``         ODVG jsonl (+ label map)                   prompt (detection lines) / caption
-``CaptionReader``      captions with pseudo-labels (jsonl)        the caption
-``MixtureDataset``     a seeded weighted mixture of the above     —
-=====================  =========================================  ==========================================
+- ``COCODetection``: COCO detection json (ODinW, Roboflow exports); caption = detection prompt of all categories.
+- ``Objects365Detection``: Objects365 v1/v2 json, name typos / file layout / missing images handled.
+- ``LVISDetection``: LVIS v1 json (paths from ``coco_url``, r/c/f, negative / not-exhaustive ids kept).
+- ``MDETRGrounding``: MDETR grounding json (Flickr30k Entities, GoldG mixed); caption = the sentence.
+- ``ODVGReader``: ODVG jsonl + label map; detection lines like COCO, grounding lines with their caption.
+- ``CaptionReader``: captions with pseudo-labels (jsonl), score threshold and minimum boxes.
+- ``MixtureDataset``: a seeded weighted mixture of any of the above.
 """
 from glip_data.readers.base import BOX_CONVENTIONS, GroundingReader, ReaderError, open_image
 from glip_data.readers.captions import CaptionReader, caption_record
