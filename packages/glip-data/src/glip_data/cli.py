@@ -211,7 +211,7 @@ def convert_cmd(args: argparse.Namespace, out=None) -> list[Path]:
     from glip_data.convert import convert
 
     written = convert(args.src, args.dst, args.src_format, args.dst_format, label_map=args.label_map,
-                      dst_label_map=args.dst_label_map)
+                      dst_label_map=args.dst_label_map, progress=not args.quiet)
     for p in written:
         print(f"wrote {p}", file=out)
     return written
@@ -312,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label map of an ODVG source (default: <stem>_label_map.json next to it)")
     p.add_argument("--dst-label-map", metavar="FILE", default=None,
                    help="where to write the label map of an ODVG destination (default: <stem>_label_map.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=convert_cmd)
 
     p = sub.add_parser("shard", help="write a dataset as tar or jsonl shards for streaming",

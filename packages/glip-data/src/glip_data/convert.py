@@ -82,7 +82,15 @@ class Collection:
 # loading
 
 
-def load_coco(path: str | os.PathLike) -> Collection:
+def _bar(items: Any, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="record", leave=False)
+
+
+def load_coco(path: str | os.PathLike, progress: bool = False) -> Collection:
     """A COCO (or MDETR: COCO plus captions and spans) json as a :class:`Collection`."""
     path = Path(path)
     data = read_json(path)
@@ -104,7 +112,7 @@ def load_coco(path: str | os.PathLike) -> Collection:
         entry = ImageEntry(file_name, img["width"], img["height"], img["id"], img.get("caption"), [], extra)
         images.append(entry)
         by_id[img["id"]] = entry
-    for j, ann in enumerate(data["annotations"]):
+    for j, ann in enumerate(_bar(data["annotations"], progress, f"reading {path.name}")):
         require(ann, ("image_id", "bbox"), f"{path}: annotations[{j}]")
         entry = by_id.get(ann["image_id"])
         if entry is None:
@@ -123,7 +131,7 @@ def load_coco(path: str | os.PathLike) -> Collection:
 load_mdetr = load_coco
 
 
-def load_odvg(path: str | os.PathLike, label_map: Any = None) -> Collection:
+def load_odvg(path: str | os.PathLike, label_map: Any = None, progress: bool = False) -> Collection:
     """An ODVG jsonl (and its label map, looked up as ``<stem>_label_map.json`` when not given) as a Collection."""
     path = Path(path)
     if label_map is None:
@@ -134,7 +142,7 @@ def load_odvg(path: str | os.PathLike, label_map: Any = None) -> Collection:
     label_to_cid: dict[int, Any] = {}
     seen_names: dict[int, str] = {}
     has_object_category = False
-    for lineno, rec in iter_jsonl(path):
+    for lineno, rec in _bar(iter_jsonl(path), progress, f"reading {path.name}"):
         where = f"{path}:{lineno}"
         require(rec, ("filename", "height", "width"), where)
         extra = {k: v for k, v in rec.items()
@@ -245,11 +253,12 @@ def default_label_map_path(odvg_path: str | os.PathLike) -> Path:
     return p.with_name(f"{stem}_label_map.json")
 
 
-def load(path: str | os.PathLike, fmt: Format, label_map: Any = None) -> Collection:
+def load(path: str | os.PathLike, fmt: Format, label_map: Any = None, progress: bool = False) -> Collection:
+    """Read ``path`` in format ``fmt`` (MDETR files are read as COCO: they are COCO plus captions and spans)."""
     if fmt in ("coco", "mdetr"):
-        return load_coco(path)
+        return load_coco(path, progress)
     if fmt == "odvg":
-        return load_odvg(path, label_map)
+        return load_odvg(path, label_map, progress)
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
@@ -277,11 +286,11 @@ def _ensure_object_category(col: Collection) -> list[dict[str, Any]]:
     return cats
 
 
-def _coco_dict(col: Collection, with_captions: bool) -> dict[str, Any]:
+def _coco_dict(col: Collection, with_captions: bool, progress: bool = False) -> dict[str, Any]:
     cats = _ensure_object_category(col)
     images, anns = [], []
     next_ann = 1 + max((a.id for img in col.images for a in img.annotations if isinstance(a.id, int)), default=0)
-    for img in col.images:
+    for img in _bar(col.images, progress, "writing"):
         grounding = img.caption is not None and (with_captions or img.is_grounding)
         record = {"id": img.id, "file_name": img.file_name, "width": img.width, "height": img.height}
         extra = dict(img.extra)
@@ -309,12 +318,12 @@ def _coco_dict(col: Collection, with_captions: bool) -> dict[str, Any]:
     return out
 
 
-def to_coco(col: Collection) -> dict[str, Any]:
+def to_coco(col: Collection, progress: bool = False) -> dict[str, Any]:
     """COCO json. Grounding captions/spans stay as extra fields; captions made from detection prompts are dropped."""
-    return _coco_dict(col, with_captions=False)
+    return _coco_dict(col, with_captions=False, progress=progress)
 
 
-def to_mdetr(col: Collection) -> dict[str, Any]:
+def to_mdetr(col: Collection, progress: bool = False) -> dict[str, Any]:
     """MDETR json: every image gets a caption (detection images: the prompt of all categories, marked)."""
     from glip_data.prompts import detection_prompt
 
@@ -331,16 +340,16 @@ def to_mdetr(col: Collection) -> dict[str, Any]:
                 if a.category_id not in span_of:
                     raise ReaderError(f"image {img.id!r}: category_id {a.category_id!r} is not in the categories")
                 a.tokens_positive = span_of[a.category_id]
-    return _coco_dict(col, with_captions=True)
+    return _coco_dict(col, with_captions=True, progress=progress)
 
 
-def to_odvg(col: Collection) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def to_odvg(col: Collection, progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """ODVG lines and label map (category index in id order -> name)."""
     cats = _sorted_categories(col)
     label_of = {c["id"]: i for i, c in enumerate(cats)}
     name_of = {c["id"]: c["name"] for c in cats}
     lines = []
-    for img in col.images:
+    for img in _bar(col.images, progress, "writing"):
         rec: dict[str, Any] = {"filename": img.file_name, "height": img.height, "width": img.width}
         if img.id is not None:
             rec["image_id"] = img.id
@@ -380,17 +389,17 @@ def to_odvg(col: Collection) -> tuple[list[dict[str, Any]], dict[str, str]]:
     return lines, {str(i): c["name"] for i, c in enumerate(cats)}
 
 
-def save(col: Collection, path: str | os.PathLike, fmt: Format, label_map_path: str | os.PathLike | None = None
-         ) -> list[Path]:
+def save(col: Collection, path: str | os.PathLike, fmt: Format, label_map_path: str | os.PathLike | None = None,
+         progress: bool = False) -> list[Path]:
     """Write ``col`` as ``fmt``; returns the files written (ODVG: the jsonl and its label map)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt in ("coco", "mdetr"):
-        data = to_coco(col) if fmt == "coco" else to_mdetr(col)
+        data = to_coco(col, progress) if fmt == "coco" else to_mdetr(col, progress)
         path.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
         return [path]
     if fmt == "odvg":
-        lines, label_map = to_odvg(col)
+        lines, label_map = to_odvg(col, progress)
         path.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines), encoding="utf-8")
         lm_path = Path(label_map_path) if label_map_path is not None else default_label_map_path(path)
         lm_path.write_text(json.dumps(label_map, indent=1) + "\n", encoding="utf-8")
@@ -399,13 +408,17 @@ def save(col: Collection, path: str | os.PathLike, fmt: Format, label_map_path: 
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, src_format: Format, dst_format: Format, *,
-            label_map: Any = None, dst_label_map: str | os.PathLike | None = None) -> list[Path]:
-    """Convert an annotation file between COCO, MDETR and ODVG (see the module doc). Returns the files written."""
+            label_map: Any = None, dst_label_map: str | os.PathLike | None = None, progress: bool = False
+            ) -> list[Path]:
+    """Convert an annotation file between COCO, MDETR and ODVG (see the module doc). Returns the files written.
+
+    ``progress`` shows tqdm bars while reading and writing (the command line turns them on).
+    """
     for name, fmt in (("source", src_format), ("destination", dst_format)):
         if fmt not in FORMATS:
             raise ValueError(f"unknown {name} format {fmt!r}; expected one of {FORMATS}")
-    col = load(src, src_format, label_map)
-    return save(col, dst, dst_format, dst_label_map)
+    col = load(src, src_format, label_map, progress)
+    return save(col, dst, dst_format, dst_label_map, progress)
 
 
 __all__ = ["Annotation", "Collection", "FORMATS", "ImageEntry", "convert", "default_label_map_path", "load",
