@@ -458,10 +458,8 @@ class ShardedStream(IterableDataset):
                 def keep(pos: int, base: int = base) -> bool:
                     return (base + pos) % readers == strided
 
-            count = 0
             for sample in iter_shard(self.shards[i], load_image=self.load_image, image_root=self.image_root,
                                      keep=keep):
-                count += 1
                 if self.tokenizer is not None:
                     from glip_data.positive_map import build_positive_map
 
