@@ -1,0 +1,208 @@
+"""Launch configuration of the fused bi-attention kernels.
+
+Three sources of a launch configuration, in order of precedence:
+
+1. :func:`block_override` (a context manager for tests and experiments): fixed tile sizes for every kernel;
+2. under the Triton interpreter (``TRITON_INTERPRET=1``): one fixed configuration per shape
+   (:func:`interpreter_blocks`), because ``triton.autotune`` needs a GPU to benchmark;
+3. on CUDA: a small ``triton.autotune`` set per kernel (:data:`AUTOTUNE_CONFIGS`), keyed on the text length, the
+   padded head dim and whether dropout is on; configurations that do not fit the device are skipped by the
+   autotuner (``OutOfResources``) or pruned beforehand by a shared-memory estimate.
+
+This module imports ``triton`` at import time; it is only imported by the kernel modules, never by
+``import glip_fusion``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Iterator
+
+import torch
+import triton
+
+#: The longest text (M) the kernels accept. The Path-B kernels would tile any M, but the design (and the tests)
+#: cover GLIP's ``MAX_QUERY_LEN = 256``; longer inputs are rejected with a clear error.
+MAX_TEXT_LEN = 256
+#: Supported head dims (inclusive). The kernels are designed for 32..256 (GLIP: 256); smaller dims and
+#: non-powers of two are zero-padded to ``block_d(D)`` inside the kernels (masked loads, exact).
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
+#: On the autotuned path the text-direction kernels split the image axis into chunks whose length is a multiple of
+#: this granule (every candidate BLOCK_N divides it), so the split layout never depends on the autotuner's choice.
+SPLIT_GRANULE = 256
+#: Upper bound on the number of image-axis splits of the text-direction kernels.
+MAX_SPLITS = 64
+
+# Kernel names used as keys below.
+FWD_ROWS, FWD_COLS, BWD_ROWS, BWD_COLS = "fwd_rows", "fwd_cols", "bwd_rows", "bwd_cols"
+_KERNELS = (FWD_ROWS, FWD_COLS, BWD_ROWS, BWD_COLS)
+#: Image-axis tile under the interpreter: every program and every tile operation costs milliseconds of Python there,
+#: while numpy handles a [512, 256] tile quickly, so fewer, larger programs are much faster.
+INTERPRETER_BLOCK_N = 256
+
+_override: dict | None = None
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@contextlib.contextmanager
+def interpreter_threads() -> Iterator[None]:
+    """Under the interpreter, run numpy's BLAS single-threaded while kernels execute.
+
+    The interpreter evaluates ``tl.dot`` with ``numpy.matmul``; numpy's OpenBLAS thread pool and torch's OpenMP pool
+    then compete for the same cores and a [256, 256] matmul becomes ~20x slower.  Uses ``threadpoolctl`` when it is
+    installed (it is optional); otherwise this is a no-op (set ``OPENBLAS_NUM_THREADS=1`` by hand).
+    """
+    if not interpreting():
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def block_d(head_dim: int) -> int:
+    """Padded head dim: the next power of two, at least 32 (``tl.dot`` needs K >= 16)."""
+    return max(32, next_pow2(head_dim))
+
+
+@contextlib.contextmanager
+def block_override(block_n: int, block_t: int, num_warps: int = 4, num_stages: int = 1) -> Iterator[None]:
+    """Force one tile configuration on every kernel (bypasses autotuning on CUDA).
+
+    ``block_n`` tiles the image axis N, ``block_t`` the text axis M; both must be powers of two >= 16.
+    Used by the tests to exercise multi-tile loops and ragged edges with small shapes.
+    """
+    global _override
+    for name, value in (("block_n", block_n), ("block_t", block_t)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"block_override: {name}={value} must be a power of two >= 16")
+    if block_n > SPLIT_GRANULE:
+        raise ValueError(f"block_override: block_n={block_n} must be <= SPLIT_GRANULE={SPLIT_GRANULE}")
+    previous = _override
+    _override = dict(BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps, num_stages=num_stages)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def forced_blocks() -> dict | None:
+    """The configuration set by :func:`block_override`, or None."""
+    return None if _override is None else dict(_override)
+
+
+def interpreter_blocks(kernel: str, n: int, m: int) -> dict:
+    """The fixed configuration used under the interpreter.
+
+    Large tiles: the interpreter pays a fixed Python cost per operation and per program, while numpy does the
+    arithmetic of a large tile almost as fast as a small one. The text axis is covered by one tile (M <= 256).
+    """
+    if kernel not in _KERNELS:
+        raise KeyError(kernel)
+    block_t = min(MAX_TEXT_LEN, max(16, next_pow2(m)))
+    block_n = min(INTERPRETER_BLOCK_N, max(16, next_pow2(n)))
+    return dict(BLOCK_N=block_n, BLOCK_T=block_t, num_warps=4, num_stages=1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CUDA autotuning
+# --------------------------------------------------------------------------------------------------------------------
+def _cfg(block_n: int, block_t: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
+
+
+#: Small candidate sets (fusion_kernel.md §3.10: 64x64 tiles as FA2 on H100 at hdim 256, smaller fallbacks against
+#: register spills; larger tiles for small head dims). Each kernel is benchmarked once per autotune key.
+AUTOTUNE_CONFIGS: dict[str, list[triton.Config]] = {
+    FWD_ROWS: [_cfg(64, 64, 4, 1), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 128, 8, 1), _cfg(128, 128, 8, 2)],
+    FWD_COLS: [_cfg(64, 64, 4, 1), _cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 128, 8, 2)],
+    BWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 4, 1), _cfg(64, 64, 8, 1), _cfg(128, 64, 8, 1)],
+    BWD_COLS: [_cfg(32, 32, 4, 1), _cfg(32, 64, 8, 1), _cfg(64, 32, 4, 1), _cfg(64, 64, 8, 1), _cfg(64, 128, 8, 1)],
+}
+
+#: Autotune key (argument names of every tuned kernel). dtypes of tensor arguments are added by Triton itself.
+AUTOTUNE_KEY = ["M", "BLOCK_D", "HAS_DROPOUT"]
+
+# Per-block shared-memory budget assumed when pruning (H100/A100 opt-in limits are 227/163 KB; consumer parts ~99 KB).
+_SMEM_FALLBACK = 99 * 1024
+
+
+def _smem_limit() -> int:
+    try:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(getattr(props, "shared_memory_per_block_optin", _SMEM_FALLBACK))
+    except Exception:  # pragma: no cover - only reached on exotic drivers
+        return _SMEM_FALLBACK
+
+
+def _operand_bytes(kernel: str, cfg: triton.Config, block_d_: int, elem: int) -> int:
+    """Rough shared-memory need of the dot operands of one program (before Triton's own scratch)."""
+    bn, bt, stages = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_T"], max(1, cfg.num_stages)
+    if kernel == FWD_ROWS:  # q resident, k_j and v_l,j streamed
+        return (bn + 2 * bt * stages) * block_d_ * elem
+    if kernel == FWD_COLS:  # k_j resident, q_t and v_v,t streamed
+        return (bt + 2 * bn * stages) * block_d_ * elem
+    if kernel == BWD_ROWS:  # q, v_v, dO_v resident; k, v_l, dO_l streamed
+        return (3 * bn + 3 * bt * stages) * block_d_ * elem
+    return (3 * bt + 3 * bn * stages) * block_d_ * elem  # BWD_COLS mirrors BWD_ROWS
+
+
+def make_pruner(kernel: str):
+    """An ``early_config_prune`` hook that drops configurations whose operands cannot fit in shared memory."""
+
+    def prune(configs, named_args, **kwargs):
+        bd = int(named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 256)))
+        ref = next((v for v in named_args.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+        elem = 4 if ref is None else ref.element_size()
+        limit = _smem_limit()
+        kept = [c for c in configs if _operand_bytes(kernel, c, bd, elem) <= limit]
+        if kept:
+            return kept
+        # Nothing passes the estimate: keep the smallest so the autotuner can still try it.
+        return [min(configs, key=lambda c: _operand_bytes(kernel, c, bd, elem))]
+
+    return prune
+
+
+def num_splits(batch_heads: int, m_out: int, n: int, device: torch.device) -> int:
+    """How many chunks the image axis is split into for the text-direction kernels (Flash-Decoding).
+
+    The text direction has only ``B*H*cdiv(M, 64)`` natural programs (32 at B=1 for GLIP-T); splitting N fills the
+    GPU. Target about two waves of programs over the streaming multiprocessors. Under the interpreter programs run
+    one after another, so no split is the fastest.
+    """
+    max_splits = max(1, math.ceil(n / SPLIT_GRANULE))
+    if interpreting() or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    base = max(1, batch_heads * math.ceil(max(1, m_out) / 64))
+    return int(max(1, min(max_splits, MAX_SPLITS, math.ceil(2 * sms / base))))
+
+
+def split_granule() -> int:
+    """Alignment of the image-axis splits: :data:`SPLIT_GRANULE` on the autotuned GPU path (every candidate
+    ``BLOCK_N`` divides it, so tiles never straddle a split); 16 with a fixed configuration, so that small test
+    shapes can still be split (correctness does not depend on the alignment, the kernels mask ``n >= split end``)."""
+    return 16 if (interpreting() or _override is not None) else SPLIT_GRANULE
+
+
+def split_length(n: int, splits: int, granule: int | None = None) -> tuple[int, int]:
+    """``(split_len, splits)``: chunk length along N (a multiple of the granule) and the resulting split count."""
+    if splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {splits}")
+    granule = split_granule() if granule is None else granule
+    split_len = math.ceil(math.ceil(n / splits) / granule) * granule
+    return split_len, max(1, math.ceil(n / split_len))

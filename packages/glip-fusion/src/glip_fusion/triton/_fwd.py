@@ -1,0 +1,334 @@
+"""Forward Triton kernels of the fused bi-directional attention (Path B of fusion_kernel.md §3.3).
+
+Per (batch b, head h), with ``S = scale * q @ k^T`` (N x M):
+
+* ``_fwd_rows_kernel`` (image direction): one program per tile of ``BLOCK_N`` image tokens, looping over text tiles
+  with an online softmax over M.  Writes ``o_v`` and the row log-sum-exp ``lse_v``.
+* ``_fwd_cols_kernel`` (text direction): one program per (text tile, image-axis split), looping over the image tiles
+  of its split with an online softmax over N (Flash-Decoding).  With one split it writes ``o_l`` and ``lse_l``
+  directly; otherwise it writes fp32 partials ``(m, l, acc)`` that ``_fwd_combine_kernel`` merges in a fixed split
+  order (deterministic, no atomics).
+
+Conventions shared with the backward kernels:
+
+* logits are kept in base-2 units, ``s2 = S * log2(e)``, so that ``exp2`` can be used; the stored LSEs are base-2
+  too (``lse2 = LSE * log2(e)``).  ``clamp`` is applied to ``s2`` at ``clamp * log2(e)``;
+* a row/column with no admissible key stores ``lse2 = +inf`` and a zero output, so every later ``exp2(s2 - lse2)``
+  is exactly 0 (never NaN);
+* dropout keeps an element when its Philox uniform ``u >= p``; the uniform of element (n, m) of (b, h) is a pure
+  function of ``(seed, n, m, b*H + h)``: tile sizes, split counts and the forward/backward pass do not change it.
+  The image direction uses the first Philox output word, the text direction the second (independent masks).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.standard import _elementwise_max, _sum_combine
+
+from . import _config
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Salmon et al., SC'11) on uint32 blocks: counter (c0..c3), key (k0, k1) -> 4 random words.
+
+    Written with builtins only (no ``tl.philox``): the standard-library ``@jit`` helpers are bound to interpreter or
+    compiler mode when ``triton`` is first imported, which may happen before ``TRITON_INTERPRET`` is set (e.g. by
+    torchvision); builtins are patched per launch and work either way.
+    """
+    for _ in tl.static_range(10):
+        hi0 = tl.math.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.math.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0 = hi1 ^ c1 ^ k0
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _philox_uniforms(seed_lo, seed_hi, n_idx, t_idx, bh):
+    """Two independent U[0, 1) blocks for the elements ``(n_idx, t_idx)`` of batch-head ``bh``.
+
+    ``n_idx`` (image positions) and ``t_idx`` (text positions) are int32 blocks that broadcast against each other
+    (``[R, 1]`` with ``[1, C]`` or the transpose); the counter is ``(n, m, b*H + h, 0)`` and the key the 62-bit seed
+    given as two 31-bit halves.  Returns ``(u_image_direction, u_text_direction)`` with 24-bit resolution.
+    """
+    zero = (n_idx * 0 + t_idx * 0).to(tl.uint32)
+    c0 = n_idx.to(tl.uint32) + zero
+    c1 = t_idx.to(tl.uint32) + zero
+    c2 = zero + bh.to(tl.uint32)
+    k0 = zero + seed_lo.to(tl.uint32)
+    k1 = zero + seed_hi.to(tl.uint32)
+    r0, r1, _r2, _r3 = _philox4x32(c0, c1, c2, zero, k0, k1)
+    inv = 1.0 / 16777216.0
+    return (r0 >> 8).to(tl.float32) * inv, (r1 >> 8).to(tl.float32) * inv
+
+
+@triton.jit
+def _keep_mask_kernel(KEEP_V, KEEP_L, seed_lo, seed_hi, p_drop, N, M, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Debug helper: materialise both dropout keep-masks as uint8 ``(B*H, N, M)`` (1 = kept)."""
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    u_v, u_l = _philox_uniforms(seed_lo, seed_hi, offs_n[:, None], offs_t[None, :], bh)
+    ok = (offs_n[:, None] < N) & (offs_t[None, :] < M)
+    base = bh.to(tl.int64) * N * M
+    ptrs = base + offs_n[:, None].to(tl.int64) * M + offs_t[None, :]
+    tl.store(KEEP_V + ptrs, (u_v >= p_drop).to(tl.uint8), mask=ok)
+    tl.store(KEEP_L + ptrs, (u_l >= p_drop).to(tl.uint8), mask=ok)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _fwd_rows_kernel(
+    Q, K, VL, OV, LSEV, TMASK, THI,
+    seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N, M, D,
+    HAS_TMASK: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Image direction.  Grid ``(cdiv(N, BLOCK_N), B*H)``.
+
+    Q (B, H, N, D), K and VL (B, H, M, D), OV (B, H, N, D) strided; LSEV fp32 (B*H, N); TMASK uint8 (B, M);
+    THI int32 (B,): one past the last real text token, so fully padded trailing text tiles are skipped.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_t = tl.arange(0, BLOCK_T)
+    n_ok = offs_n < N
+    d_ok = offs_d < D
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_N], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+
+    if HAS_TMASK:
+        t_hi = tl.load(THI + b)
+    else:
+        t_hi = M
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = VL + b * stride_vb + h * stride_vh
+    for t0 in range(0, t_hi, BLOCK_T):
+        t = t0 + offs_t
+        t_ok = t < M
+        # k^T tile [BLOCK_D, BLOCK_T]
+        kt = tl.load(k_base + t[None, :] * stride_km + offs_d[:, None] * stride_kd,
+                     mask=d_ok[:, None] & t_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if HAS_CLAMP:
+            s = tl.minimum(tl.maximum(s, -clamp2), clamp2)
+        valid = t_ok
+        if HAS_TMASK:
+            valid = valid & (tl.load(TMASK + b * M + t, mask=t_ok, other=0) != 0)
+        s = tl.where(valid[None, :], s, float("-inf"))
+
+        # online softmax over M; a row with no admissible key so far keeps m = -inf, so use 0 as its reference
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _elementwise_max))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        if HAS_DROPOUT:
+            u_v, _u_l = _philox_uniforms(seed_lo, seed_hi, offs_n[:, None], t[None, :], bh)
+            p = tl.where(u_v >= p_drop, p * keep_scale, 0.0)
+
+        vl = tl.load(v_base + t[:, None] * stride_vm + offs_d[None, :] * stride_vd,
+                     mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            vl = vl.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vl.dtype), vl, input_precision=PRECISION)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("inf"))
+    tl.store(OV + b * stride_ob + h * stride_oh + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
+             o.to(OV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    tl.store(LSEV + bh.to(tl.int64) * N + offs_n, lse2, mask=n_ok)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _fwd_cols_kernel(
+    Q, K, VV, OL, LSEL, PACC, PM, PL, IMASK, IHI, TMASK,
+    seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2, split_len, num_splits,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, N, M, D,
+    HAS_IMASK: tl.constexpr, SKIP_MASKED_TEXT: tl.constexpr, HAS_CLAMP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Text direction.  Grid ``(cdiv(M, BLOCK_T), num_splits, B*H)``.
+
+    Program (j, s) owns text tokens ``[j*BLOCK_T, (j+1)*BLOCK_T)`` and image tokens ``[s*split_len, (s+1)*split_len)``.
+    With ``WRITE_PARTIAL`` it stores unnormalised fp32 partials: PACC (B*H, S, M, D), PM and PL (B*H, S, M);
+    otherwise the final OL (B, H, M, D) and LSEL fp32 (B*H, M).  IMASK uint8 (B, N), IHI int32 (B,) one past the
+    last real image token; TMASK uint8 (B, M) is read only with ``SKIP_MASKED_TEXT``.
+    """
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    t_ok = offs_t < M
+    d_ok = offs_d < D
+
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_t[:, None] * stride_km + offs_d[None, :] * stride_kd,
+                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+
+    n_lo = pid_s * split_len
+    n_hi = tl.minimum(n_lo + split_len, N)
+    if HAS_IMASK:
+        n_hi = tl.minimum(n_hi, tl.load(IHI + b))
+    t_keep = t_ok
+    if SKIP_MASKED_TEXT:
+        t_keep = t_ok & (tl.load(TMASK + b * M + offs_t, mask=t_ok, other=0) != 0)
+        # a tile of padded text tokens only: their outputs are zeros, skip the image loop
+        n_hi = tl.where(tl.reduce(t_keep.to(tl.int32), 0, _elementwise_max) > 0, n_hi, n_lo)
+
+    m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_T], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_T, BLOCK_D], 0.0, dtype=tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    v_base = VV + b * stride_vb + h * stride_vh
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        n = n0 + offs_n
+        n_ok = n < n_hi
+        # q^T tile [BLOCK_D, BLOCK_N]
+        qt = tl.load(q_base + n[None, :] * stride_qn + offs_d[:, None] * stride_qd,
+                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+        s = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # [BLOCK_T, BLOCK_N] = S^T tile
+        if HAS_CLAMP:
+            s = tl.minimum(tl.maximum(s, -clamp2), clamp2)
+        valid = n_ok
+        if HAS_IMASK:
+            valid = valid & (tl.load(IMASK + b * N + n, mask=n_ok, other=0) != 0)
+        s = tl.where(valid[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _elementwise_max))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        if HAS_DROPOUT:
+            _u_v, u_l = _philox_uniforms(seed_lo, seed_hi, n[None, :], offs_t[:, None], bh)
+            p = tl.where(u_l >= p_drop, p * keep_scale, 0.0)
+
+        vv = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            vv = vv.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+        m_i = m_new
+
+    if WRITE_PARTIAL:
+        row = (bh.to(tl.int64) * num_splits + pid_s) * M + offs_t  # [BLOCK_T] rows of the (B*H, S, M) layout
+        tl.store(PACC + row[:, None] * D + offs_d[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
+        tl.store(PM + row, m_i, mask=t_ok)
+        tl.store(PL + row, l_i, mask=t_ok)
+    else:
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("inf"))
+        if SKIP_MASKED_TEXT:
+            o = tl.where(t_keep[:, None], o, 0.0)
+            lse2 = tl.where(t_keep, lse2, float("inf"))
+        tl.store(OL + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_om + offs_d[None, :] * stride_od,
+                 o.to(OL.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+        tl.store(LSEL + bh.to(tl.int64) * M + offs_t, lse2, mask=t_ok)
+
+
+@triton.jit
+def _fwd_combine_kernel(
+    OL, LSEL, PACC, PM, PL, TMASK,
+    num_splits,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, M, D,
+    SKIP_MASKED_TEXT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Merge the per-split text-direction partials in split order 0, 1, ... (deterministic).  Grid
+    ``(cdiv(M, BLOCK_T), B*H)``.  A split with no admissible image token has ``m = -inf, l = 0, acc = 0`` and
+    contributes nothing."""
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < M
+    d_ok = offs_d < D
+
+    m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_T], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_T, BLOCK_D], 0.0, dtype=tl.float32)
+    for s in range(0, num_splits):
+        row = (bh.to(tl.int64) * num_splits + s) * M + offs_t
+        m_s = tl.load(PM + row, mask=t_ok, other=float("-inf"))
+        l_s = tl.load(PL + row, mask=t_ok, other=0.0)
+        acc_s = tl.load(PACC + row[:, None] * D + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a_run = tl.exp2(m_i - m_ref)
+        a_s = tl.exp2(m_s - m_ref)
+        l_i = l_i * a_run + l_s * a_s
+        acc = acc * a_run[:, None] + acc_s * a_s[:, None]
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("inf"))
+    if SKIP_MASKED_TEXT:
+        t_keep = t_ok & (tl.load(TMASK + b * M + offs_t, mask=t_ok, other=0) != 0)
+        o = tl.where(t_keep[:, None], o, 0.0)
+        lse2 = tl.where(t_keep, lse2, float("inf"))
+    tl.store(OL + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_om + offs_d[None, :] * stride_od,
+             o.to(OL.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+    tl.store(LSEL + bh.to(tl.int64) * M + offs_t, lse2, mask=t_ok)
+
+
+# Autotuned variants, built only when kernels are compiled for a GPU (the autotuner needs a device to benchmark).
+if _config.interpreting():
+    fwd_rows_tuned = fwd_cols_tuned = None
+else:
+    fwd_rows_tuned = triton.autotune(
+        _config.AUTOTUNE_CONFIGS[_config.FWD_ROWS], key=_config.AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": _config.make_pruner(_config.FWD_ROWS)},
+    )(_fwd_rows_kernel)
+    fwd_cols_tuned = triton.autotune(
+        _config.AUTOTUNE_CONFIGS[_config.FWD_COLS], key=_config.AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": _config.make_pruner(_config.FWD_COLS)},
+    )(_fwd_cols_kernel)

@@ -1,0 +1,380 @@
+"""``torch.autograd.Function`` around the fused Triton kernels, input validation and kernel launchers."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import _bwd, _config, _fwd
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_NAMES = ("q", "k", "v_v", "v_l")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Problem:
+    """Shapes and static options of one call."""
+
+    B: int
+    H: int
+    N: int
+    M: int
+    D: int
+    scale: float
+    clamp: float | None
+    dropout_p: float
+    seed: int
+    skip_masked_text: bool
+    precision: str
+    num_splits: int
+    split_len: int
+    upcast: bool
+
+
+def _check_mask(mask, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"bi_attention_triton: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"bi_attention_triton: {name} must have dtype torch.bool (True = real token), got {mask.dtype}; "
+            f"convert a 0/1 mask with `{name}.bool()`"
+        )
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"bi_attention_triton: {name} must have shape {shape}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"bi_attention_triton: {name} is on {mask.device} but q is on {device}")
+    return mask
+
+
+def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, fp32_precision):
+    tensors = dict(zip(_NAMES, (q, k, v_v, v_l)))
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"bi_attention_triton: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"bi_attention_triton: {name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"bi_attention_triton: q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"bi_attention_triton: {name} has dtype {t.dtype} but q has {q.dtype}; all four must match")
+        if t.device != q.device:
+            raise ValueError(f"bi_attention_triton: {name} is on {t.device} but q is on {q.device}")
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    if tuple(v_v.shape) != (B, H, N, D):
+        raise ValueError(f"bi_attention_triton: v_v must have the shape of q {(B, H, N, D)}, got {tuple(v_v.shape)}")
+    if tuple(k.shape) != (B, H, M, D):
+        raise ValueError(f"bi_attention_triton: k must have shape (B, H, M, D) = {(B, H, 'M', D)} to match q "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v_l.shape) != (B, H, M, D):
+        raise ValueError(f"bi_attention_triton: v_l must have the shape of k {(B, H, M, D)}, got {tuple(v_l.shape)}")
+    if min(B, H, N, M) < 1:
+        raise ValueError(f"bi_attention_triton: empty input (B, H, N, M) = {(B, H, N, M)}")
+    if M > _config.MAX_TEXT_LEN:
+        raise ValueError(f"bi_attention_triton: text length M = {M} > {_config.MAX_TEXT_LEN} is not supported by the "
+                         "triton backend; use backend='sdpa' or 'reference'")
+    if not _config.MIN_HEAD_DIM <= D <= _config.MAX_HEAD_DIM:
+        raise ValueError(f"bi_attention_triton: head dim D = {D} outside the supported range "
+                         f"[{_config.MIN_HEAD_DIM}, {_config.MAX_HEAD_DIM}]")
+    if not _config.interpreting():
+        if q.device.type != "cuda":
+            raise ValueError(f"bi_attention_triton: inputs must be CUDA tensors, got device {q.device} (CPU tensors "
+                             "are only accepted under the Triton interpreter, TRITON_INTERPRET=1)")
+    text_mask = _check_mask(text_mask, "text_mask", (B, M), q.device)
+    image_mask = _check_mask(image_mask, "image_mask", (B, N), q.device)
+    scale = D ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"bi_attention_triton: scale must be finite, got {scale}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"bi_attention_triton: dropout_p must be in [0, 1), got {dropout_p}")
+    if clamp is not None:
+        clamp = float(clamp)
+        if not clamp > 0:
+            raise ValueError(f"bi_attention_triton: clamp must be positive or None, got {clamp}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
+            raise ValueError(f"bi_attention_triton: seed must be an int in [0, 2**62), got {seed!r}")
+    if fp32_precision not in _FP32_PRECISIONS:
+        raise ValueError(f"bi_attention_triton: fp32_precision must be one of {_FP32_PRECISIONS}, got {fp32_precision!r}")
+    return text_mask, image_mask, scale, dropout_p, clamp
+
+
+def _unit_last_dim(t: torch.Tensor) -> torch.Tensor:
+    """Strided views are used as they are, except a non-unit stride on the head dim (no vectorised loads)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# launch helpers
+# --------------------------------------------------------------------------------------------------------------------
+def _launch(kernel_name: str, raw, tuned, grid_fn, n: int, m: int, *args, **kwargs):
+    """Launch ``raw`` with a fixed configuration (interpreter / override) or the autotuned ``tuned`` kernel."""
+    cfg = _config.forced_blocks()
+    if cfg is None and tuned is not None:
+        tuned[lambda meta: grid_fn(meta["BLOCK_N"], meta["BLOCK_T"])](*args, **kwargs)
+        return
+    if cfg is None:
+        cfg = _config.interpreter_blocks(kernel_name, n, m)
+    raw[grid_fn(cfg["BLOCK_N"], cfg["BLOCK_T"])](*args, **kwargs, **cfg)
+
+
+def _mask_u8(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> contiguous uint8 view (a 1-element dummy when absent: the kernel never reads it)."""
+    if mask is None:
+        return torch.zeros(1, dtype=torch.uint8, device=like.device)
+    return mask.contiguous().view(torch.uint8)
+
+
+def _last_true(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """(B,) int32: one past the last True of each row (0 for an all-False row); computed on device, no sync."""
+    if mask is None:
+        return torch.zeros(1, dtype=torch.int32, device=like.device)
+    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=torch.int32)
+    return torch.where(mask, pos, torch.zeros_like(pos)).amax(dim=1).to(torch.int32).contiguous()
+
+
+def _seed_words(seed: int) -> tuple[int, int]:
+    """The 62-bit Philox key as two 31-bit ints (always passed to Triton as int32: one compiled variant)."""
+    return seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())
+
+
+def _precision(dtype: torch.dtype, fp32_precision: str) -> str:
+    return fp32_precision if dtype == torch.float32 else "ieee"
+
+
+def _forward(q, k, v_v, v_l, tmask_u8, thi, imask_u8, ihi, has_t, has_i, pb: _Problem):
+    """Run the forward kernels.  Returns ``o_v, o_l, lse_v, lse_l`` (LSEs fp32 (B*H, L), base 2)."""
+    B, H, N, M, D = pb.B, pb.H, pb.N, pb.M, pb.D
+    BH = B * H
+    dev = q.device
+    o_v = torch.empty_like(q)
+    o_l = torch.empty_like(k)
+    lse_v = torch.empty(BH, N, device=dev, dtype=torch.float32)
+    lse_l = torch.empty(BH, M, device=dev, dtype=torch.float32)
+    bd = _config.block_d(D)
+    qk_scale = pb.scale * _fwd.LOG2E
+    clamp2 = (pb.clamp if pb.clamp is not None else 0.0) * _fwd.LOG2E
+    keep_scale = 1.0 / (1.0 - pb.dropout_p)
+    prec = _precision(q.dtype, pb.precision)
+    common = dict(HAS_CLAMP=pb.clamp is not None, HAS_DROPOUT=pb.dropout_p > 0.0, UPCAST=pb.upcast,
+                  PRECISION=prec, BLOCK_D=bd)
+
+    _launch(
+        _config.FWD_ROWS, _fwd._fwd_rows_kernel, _fwd.fwd_rows_tuned,
+        lambda bn, bt: (triton.cdiv(N, bn), BH), N, M,
+        q, k, v_l, o_v, lse_v, tmask_u8, thi,
+        *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2,
+        *_strides(q), *_strides(k), *_strides(v_l), *_strides(o_v),
+        H, N, M, D,
+        HAS_TMASK=has_t, **common,
+    )
+
+    ns = pb.num_splits
+    write_partial = ns > 1
+    if write_partial:
+        pacc = torch.empty(BH, ns, M, D, device=dev, dtype=torch.float32)
+        pm = torch.empty(BH, ns, M, device=dev, dtype=torch.float32)
+        pl = torch.empty(BH, ns, M, device=dev, dtype=torch.float32)
+    else:
+        pacc = pm = pl = lse_l  # never touched by the kernel
+    _launch(
+        _config.FWD_COLS, _fwd._fwd_cols_kernel, _fwd.fwd_cols_tuned,
+        lambda bn, bt: (triton.cdiv(M, bt), ns, BH), N, M,
+        q, k, v_v, o_l, lse_l, pacc, pm, pl, imask_u8, ihi, tmask_u8,
+        *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.split_len, ns,
+        *_strides(q), *_strides(k), *_strides(v_v), *_strides(o_l),
+        H, N, M, D,
+        HAS_IMASK=has_i, SKIP_MASKED_TEXT=pb.skip_masked_text and has_t, WRITE_PARTIAL=write_partial, **common,
+    )
+    if write_partial:
+        bt = min(64, max(16, _config.next_pow2(M)))
+        _fwd._fwd_combine_kernel[(triton.cdiv(M, bt), BH)](
+            o_l, lse_l, pacc, pm, pl, tmask_u8, ns, *_strides(o_l), H, M, D,
+            SKIP_MASKED_TEXT=pb.skip_masked_text and has_t, BLOCK_D=bd, BLOCK_T=bt, num_warps=4,
+        )
+    return o_v, o_l, lse_v, lse_l
+
+
+def _delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """fp32 (B*H, L): rowsum(o * do)."""
+    B, H, L, D = o.shape
+    delta = torch.empty(B * H, L, device=o.device, dtype=torch.float32)
+    bl = _config.INTERPRETER_BLOCK_N if _config.interpreting() else 64
+    _bwd._bwd_pre_kernel[(triton.cdiv(L, bl), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, L, D, BLOCK_L=bl, BLOCK_D=_config.block_d(D), num_warps=4,
+    )
+    return delta
+
+
+def _backward(q, k, v_v, v_l, o_v, o_l, lse_v, lse_l, do_v, do_l, tmask_u8, thi, imask_u8, has_t, has_i,
+              pb: _Problem):
+    B, H, N, M, D = pb.B, pb.H, pb.N, pb.M, pb.D
+    BH = B * H
+    dev = q.device
+    do_v = _unit_last_dim(do_v)
+    do_l = _unit_last_dim(do_l)
+    delta_v = _delta(o_v, do_v)
+    delta_l = _delta(o_l, do_l)
+    dq = torch.empty_like(q)
+    dvv = torch.empty_like(v_v)
+    dk = torch.empty_like(k)
+    dvl = torch.empty_like(v_l)
+    bd = _config.block_d(D)
+    qk_scale = pb.scale * _fwd.LOG2E
+    clamp2 = (pb.clamp if pb.clamp is not None else 0.0) * _fwd.LOG2E
+    keep_scale = 1.0 / (1.0 - pb.dropout_p)
+    common = dict(HAS_TMASK=has_t, HAS_IMASK=has_i, SKIP_MASKED_TEXT=pb.skip_masked_text and has_t,
+                  HAS_CLAMP=pb.clamp is not None, HAS_DROPOUT=pb.dropout_p > 0.0, UPCAST=pb.upcast,
+                  PRECISION=_precision(q.dtype, pb.precision), BLOCK_D=bd)
+
+    _launch(
+        _config.BWD_ROWS, _bwd._bwd_rows_kernel, _bwd.bwd_rows_tuned,
+        lambda bn, bt: (triton.cdiv(N, bn), BH), N, M,
+        q, k, v_v, v_l, do_v, do_l, dq, dvv,
+        lse_v, lse_l, delta_v, delta_l, tmask_u8, thi, imask_u8,
+        *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale,
+        *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l),
+        *_strides(dq), *_strides(dvv),
+        H, N, M, D,
+        **common,
+    )
+
+    ns = pb.num_splits
+    write_partial = ns > 1
+    if write_partial:
+        pdk = torch.empty(BH, ns, M, D, device=dev, dtype=torch.float32)
+        pdvl = torch.empty(BH, ns, M, D, device=dev, dtype=torch.float32)
+    else:
+        pdk = pdvl = delta_l  # never touched by the kernel
+    _launch(
+        _config.BWD_COLS, _bwd._bwd_cols_kernel, _bwd.bwd_cols_tuned,
+        lambda bn, bt: (triton.cdiv(M, bt), ns, BH), N, M,
+        q, k, v_v, v_l, do_v, do_l, dk, dvl, pdk, pdvl,
+        lse_v, lse_l, delta_v, delta_l, tmask_u8, imask_u8,
+        *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale, pb.split_len, ns,
+        *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l),
+        *_strides(dk), *_strides(dvl),
+        H, N, M, D,
+        WRITE_PARTIAL=write_partial, **common,
+    )
+    if write_partial:
+        # fixed-order reduction over the splits (torch.sum has no atomics): deterministic
+        dk.copy_((pdk.sum(dim=1) * pb.scale).view(B, H, M, D))
+        dvl.copy_(pdvl.sum(dim=1).view(B, H, M, D))
+    return dq, dk, dvv, dvl
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------------------------------
+class BiAttentionFunction(torch.autograd.Function):
+    """Fused bi-directional attention; see :func:`bi_attention_triton` for the semantics.
+
+    Saves q, k, v_v, v_l, both outputs and both fp32 LSE vectors (no N x M tensor); the backward regenerates the
+    dropout masks from the seed.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v_v, v_l, text_mask, image_mask, pb: _Problem):
+        has_t, has_i = text_mask is not None, image_mask is not None
+        tmask_u8, thi = _mask_u8(text_mask, q), _last_true(text_mask, q)
+        imask_u8, ihi = _mask_u8(image_mask, q), _last_true(image_mask, q)
+        with _config.interpreter_threads():
+            o_v, o_l, lse_v, lse_l = _forward(q, k, v_v, v_l, tmask_u8, thi, imask_u8, ihi, has_t, has_i, pb)
+        ctx.save_for_backward(q, k, v_v, v_l, o_v, o_l, lse_v, lse_l, tmask_u8, thi, imask_u8)
+        ctx.pb = pb
+        ctx.has_masks = (has_t, has_i)
+        return o_v, o_l
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do_v, do_l):
+        q, k, v_v, v_l, o_v, o_l, lse_v, lse_l, tmask_u8, thi, imask_u8 = ctx.saved_tensors
+        has_t, has_i = ctx.has_masks
+        with _config.interpreter_threads():
+            dq, dk, dvv, dvl = _backward(q, k, v_v, v_l, o_v, o_l, lse_v, lse_l, do_v, do_l,
+                                         tmask_u8, thi, imask_u8, has_t, has_i, ctx.pb)
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None, dk if need[1] else None, dvv if need[2] else None,
+                dvl if need[3] else None, None, None, None)
+
+
+def bi_attention_triton(q, k, v_v, v_l, text_mask=None, image_mask=None, *, scale=None, dropout_p=0.0,
+                        clamp=50000.0, seed=None, skip_masked_text=False, fp32_precision="ieee", num_splits=None):
+    """Fused bi-directional image-text attention (Triton; forward and backward).
+
+    Args:
+        q: ``(B, H, N, D)`` image queries.  k: ``(B, H, M, D)`` text keys.
+        v_v: ``(B, H, N, D)`` image values.  v_l: ``(B, H, M, D)`` text values.
+            Same dtype (float16, bfloat16 or float32) and device; strided views are used in place (a non-unit
+            stride on the last dim is copied once).  CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+            M <= 256, D <= 256 (designed for 32..256; smaller D is zero-padded to 32).
+        text_mask: ``(B, M)`` bool, True = real token; None = all real.
+        image_mask: ``(B, N)`` bool, True = real pixel; None = all real (official GLIP).
+        scale: logit scale, default ``D ** -0.5``; ``S = scale * q @ k^T`` (fp32 accumulation).
+        dropout_p: dropout on both probability maps (independent Philox masks, scaled by ``1/(1-p)``).
+        clamp: ``S`` is clamped to ``[-clamp, clamp]`` (GLIP's ±50000); None disables it.
+        seed: Philox seed (int in ``[0, 2**62)``); the same seed gives the same masks.  None draws one from
+            ``torch``'s default CPU generator (so ``torch.manual_seed`` makes runs reproducible).
+        skip_masked_text: the caller promises that ``o_l`` rows of padded text tokens are unused: they are returned
+            as zeros, their work is skipped and they get no gradient.
+        fp32_precision: ``tl.dot`` precision for float32 inputs: "ieee" (default, matches ``torch.bmm``), "tf32x3" or
+            "tf32" (faster, ~1e-3 relative).
+        num_splits: number of image-axis chunks of the text-direction kernels (None: a heuristic for the GPU).
+
+    Returns:
+        ``(o_v, o_l)``: ``(B, H, N, D)`` and ``(B, H, M, D)`` in the input dtype, laid out like ``q`` and ``k``
+        (``torch.empty_like``).  ``o_v = softmax_M(S, padded text -> -inf) @ v_l``;
+        ``o_l = softmax_N(S^T, padded image -> -inf) @ v_v``.  A batch element whose text is all padding gets
+        ``o_v = 0`` (never NaN); one whose image is all padding gets ``o_l = 0``.  Deterministic: run-to-run
+        bitwise identical for the same inputs and seed (no atomics).
+    """
+    text_mask, image_mask, scale, dropout_p, clamp = _validate(
+        q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, fp32_precision)
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    if dropout_p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
+    if num_splits is None:
+        num_splits = _config.num_splits(B * H, M, N, q.device)
+    split_len, num_splits = _config.split_length(N, int(num_splits))
+    pb = _Problem(B=B, H=H, N=N, M=M, D=D, scale=scale, clamp=clamp, dropout_p=dropout_p, seed=int(seed or 0),
+                  skip_masked_text=bool(skip_masked_text), precision=fp32_precision, num_splits=num_splits,
+                  split_len=split_len, upcast=_config.interpreting() and q.dtype == torch.bfloat16)
+    q, k, v_v, v_l = (_unit_last_dim(t) for t in (q, k, v_v, v_l))
+    return BiAttentionFunction.apply(q, k, v_v, v_l, text_mask, image_mask, pb)
+
+
+def dropout_keep_masks(seed: int, B: int, H: int, N: int, M: int, dropout_p: float,
+                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Debug helper: the dropout keep-masks the kernels use for ``seed``, as bool ``(B, H, N, M)`` each.
+
+    Returns ``(keep_v, keep_l)``: ``keep_v[b, h, n, m]`` drops the image-direction weight of token n on text token m,
+    ``keep_l[b, h, n, m]`` the text-direction weight of text token m on image token n.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_keep_masks: dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
+        raise ValueError(f"dropout_keep_masks: seed must be an int in [0, 2**62), got {seed!r}")
+    device = torch.device(device)
+    keep_v = torch.empty(B * H, N, M, dtype=torch.uint8, device=device)
+    keep_l = torch.empty_like(keep_v)
+    bn, bt = (_config.INTERPRETER_BLOCK_N, 256) if _config.interpreting() else (32, 32)
+    with _config.interpreter_threads():
+        _fwd._keep_mask_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bt), B * H)](
+            keep_v, keep_l, *_seed_words(int(seed)), float(dropout_p), N, M, BLOCK_N=bn, BLOCK_T=bt)
+    return keep_v.view(B, H, N, M).bool(), keep_l.view(B, H, N, M).bool()
