@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from glip_encoders import image_checkpoint_filter_fn, text_checkpoint_filter_fn
+from glip_encoders import image_checkpoint_filter_fn, image_to_official_state_dict, text_checkpoint_filter_fn
 
 from .config import GLIPConfig
 
@@ -26,6 +26,7 @@ __all__ = [
     "read_official_checkpoint",
     "infer_official_config",
     "map_official_state_dict",
+    "to_official_state_dict",
 ]
 
 #: official prefix -> our module prefix (inside each block the names are the official ones)
@@ -178,9 +179,13 @@ def infer_official_config(state_dict: Mapping[str, torch.Tensor]) -> GLIPConfig:
     else:
         name = "glip_t_a" if (swin, num_layers) == ("swin_tiny", 6) else "glip_custom"
     kwargs = {}
-    if early_fusion:
-        kwargs["fusion_embed_dim"] = int(state_dict["rpn.head.dyhead_tower.0.b_attn.attn.v_proj.weight"].shape[0])
-        kwargs["fusion_bert_intermediate"] = int(state_dict["rpn.head.dyhead_tower.1.intermediate.dense.weight"].shape[0])
+    if early_fusion:  # record sizes only where they differ from the official defaults
+        embed = int(state_dict["rpn.head.dyhead_tower.0.b_attn.attn.v_proj.weight"].shape[0])
+        if embed != GLIPConfig.fusion_embed_dim:
+            kwargs["fusion_embed_dim"] = embed
+        inter = int(state_dict["rpn.head.dyhead_tower.1.intermediate.dense.weight"].shape[0])
+        if inter != text_cfg["intermediate_size"]:
+            kwargs["fusion_bert_intermediate"] = inter
     return GLIPConfig(
         name=name,
         image_encoder=swin,
@@ -233,10 +238,13 @@ def map_official_state_dict(
     ours.update({PREFIX_MAP["rpn.head."] + k: v for k, v in groups["rpn.head."].items()})
 
     # anchors are structural: check them against ours instead of loading them
-    for level, cell in enumerate(model.anchor_generator.cell_anchors()):
+    generator = model.anchor_generator
+    for level, (size, stride) in enumerate(zip(generator.sizes, generator.strides)):
         key = f"{ANCHOR_PREFIX}{level}"
+        cell = generator.cell_anchor(size, stride)
         if key in anchors:
-            if anchors[key].shape != cell.shape or not torch.allclose(anchors[key].float(), cell.cpu()):
+            value = anchors[key]
+            if value.shape != cell.shape or value.is_meta or not torch.allclose(value.float(), cell):
                 errors.append(f"{key}: checkpoint anchors {anchors[key].tolist()} differ from ours {cell.tolist()}")
             dropped.append(key)
     extra_anchor_keys = sorted(set(anchors) - {f"{ANCHOR_PREFIX}{i}" for i in range(len(model.anchor_generator.strides))})
@@ -258,3 +266,18 @@ def map_official_state_dict(
                 parts.append(f"  {title} ({len(items)}):\n    {shown}")
         raise CheckpointError("checkpoint does not match the model:\n" + "\n".join(parts))
     return ours, sorted(dropped)
+
+
+def to_official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse mapping: our model's weights under the official key names (without ``module.``), including the
+    structural buffers (``relative_position_index``, anchor templates) an official state dict holds."""
+    out = {"backbone." + k: v for k, v in image_to_official_state_dict(model.backbone).items()}
+    inverse = {ours: official for official, ours in PREFIX_MAP.items() if official != "backbone."}
+    for key, value in model.state_dict().items():
+        for ours, official in inverse.items():
+            if key.startswith(ours):
+                out[official + key[len(ours):]] = value
+    generator = model.anchor_generator
+    for level, (size, stride) in enumerate(zip(generator.sizes, generator.strides)):
+        out[f"{ANCHOR_PREFIX}{level}"] = generator.cell_anchor(size, stride)
+    return out

@@ -1,0 +1,183 @@
+"""The user API on a small model (resnet18 + MiniLM, two fusion blocks): detect, ground, weights round trip, and
+clear errors on bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glip_train import GLIP, GLIPConfig
+from glip_train.checkpoint import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def small_model(minilm_dir):
+    torch.manual_seed(0)
+    model = GLIP(GLIPConfig.small(minilm_dir, image_encoder="resnet18", fusion_layers=2)).eval()
+    # make the untrained head produce candidates: lower the alignment temperature and bias
+    with torch.no_grad():
+        model.head.bias0.fill_(0.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (96, 200, 3), dtype=np.uint8)),
+    ]
+
+
+KW = dict(threshold=0.0, min_size=128, max_size=224)
+
+
+def _check_result(res, names, image):
+    k = len(res["scores"])
+    assert res["boxes"].shape == (k, 4) and res["labels"].dtype == torch.int64
+    assert res["text_labels"] == [names[i] for i in res["labels"].tolist()]
+    assert torch.all(res["scores"][:-1] >= res["scores"][1:]), "sorted by score"
+    w, h = image.size
+    assert torch.all(res["boxes"][:, 0::2] >= 0) and torch.all(res["boxes"][:, 0::2] <= w)
+    assert torch.all(res["boxes"][:, 1::2] >= 0) and torch.all(res["boxes"][:, 1::2] <= h)
+
+
+def test_detect_result_shape_and_invariants(small_model, images):
+    names = ["cat", "traffic light", "a red umbrella"]
+    results = small_model.detect(images, classes=names, max_detections=50, **KW)
+    assert len(results) == 2
+    for res, image in zip(results, images):
+        assert 0 < len(res["scores"]) <= 60
+        _check_result(res, names, image)
+    high = small_model.detect(images[0], classes=names, max_detections=50, min_size=128, max_size=224,
+                              threshold=float(results[0]["scores"].median()))[0]
+    assert len(high["scores"]) < len(results[0]["scores"])
+    assert torch.all(high["scores"] >= results[0]["scores"].median())
+
+
+def test_batched_detection_equals_single_images_without_padding(small_model):
+    """Two images of the same size need no padding: batching must not change anything."""
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)) for _ in range(2)]
+    batched = small_model.detect(imgs, classes=["dog", "cat"], batch_size=2, **KW)
+    for image, res in zip(imgs, batched):
+        single = small_model.detect(image, classes=["dog", "cat"], **KW)[0]
+        assert torch.allclose(single["scores"], res["scores"], atol=1e-5)
+        assert torch.allclose(single["boxes"], res["boxes"], atol=1e-3)
+
+
+def test_long_vocabularies_are_chunked_and_merged(small_model, images):
+    """With one class per prompt, the merged result equals the union of the per-class runs (then the cap)."""
+    names = ["dog", "cat", "person", "red car"]
+    merged = small_model.detect(images[0], classes=names, classes_per_prompt=1, max_detections=1000, **KW)[0]
+    parts = [small_model.detect(images[0], classes=[n], max_detections=1000, **KW)[0] for n in names]
+    expected = torch.cat([p["scores"] for p in parts]).sort(descending=True).values
+    assert torch.allclose(merged["scores"], expected)
+    for i, part in enumerate(parts):
+        assert torch.allclose(merged["scores"][merged["labels"] == i].sort().values, part["scores"].sort().values)
+    capped = small_model.detect(images[0], classes=names, classes_per_prompt=1, max_detections=10, **KW)[0]
+    assert torch.allclose(capped["scores"], merged["scores"][: len(capped["scores"])])
+    assert len(capped["scores"]) >= 10
+
+
+def test_prompt_mode_and_per_image_classes(small_model, images):
+    res = small_model.detect(images, prompt="a dog. the red car.", **KW)
+    for r, image in zip(res, images):
+        _check_result(r, ["a dog", "the red car"], image)
+    per_image = small_model.detect(images, classes=[["dog"], ["cat", "bird"]], **KW)
+    _check_result(per_image[0], ["dog"], images[0])
+    _check_result(per_image[1], ["cat", "bird"], images[1])
+
+
+def test_ground_with_given_and_extracted_phrases(small_model, images):
+    caption = "a man holding a red umbrella next to a small dog"
+    res = small_model.ground(images[0], caption, [["a red umbrella", "small dog"]], **KW)[0]
+    _check_result(res, ["a red umbrella", "small dog"], images[0])
+    auto = small_model.ground(images[0], caption, **KW)[0]
+    assert set(auto["text_labels"]) <= {"a man", "a red umbrella", "a small dog"}
+
+
+def test_image_inputs_of_every_kind(small_model, images, tmp_path):
+    path = tmp_path / "img.png"
+    images[0].save(path)
+    arr = np.asarray(images[0])
+    ref = small_model.detect(images[0], classes=["dog"], **KW)[0]
+    for variant in (path, str(path), arr):
+        out = small_model.detect(variant, classes=["dog"], **KW)[0]
+        assert torch.allclose(out["scores"], ref["scores"])
+    gray = small_model.detect(np.asarray(images[0].convert("L")), classes=["dog"], **KW)[0]
+    rgba = small_model.detect(images[0].convert("RGBA"), classes=["dog"], **KW)[0]
+    assert torch.allclose(rgba["scores"], ref["scores"])
+    assert gray["boxes"].shape[1] == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(prompt=""), "no phrases"),
+        (dict(prompt=" . .. "), "no phrases"),
+        (dict(classes=[]), "empty"),
+        (dict(classes="dog, cat"), "list of names"),
+        (dict(classes=["dog", "  "]), "non-empty"),
+        (dict(classes=["dog"], prompt="dog."), "exactly one"),
+        (dict(classes=["\u0301"]), "no tokens"),
+        (dict(classes=[["dog"]] * 3), "class lists"),
+    ],
+)
+def test_bad_detect_inputs_raise_clear_errors(small_model, images, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        small_model.detect(images, **kwargs, **KW)
+
+
+def test_bad_ground_and_image_inputs(small_model, images, tmp_path):
+    with pytest.raises(ValueError, match="zebra"):
+        small_model.ground(images[0], "a dog on the grass", [["zebra"]], **KW)
+    with pytest.raises(ValueError, match="empty"):
+        small_model.ground(images[0], "   ", **KW)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(OSError, match="broken.jpg"):
+        small_model.detect(broken, classes=["dog"], **KW)
+    with pytest.raises(FileNotFoundError, match="nothere.png"):
+        small_model.detect(tmp_path / "nothere.png", classes=["dog"], **KW)
+    with pytest.raises(ValueError, match="uint8"):
+        small_model.detect(np.zeros((10, 10, 3), dtype=np.float32), classes=["dog"], **KW)
+
+
+def test_save_pretrained_round_trip(small_model, images, tmp_path):
+    small_model.save_pretrained(tmp_path / "model")
+    loaded = GLIP.from_pretrained(tmp_path / "model").eval()
+    a = small_model.detect(images[0], classes=["dog", "cat"], **KW)[0]
+    b = loaded.detect(images[0], classes=["dog", "cat"], **KW)[0]
+    assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["boxes"], b["boxes"])
+    # a damaged directory is named, not half-loaded
+    (tmp_path / "model" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        GLIP.from_pretrained(tmp_path / "model")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GLIP.from_pretrained(tmp_path)
+
+
+def test_loading_weights_of_another_architecture_fails_loudly(small_model, tmp_path, minilm_dir):
+    small_model.save_pretrained(tmp_path / "model")
+    other = GLIPConfig.small(minilm_dir, image_encoder="resnet18", fusion_layers=1).to_dict()
+    other["tokenizer"] = None
+    import json
+
+    (tmp_path / "model" / "config.json").write_text(json.dumps(other))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        GLIP.from_pretrained(tmp_path / "model")
+
+
+def test_text_padding_to_max_changes_nothing(small_model, images):
+    a = small_model.detect(images[0], classes=["dog", "cat"], **KW)[0]
+    b = small_model.detect(images[0], classes=["dog", "cat"], pad_text_to_max=True, **KW)[0]
+    assert torch.allclose(a["scores"], b["scores"], atol=1e-5)
+
+
+def test_bfloat16_autocast_runs_close_to_fp32(small_model, images):
+    a = small_model.detect(images[0], classes=["dog"], **KW)[0]
+    b = small_model.detect(images[0], classes=["dog"], dtype=torch.bfloat16, **KW)[0]
+    assert b["scores"].dtype == torch.float32 and len(b["scores"]) > 0
+    assert abs(a["scores"].max() - b["scores"].max()) < 0.05
