@@ -401,3 +401,24 @@ def test_interpreter_works_when_triton_was_imported_first():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300, env=env)
+
+
+def test_autotune_pruner_keeps_fitting_problem_sized_configs(monkeypatch):
+    """The CUDA autotune sets are pruned to tiles no larger than the problem and within shared memory."""
+    fp16 = torch.empty(1, dtype=torch.float16)
+    for limit in (227 * 1024, 99 * 1024):  # H100 opt-in limit; a consumer part
+        monkeypatch.setattr(_config, "_smem_limit", lambda limit=limit: limit)
+        for kernel, configs in _config.AUTOTUNE_CONFIGS.items():
+            prune = _config.make_pruner(kernel)
+            for m, n, bd in [(32, 22400, 256), (256, 22400, 256), (256, 22400, 64), (256, 20, 64)]:
+                kept = prune(configs, {"Q": fp16}, M=m, N=n, BLOCK_D=bd)
+                assert kept, (kernel, m, n, bd)
+                need = [_config._operand_bytes(kernel, c, bd, 2) for c in kept]
+                if any(_config._operand_bytes(kernel, c, bd, 2) <= limit for c in configs):
+                    assert max(need) <= limit, (kernel, m, n, bd)
+                if len(kept) > 1:
+                    cap_m, cap_n = max(16, _config.next_pow2(m)), max(16, _config.next_pow2(n))
+                    assert all(c.kwargs["BLOCK_T"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n for c in kept)
+            # at d = 64 and GLIP shapes every candidate fits and none is oversized
+            assert len(prune(configs, {"Q": fp16}, M=256, N=22400, BLOCK_D=64)) == len(configs), kernel
+    assert _config.n_bucket(6500) == _config.n_bucket(8000) != _config.n_bucket(22400)

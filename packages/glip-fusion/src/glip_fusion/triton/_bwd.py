@@ -48,7 +48,7 @@ def _bwd_pre_kernel(
     tl.store(DELTA + bh.to(tl.int64) * L + offs_l, tl.reduce(o * g, 1, _sum_combine), mask=offs_l < L)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+@triton.jit(do_not_specialize=_config.NO_SPECIALIZE)
 def _bwd_rows_kernel(
     Q, K, VV, VL, DOV, DOL, DQ, DVV,
     LSEV, LSEL, DELTAV, DELTAL, TMASK, THI, IMASK,
@@ -61,7 +61,7 @@ def _bwd_rows_kernel(
     stride_dlb, stride_dlh, stride_dlm, stride_dld,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_gvb, stride_gvh, stride_gvn, stride_gvd,
-    H, N, M, D,
+    H, N, M, D, N_BUCKET,
     HAS_TMASK: tl.constexpr, HAS_IMASK: tl.constexpr, SKIP_MASKED_TEXT: tl.constexpr,
     HAS_CLAMP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -158,7 +158,7 @@ def _bwd_rows_kernel(
              dvv.to(DVV.dtype.element_ty), mask=nd_ok)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+@triton.jit(do_not_specialize=_config.NO_SPECIALIZE)
 def _bwd_cols_kernel(
     Q, K, VV, VL, DOV, DOL, DK, DVL, PDK, PDVL,
     LSEV, LSEL, DELTAV, DELTAL, TMASK, IMASK,
@@ -171,7 +171,7 @@ def _bwd_cols_kernel(
     stride_dlb, stride_dlh, stride_dlm, stride_dld,
     stride_dkb, stride_dkh, stride_dkm, stride_dkd,
     stride_glb, stride_glh, stride_glm, stride_gld,
-    H, N, M, D,
+    H, N, M, D, N_BUCKET,
     HAS_TMASK: tl.constexpr, HAS_IMASK: tl.constexpr, SKIP_MASKED_TEXT: tl.constexpr,
     HAS_CLAMP: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,

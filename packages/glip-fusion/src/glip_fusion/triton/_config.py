@@ -124,17 +124,28 @@ def _cfg(block_n: int, block_t: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": block_n, "BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
 
 
-#: Small candidate sets (fusion_kernel.md §3.10: 64x64 tiles as FA2 on H100 at hdim 256, smaller fallbacks against
-#: register spills; larger tiles for small head dims). Each kernel is benchmarked once per autotune key.
+#: Small candidate sets (fusion_kernel.md §3.10: 64x64 tiles as FA2 on H100 at hdim 256, 32-wide fallbacks against
+#: register spills and for short prompts).  The first entry of each list is small enough to fit any recent GPU at
+#: d = 256 even in fp32, so the autotuner always has a configuration that compiles.
 AUTOTUNE_CONFIGS: dict[str, list[triton.Config]] = {
-    FWD_ROWS: [_cfg(64, 64, 4, 1), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 128, 8, 1), _cfg(128, 128, 8, 2)],
-    FWD_COLS: [_cfg(64, 64, 4, 1), _cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 128, 8, 2)],
-    BWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 4, 1), _cfg(64, 64, 8, 1), _cfg(128, 64, 8, 1)],
-    BWD_COLS: [_cfg(32, 32, 4, 1), _cfg(32, 64, 8, 1), _cfg(64, 32, 4, 1), _cfg(64, 64, 8, 1), _cfg(64, 128, 8, 1)],
+    FWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 1), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)],
+    FWD_COLS: [_cfg(32, 32, 4, 1), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 1), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)],
+    BWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 4, 1), _cfg(64, 64, 8, 1)],
+    BWD_COLS: [_cfg(32, 32, 4, 1), _cfg(32, 64, 8, 1), _cfg(64, 32, 4, 1), _cfg(64, 64, 8, 1)],
 }
 
-#: Autotune key (argument names of every tuned kernel). dtypes of tensor arguments are added by Triton itself.
-AUTOTUNE_KEY = ["M", "BLOCK_D", "HAS_DROPOUT"]
+#: Autotune key (argument names of every tuned kernel); Triton adds the dtypes of tensor arguments itself.
+#: ``N_BUCKET`` is ``bit_length(N - 1)``: image lengths within a factor of two share a tuning (multi-scale training
+#: changes N every step; re-tuning per exact N would stall it).
+AUTOTUNE_KEY = ["M", "BLOCK_D", "HAS_DROPOUT", "N_BUCKET"]
+
+#: Integer arguments that Triton must not specialise on (divisibility by 16, == 1): they change from call to call
+#: (image size, seed) and would otherwise trigger recompiles.  Strides stay specialised (vectorised loads).
+NO_SPECIALIZE = ["seed_lo", "seed_hi", "N", "M", "D", "H", "split_len", "num_splits", "N_BUCKET"]
+
+
+def n_bucket(n: int) -> int:
+    return max(1, int(n) - 1).bit_length()
 
 # Per-block shared-memory budget assumed when pruning (H100/A100 opt-in limits are 227/163 KB; consumer parts ~99 KB).
 _SMEM_FALLBACK = 99 * 1024
@@ -161,18 +172,21 @@ def _operand_bytes(kernel: str, cfg: triton.Config, block_d_: int, elem: int) ->
 
 
 def make_pruner(kernel: str):
-    """An ``early_config_prune`` hook that drops configurations whose operands cannot fit in shared memory."""
+    """An ``early_config_prune`` hook: drop tiles larger than the problem (a tile of 128 text tokens for M = 32 only
+    wastes work) and configurations whose operands cannot fit in shared memory.  Never returns an empty list."""
 
     def prune(configs, named_args, **kwargs):
-        bd = int(named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 256)))
+        args = {**named_args, **kwargs}
+        bd = int(args.get("BLOCK_D", 256))
+        m_cap = max(16, next_pow2(int(args.get("M", MAX_TEXT_LEN))))
+        n_cap = max(16, next_pow2(int(args.get("N", 1 << 20))))
         ref = next((v for v in named_args.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
         elem = 4 if ref is None else ref.element_size()
         limit = _smem_limit()
-        kept = [c for c in configs if _operand_bytes(kernel, c, bd, elem) <= limit]
-        if kept:
-            return kept
-        # Nothing passes the estimate: keep the smallest so the autotuner can still try it.
-        return [min(configs, key=lambda c: _operand_bytes(kernel, c, bd, elem))]
+        fitting = [c for c in configs if _operand_bytes(kernel, c, bd, elem) <= limit]
+        fitting = fitting or [min(configs, key=lambda c: _operand_bytes(kernel, c, bd, elem))]
+        sized = [c for c in fitting if c.kwargs["BLOCK_T"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
+        return sized or [min(fitting, key=lambda c: (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"]))]
 
     return prune
 

@@ -17,7 +17,8 @@ Conventions shared with the backward kernels:
   is exactly 0 (never NaN);
 * dropout keeps an element when its Philox uniform ``u >= p``; the uniform of element (n, m) of (b, h) is a pure
   function of ``(seed, n, m, b*H + h)``: tile sizes, split counts and the forward/backward pass do not change it.
-  The image direction uses the first Philox output word, the text direction the second (independent masks).
+  The image direction uses the first Philox output word, the text direction the second (independent masks);
+* ``N_BUCKET`` (``bit_length(N - 1)``) is not read by the kernels: it only keys the autotuner on CUDA.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def _keep_mask_kernel(KEEP_V, KEEP_L, seed_lo, seed_hi, p_drop, N, M, BLOCK_N: t
     tl.store(KEEP_L + ptrs, (u_l >= p_drop).to(tl.uint8), mask=ok)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+@triton.jit(do_not_specialize=_config.NO_SPECIALIZE)
 def _fwd_rows_kernel(
     Q, K, VL, OV, LSEV, TMASK, THI,
     seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2,
@@ -95,7 +96,7 @@ def _fwd_rows_kernel(
     stride_kb, stride_kh, stride_km, stride_kd,
     stride_vb, stride_vh, stride_vm, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, N, M, D,
+    H, N, M, D, N_BUCKET,
     HAS_TMASK: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -171,7 +172,7 @@ def _fwd_rows_kernel(
     tl.store(LSEV + bh.to(tl.int64) * N + offs_n, lse2, mask=n_ok)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+@triton.jit(do_not_specialize=_config.NO_SPECIALIZE)
 def _fwd_cols_kernel(
     Q, K, VV, OL, LSEL, PACC, PM, PL, IMASK, IHI, TMASK,
     seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2, split_len, num_splits,
@@ -179,7 +180,7 @@ def _fwd_cols_kernel(
     stride_kb, stride_kh, stride_km, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, N, M, D,
+    H, N, M, D, N_BUCKET,
     HAS_IMASK: tl.constexpr, SKIP_MASKED_TEXT: tl.constexpr, HAS_CLAMP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,

@@ -1,6 +1,7 @@
 """``torch.autograd.Function`` around the fused Triton kernels, input validation and kernel launchers."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -153,7 +154,13 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _precision(dtype: torch.dtype, fp32_precision: str) -> str:
-    return fp32_precision if dtype == torch.float32 else "ieee"
+    """``tl.dot`` input precision: the user's choice for float32; Triton's default ("tf32", a no-op) for halves."""
+    return fp32_precision if dtype == torch.float32 else "tf32"
+
+
+def _device_guard(t: torch.Tensor):
+    """Launch on the tensors' GPU, not on whatever device happens to be current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _forward(q, k, v_v, v_l, tmask_u8, thi, imask_u8, ihi, has_t, has_i, pb: _Problem):
@@ -179,7 +186,7 @@ def _forward(q, k, v_v, v_l, tmask_u8, thi, imask_u8, ihi, has_t, has_i, pb: _Pr
         q, k, v_l, o_v, lse_v, tmask_u8, thi,
         *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2,
         *_strides(q), *_strides(k), *_strides(v_l), *_strides(o_v),
-        H, N, M, D,
+        H, N, M, D, _config.n_bucket(N),
         HAS_TMASK=has_t, **common,
     )
 
@@ -197,7 +204,7 @@ def _forward(q, k, v_v, v_l, tmask_u8, thi, imask_u8, ihi, has_t, has_i, pb: _Pr
         q, k, v_v, o_l, lse_l, pacc, pm, pl, imask_u8, ihi, tmask_u8,
         *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.split_len, ns,
         *_strides(q), *_strides(k), *_strides(v_v), *_strides(o_l),
-        H, N, M, D,
+        H, N, M, D, _config.n_bucket(N),
         HAS_IMASK=has_i, SKIP_MASKED_TEXT=pb.skip_masked_text and has_t, WRITE_PARTIAL=write_partial, **common,
     )
     if write_partial:
@@ -249,7 +256,7 @@ def _backward(q, k, v_v, v_l, o_v, o_l, lse_v, lse_l, do_v, do_l, tmask_u8, thi,
         *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale,
         *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l),
         *_strides(dq), *_strides(dvv),
-        H, N, M, D,
+        H, N, M, D, _config.n_bucket(N),
         **common,
     )
 
@@ -268,7 +275,7 @@ def _backward(q, k, v_v, v_l, o_v, o_l, lse_v, lse_l, do_v, do_l, tmask_u8, thi,
         *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale, pb.split_len, ns,
         *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l),
         *_strides(dk), *_strides(dvl),
-        H, N, M, D,
+        H, N, M, D, _config.n_bucket(N),
         WRITE_PARTIAL=write_partial, **common,
     )
     if write_partial:
@@ -293,7 +300,7 @@ class BiAttentionFunction(torch.autograd.Function):
         has_t, has_i = text_mask is not None, image_mask is not None
         tmask_u8, thi = _mask_u8(text_mask, q), _last_true(text_mask, q)
         imask_u8, ihi = _mask_u8(image_mask, q), _last_true(image_mask, q)
-        with _config.interpreter_threads():
+        with _config.interpreter_threads(), _device_guard(q):
             o_v, o_l, lse_v, lse_l = _forward(q, k, v_v, v_l, tmask_u8, thi, imask_u8, ihi, has_t, has_i, pb)
         ctx.save_for_backward(q, k, v_v, v_l, o_v, o_l, lse_v, lse_l, tmask_u8, thi, imask_u8)
         ctx.pb = pb
@@ -305,7 +312,7 @@ class BiAttentionFunction(torch.autograd.Function):
     def backward(ctx, do_v, do_l):
         q, k, v_v, v_l, o_v, o_l, lse_v, lse_l, tmask_u8, thi, imask_u8 = ctx.saved_tensors
         has_t, has_i = ctx.has_masks
-        with _config.interpreter_threads():
+        with _config.interpreter_threads(), _device_guard(q):
             dq, dk, dvv, dvl = _backward(q, k, v_v, v_l, o_v, o_l, lse_v, lse_l, do_v, do_l,
                                          tmask_u8, thi, imask_u8, has_t, has_i, ctx.pb)
         need = ctx.needs_input_grad
@@ -374,7 +381,7 @@ def dropout_keep_masks(seed: int, B: int, H: int, N: int, M: int, dropout_p: flo
     keep_v = torch.empty(B * H, N, M, dtype=torch.uint8, device=device)
     keep_l = torch.empty_like(keep_v)
     bn, bt = (_config.INTERPRETER_BLOCK_N, 256) if _config.interpreting() else (32, 32)
-    with _config.interpreter_threads():
+    with _config.interpreter_threads(), _device_guard(keep_v):
         _fwd._keep_mask_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bt), B * H)](
             keep_v, keep_l, *_seed_words(int(seed)), float(dropout_p), N, M, BLOCK_N=bn, BLOCK_T=bt)
     return keep_v.view(B, H, N, M).bool(), keep_l.view(B, H, N, M).bool()

@@ -1,0 +1,75 @@
+"""Run the benchmarks: ``hatch run bench`` (or ``python benchmarks/run.py``).
+
+* CPU part, everywhere: every ``benchmarks/*/test_bench_*.py`` under pytest-benchmark; the JSON report goes to
+  ``benchmarks/results/bench_cpu_<date>.json``.
+* GPU part, when CUDA is present: every ``benchmarks/*/gpu_bench.py`` (each writes its own JSON under
+  ``benchmarks/results/``).
+
+Options: ``--cpu-only``, ``--gpu-only``, ``--out DIR``; arguments after ``--`` go to the GPU scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def cpu_part(out: Path) -> int:
+    files = sorted(str(p.relative_to(REPO)) for p in HERE.glob("*/test_bench_*.py"))
+    if not files:
+        print("run.py: no CPU benchmark files found")
+        return 0
+    report = out / f"bench_cpu_{_dt.date.today().isoformat()}.json"
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "--benchmark-only",
+           f"--benchmark-json={report}", "--benchmark-columns=min,median,max,rounds"]
+    print("$", " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, cwd=REPO)
+    return 0 if rc in (0, 5) else rc  # 5: nothing collected
+
+
+def gpu_part(out: Path, extra: list[str]) -> int:
+    try:
+        import torch
+    except ImportError:
+        print("run.py: torch is not installed; skipping the GPU part")
+        return 0
+    if not torch.cuda.is_available():
+        print("run.py: no CUDA device; skipping the GPU benchmarks")
+        return 0
+    rc = 0
+    for script in sorted(HERE.glob("*/gpu_bench.py")):
+        cmd = [sys.executable, str(script), "--out", str(out), *extra]
+        print("$", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, cwd=REPO) or rc
+    return rc
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description="glip benchmarks (CPU part everywhere, GPU part with CUDA)")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--cpu-only", action="store_true")
+    group.add_argument("--gpu-only", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rc = 0
+    if not args.gpu_only:
+        rc = cpu_part(out) or rc
+    if not args.cpu_only:
+        rc = gpu_part(out, extra) or rc
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
