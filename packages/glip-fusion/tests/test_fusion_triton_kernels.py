@@ -422,3 +422,48 @@ def test_autotune_pruner_keeps_fitting_problem_sized_configs(monkeypatch):
             # at d = 64 and GLIP shapes every candidate fits and none is oversized
             assert len(prune(configs, {"Q": fp16}, M=256, N=22400, BLOCK_D=64)) == len(configs), kernel
     assert _config.n_bucket(6500) == _config.n_bucket(8000) != _config.n_bucket(22400)
+
+
+def test_launch_falls_back_to_safe_config_when_no_autotune_config_fits(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from glip_fusion.triton import function as fn
+
+    monkeypatch.setattr(fn, "_FALLBACK_KEYS", set())
+    calls = {"tuned": 0, "raw": []}
+
+    class Tuned:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls["tuned"] += 1
+                raise OutOfResources(300000, 232448, "shared memory")
+            return launch
+
+    class Raw:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls["raw"].append((grid, kwargs))
+
+    x = torch.empty(4, dtype=torch.float32)
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="no autotune config") if calls["tuned"] == 0 else \
+                contextlib.nullcontext():
+            fn._launch("fwd_rows", Raw(), Tuned(), lambda bn, bt: (bn, bt), 100, 20, x, FLAG=True)
+    assert calls["tuned"] == 1  # the failing key is remembered
+    assert len(calls["raw"]) == 2
+    grid, kwargs = calls["raw"][0]
+    assert grid == (_config.SAFE_CONFIG["BLOCK_N"], _config.SAFE_CONFIG["BLOCK_T"])
+    assert kwargs["FLAG"] is True and kwargs["BLOCK_N"] == 16 and kwargs["num_warps"] == 4
+
+
+def test_backward_from_sum_of_outputs_expanded_grads():
+    """``.sum().backward()`` hands the kernel stride-0 (expanded) output gradients."""
+    inputs = make_inputs(1, 2, 30, 9, 32, seed=17)
+    tm, _ = random_masks(1, 30, 9, seed=6)
+    x = [t.clone().requires_grad_() for t in inputs]
+    o_v, o_l = bi_attention_triton(*x, tm)
+    (o_v.sum() + 2.0 * o_l.sum()).backward()
+    x64 = [t.double().requires_grad_() for t in inputs]
+    r_v, r_l = ref_bi_attention(*x64, tm)
+    (r_v.sum() + 2.0 * r_l.sum()).backward()
+    for a, b in zip(x, x64):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-4, rtol=1e-5)

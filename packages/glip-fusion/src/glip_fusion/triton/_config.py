@@ -125,14 +125,17 @@ def _cfg(block_n: int, block_t: int, warps: int, stages: int) -> triton.Config:
 
 
 #: Small candidate sets (fusion_kernel.md §3.10: 64x64 tiles as FA2 on H100 at hdim 256, 32-wide fallbacks against
-#: register spills and for short prompts).  The first entry of each list is small enough to fit any recent GPU at
-#: d = 256 even in fp32, so the autotuner always has a configuration that compiles.
+#: register spills and for short prompts).  If none of them compiles on a GPU, :data:`SAFE_CONFIG` is used.
 AUTOTUNE_CONFIGS: dict[str, list[triton.Config]] = {
     FWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 1), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)],
     FWD_COLS: [_cfg(32, 32, 4, 1), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 1), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)],
     BWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 4, 1), _cfg(64, 64, 8, 1)],
     BWD_COLS: [_cfg(32, 32, 4, 1), _cfg(32, 64, 8, 1), _cfg(64, 32, 4, 1), _cfg(64, 64, 8, 1)],
 }
+
+#: Last resort when every autotune candidate fails with OutOfResources: 16x16 tiles fit at d = 256 in fp32
+#: (operands ~96 KB of shared memory).
+SAFE_CONFIG = dict(BLOCK_N=16, BLOCK_T=16, num_warps=4, num_stages=1)
 
 #: Autotune key (argument names of every tuned kernel); Triton adds the dtypes of tensor arguments itself.
 #: ``N_BUCKET`` is ``bit_length(N - 1)``: image lengths within a factor of two share a tuning (multi-scale training

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import triton
+import triton.runtime.errors
 
 from . import _bwd, _config, _fwd
 
@@ -118,12 +120,31 @@ def _unit_last_dim(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # launch helpers
 # --------------------------------------------------------------------------------------------------------------------
+_RESOURCE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(triton.runtime.errors, "OutOfResources", None), getattr(triton.runtime.errors, "PTXASError", None))
+    if e is not None)
+# (kernel, dtype, BLOCK_D, constexpr flags) whose whole autotune set failed to compile: use the safe config directly.
+_FALLBACK_KEYS: set = set()
+
+
 def _launch(kernel_name: str, raw, tuned, grid_fn, n: int, m: int, *args, **kwargs):
-    """Launch ``raw`` with a fixed configuration (interpreter / override) or the autotuned ``tuned`` kernel."""
+    """Launch ``raw`` with a fixed configuration (interpreter / override) or the autotuned ``tuned`` kernel.
+
+    If every autotune candidate runs out of shared memory or registers on this GPU (the shared-memory estimate of
+    the pruner is only an estimate), fall back to :data:`_config.SAFE_CONFIG` with a warning.
+    """
     cfg = _config.forced_blocks()
     if cfg is None and tuned is not None:
-        tuned[lambda meta: grid_fn(meta["BLOCK_N"], meta["BLOCK_T"])](*args, **kwargs)
-        return
+        key = (kernel_name, args[0].dtype, tuple(sorted(kwargs.items())))
+        if key not in _FALLBACK_KEYS:
+            try:
+                tuned[lambda meta: grid_fn(meta["BLOCK_N"], meta["BLOCK_T"])](*args, **kwargs)
+                return
+            except _RESOURCE_ERRORS as exc:
+                _FALLBACK_KEYS.add(key)
+                warnings.warn(f"glip_fusion.triton: no autotune config of {kernel_name} fits this GPU ({exc}); "
+                              f"using {_config.SAFE_CONFIG}", RuntimeWarning, stacklevel=3)
+        cfg = dict(_config.SAFE_CONFIG)
     if cfg is None:
         cfg = _config.interpreter_blocks(kernel_name, n, m)
     raw[grid_fn(cfg["BLOCK_N"], cfg["BLOCK_T"])](*args, **kwargs, **cfg)
