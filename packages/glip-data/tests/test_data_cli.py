@@ -105,3 +105,10 @@ def test_help_explains_every_option(capsys):
             assert action.help and len(action.help) > 10, (name, action.dest)
             for flag in action.option_strings:
                 assert flag in text, (name, flag)
+
+
+def test_synthetic_world_files_find_their_images_without_images_option(world_dir, tmp_path):
+    """world.json beside an annotation file tells the CLI where the world's images are."""
+    code = main(["inspect", str(world_dir / "detection_train.json"), "--render", "1", "--out", str(tmp_path / "r"),
+                 "--quiet"])
+    assert code == 0 and len(list((tmp_path / "r").iterdir())) == 1

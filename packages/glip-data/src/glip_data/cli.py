@@ -55,6 +55,19 @@ def detect_format(path: str | Path) -> str:
                      "pass --format")
 
 
+def _synth_image_root(path: str | Path) -> str | None:
+    """For a file of a synthetic world (``world.json`` beside it), the world's image folder; else None (the
+    readers' default: the annotation file's folder)."""
+    manifest = Path(path).parent / "world.json"
+    if Path(path).is_file() and manifest.is_file():
+        try:
+            root = json.loads(manifest.read_text())["files"]["image_root"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return str(Path(path).parent / root)
+    return None
+
+
 def make_reader(path: str | Path, fmt: str = "auto", *, images: str | None = None, label_map: str | None = None,
                 box_convention: str = "official", errors: str = "raise", score_threshold: float = 0.5,
                 min_boxes: int = 1, load_image: bool = False) -> Any:
@@ -63,6 +76,8 @@ def make_reader(path: str | Path, fmt: str = "auto", *, images: str | None = Non
     from glip_data.shards import ShardedStream
 
     fmt = detect_format(path) if fmt == "auto" else fmt
+    if images is None:
+        images = _synth_image_root(path)
     common = {"load_image": load_image, "box_convention": box_convention, "errors": errors}
     if fmt == "coco":
         return readers.COCODetection(path, images, **common)
