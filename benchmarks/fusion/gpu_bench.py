@@ -250,8 +250,12 @@ def gate(device, D, gate_shapes, dtypes, det_shape):
             r_gos = [torch.randn(o.shape, generator=g).to(o.device, torch.float64) for o in r_outs]
             torch.autograd.backward(r_outs, r_gos)
             # the eager formulation in the same dtype calibrates what "low precision" costs
-            e_outs, e_x, _ = _run_with_grads(lambda *a: eager_glip(*a, training=False), inputs, tm, scale, 0.0)
-            eager_err = _errors(e_outs, e_x, r_outs, x64)
+            try:
+                e_outs, e_x, _ = _run_with_grads(lambda *a: eager_glip(*a, training=False), inputs, tm, scale, 0.0)
+                eager_err = _errors(e_outs, e_x, r_outs, x64)
+            except Exception as exc:  # no calibration: fall back to the fixed floors
+                log(f"  gate eager calibration failed ({exc!r}); using fixed tolerances")
+                eager_err = {n: (0.0, 0.0) for n in ("o_v", "o_l", "dq", "dk", "dv_v", "dv_l")}
             tag = f"B={B} H={H} N={N} M={M} valid={valid} d={D} {dn}"
             for prov, fn in [("triton", lambda *a: triton_pair(*a)), ("eager", None)] + [
                     (f"sdpa-{SDPA_SHORT[b]}", (lambda *a, b=b: sdpa_pair(*a, backend=b))) for b in SDPA_BACKENDS]:
