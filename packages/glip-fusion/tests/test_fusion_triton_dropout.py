@@ -92,6 +92,11 @@ def test_same_seed_same_output_different_seed_different():
         c = bi_attention_triton(*inputs, dropout_p=0.2, seed=8)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert (a[0] - c[0]).abs().max() > 1e-3 and (a[1] - c[1]).abs().max() > 1e-3
+    # any int is a seed (used modulo 2**62): negative and huge seeds work and are reproducible
+    with torch.no_grad():
+        d = bi_attention_triton(*inputs, dropout_p=0.2, seed=-7)
+        e = bi_attention_triton(*inputs, dropout_p=0.2, seed=2 ** 62 - 7)
+    assert torch.equal(d[0], e[0]) and not torch.equal(d[0], a[0])
 
 
 def test_seed_none_follows_torch_manual_seed():

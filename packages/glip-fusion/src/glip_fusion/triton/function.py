@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -104,9 +105,8 @@ def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, se
         clamp = float(clamp)
         if not clamp > 0:
             raise ValueError(f"bi_attention_triton: clamp must be positive or None, got {clamp}")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
-            raise ValueError(f"bi_attention_triton: seed must be an int in [0, 2**62), got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"bi_attention_triton: seed must be an int or None, got {seed!r}")
     if fp32_precision not in _FP32_PRECISIONS:
         raise ValueError(f"bi_attention_triton: fp32_precision must be one of {_FP32_PRECISIONS}, got {fp32_precision!r}")
     return text_mask, image_mask, scale, dropout_p, clamp
@@ -166,7 +166,8 @@ def _last_true(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def _seed_words(seed: int) -> tuple[int, int]:
-    """The 62-bit Philox key as two 31-bit ints (always passed to Triton as int32: one compiled variant)."""
+    """The Philox key: ``seed mod 2**62`` as two 31-bit ints (always int32 for Triton: one compiled variant)."""
+    seed %= 2 ** 62
     return seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF
 
 
@@ -356,7 +357,7 @@ def bi_attention_triton(q, k, v_v, v_l, text_mask=None, image_mask=None, *, scal
         scale: logit scale, default ``D ** -0.5``; ``S = scale * q @ k^T`` (fp32 accumulation).
         dropout_p: dropout on both probability maps (independent Philox masks, scaled by ``1/(1-p)``).
         clamp: ``S`` is clamped to ``[-clamp, clamp]`` (GLIP's ±50000); None disables it.
-        seed: Philox seed (int in ``[0, 2**62)``); the same seed gives the same masks.  None draws one from
+        seed: Philox seed (any int; used modulo ``2**62``); the same seed gives the same masks.  None draws one from
             ``torch``'s default CPU generator (so ``torch.manual_seed`` makes runs reproducible).
         skip_masked_text: the caller promises that ``o_l`` rows of padded text tokens are unused: they are returned
             as zeros, their work is skipped and they get no gradient.
@@ -396,8 +397,8 @@ def dropout_keep_masks(seed: int, B: int, H: int, N: int, M: int, dropout_p: flo
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_keep_masks: dropout_p must be in [0, 1), got {dropout_p}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
-        raise ValueError(f"dropout_keep_masks: seed must be an int in [0, 2**62), got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"dropout_keep_masks: seed must be an int, got {seed!r}")
     device = torch.device(device)
     keep_v = torch.empty(B * H, N, M, dtype=torch.uint8, device=device)
     keep_l = torch.empty_like(keep_v)
