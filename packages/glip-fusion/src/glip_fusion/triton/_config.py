@@ -44,9 +44,14 @@ INTERPRETER_BLOCK_N = 256
 _override: dict | None = None
 
 
+# ``@triton.jit`` reads TRITON_INTERPRET when the kernels are defined, i.e. when the kernel modules (which import this
+# one first) are imported; freeze the same value so that later changes of the variable cannot desynchronise us.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when they were defined)."""
+    return _INTERPRET
 
 
 @contextlib.contextmanager
