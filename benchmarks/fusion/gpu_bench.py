@@ -602,8 +602,8 @@ def main(argv=None):
     payload["clocks_end"] = gpu_clocks()
     payload["total_s"] = round(time.perf_counter() - start, 1)
     write_json(payload, out_path)
+    log(f"wrote {out_path} ({payload['total_s']} s)")
     print_table(payload["rows"])
-    log(f"\nwrote {out_path} ({payload['total_s']} s)")
     return 0
 
 

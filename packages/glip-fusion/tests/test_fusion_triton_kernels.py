@@ -467,3 +467,19 @@ def test_backward_from_sum_of_outputs_expanded_grads():
     (r_v.sum() + 2.0 * r_l.sum()).backward()
     for a, b in zip(x, x64):
         torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-4, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,atol,grad_rel", [(torch.float32, 1e-4, 1e-3), (torch.bfloat16, 3e-2, 6e-2)])
+def test_gpu_autotuned_path_at_glip_head_dim(dtype, atol, grad_rel):
+    """The autotuned CUDA path (no block override) at d = 256, M = 256 with padding, split heuristic on."""
+    inputs = make_inputs(2, 4, 2001, 256, 256, dtype=dtype, seed=18)
+    tm = torch.zeros(2, 256, dtype=torch.bool, device=DEV)
+    tm[0, :200], tm[1, :37] = True, True
+    runs = [run_both(inputs, tm, None, dropout_p=0.0) for _ in range(2)]
+    for name, (got, want) in runs[0].items():
+        limit = atol if name.startswith("o_") else grad_rel * want.abs().max().item()
+        err = (got.double() - want).abs().max().item()
+        assert err <= limit, f"{dtype} {name}: {err:.3g} > {limit:.3g}"
+        assert torch.equal(got, runs[1][name][0]), f"{name} not bitwise reproducible"
