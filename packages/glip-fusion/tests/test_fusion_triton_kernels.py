@@ -483,3 +483,20 @@ def test_gpu_autotuned_path_at_glip_head_dim(dtype, atol, grad_rel):
         err = (got.double() - want).abs().max().item()
         assert err <= limit, f"{dtype} {name}: {err:.3g} > {limit:.3g}"
         assert torch.equal(got, runs[1][name][0]), f"{name} not bitwise reproducible"
+
+
+def test_supports_matches_the_validation_envelope():
+    ok = make_inputs(1, 2, 10, 6, 32)
+    assert gft.supports(*ok)
+    assert _config.MAX_TEXT_LEN == gft.MAX_TEXT_LEN and _config.MAX_HEAD_DIM == gft.MAX_HEAD_DIM
+    cases = [
+        make_inputs(1, 1, 4, 257, 32),                      # M > 256
+        make_inputs(1, 1, 4, 3, 264),                       # D > 256
+        [t.double() for t in ok],                           # dtype
+        [ok[0], ok[1].half(), ok[2], ok[3]],                # mixed dtypes
+        [ok[0], ok[1], ok[2][..., :16], ok[3]],             # value width differs
+    ]
+    for bad in cases:
+        assert not gft.supports(*bad)
+        with pytest.raises((ValueError, TypeError)):
+            bi_attention_triton(*bad)

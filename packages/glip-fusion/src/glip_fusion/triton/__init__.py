@@ -7,6 +7,7 @@ CPU tensors in Triton's interpreter, which is how the tests run without a GPU.
 Public API::
 
     is_available() -> bool
+    supports(q, k, v_v, v_l) -> bool      # inputs inside the kernel's envelope (used by backend="auto")
     bi_attention_triton(q, k, v_v, v_l, text_mask=None, image_mask=None, *, scale=None, dropout_p=0.0,
                         clamp=50000.0, seed=None, skip_masked_text=False) -> (o_v, o_l)
     dropout_keep_masks(seed, B, H, N, M, dropout_p, device="cpu") -> (keep_v, keep_l)   # debug helper
@@ -16,7 +17,12 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["is_available", "bi_attention_triton", "dropout_keep_masks"]
+__all__ = ["is_available", "supports", "bi_attention_triton", "dropout_keep_masks"]
+
+#: The kernel's envelope (kept in sync with ``_config.MAX_TEXT_LEN`` / ``MAX_HEAD_DIM``; this module must not import
+#: triton, so the numbers are repeated here).
+MAX_TEXT_LEN = 256
+MAX_HEAD_DIM = 256
 
 
 def is_available() -> bool:
@@ -28,6 +34,28 @@ def is_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def supports(q, k, v_v, v_l) -> bool:
+    """True when the four tensors are inside the kernel's envelope: one dtype among float16/bfloat16/float32, one
+    device (CUDA, or any under ``TRITON_INTERPRET=1``), q/v_v ``(B, H, N, D)`` and k/v_l ``(B, H, M, D)`` with
+    ``1 <= M <= 256`` and ``1 <= D <= 256``.  Used by the ``auto`` dispatcher; masks are not inspected."""
+    import torch
+
+    try:
+        B, H, N, D = q.shape
+        M = k.shape[2]
+    except (AttributeError, ValueError, IndexError):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if any(t.dtype != q.dtype or t.device != q.device for t in (k, v_v, v_l)):
+        return False
+    if tuple(v_v.shape) != (B, H, N, D) or tuple(k.shape) != (B, H, M, D) or tuple(v_l.shape) != (B, H, M, D):
+        return False
+    if not (1 <= M <= MAX_TEXT_LEN and 1 <= D <= MAX_HEAD_DIM and min(B, H, N) >= 1):
+        return False
+    return q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def bi_attention_triton(q, k, v_v, v_l, text_mask=None, image_mask=None, *, scale=None, dropout_p=0.0,
