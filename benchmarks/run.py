@@ -5,7 +5,10 @@
 * GPU part, when CUDA is present: every ``benchmarks/*/gpu_bench.py`` (each writes its own JSON under
   ``benchmarks/results/``).
 
-Options: ``--cpu-only``, ``--gpu-only``, ``--out DIR``; arguments after ``--`` go to the GPU scripts.
+* With ``--detect``: ``benchmarks/detect/bench_detect_cpu.py`` (GLIP-T CPU detection time per image, text padded to
+  256 vs to the longest prompt; several minutes on 2 cores).
+
+Options: ``--cpu-only``, ``--gpu-only``, ``--detect``, ``--out DIR``; arguments after ``--`` go to the GPU scripts.
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--cpu-only", action="store_true")
     group.add_argument("--gpu-only", action="store_true")
+    ap.add_argument("--detect", action="store_true", help="also time GLIP-T detection on the CPU (minutes)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -68,6 +72,11 @@ def main(argv=None) -> int:
         rc = cpu_part(out) or rc
     if not args.cpu_only:
         rc = gpu_part(out, extra) or rc
+    if args.detect:
+        cmd = [sys.executable, str(HERE / "detect" / "bench_detect_cpu.py"),
+               "--out", str(out / f"detect_cpu_{_dt.date.today().isoformat()}.json")]
+        print("$", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, cwd=REPO) or rc
     return rc
 
 
