@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--classes", metavar="A,B,C", help="comma-separated class names, e.g. person,bicycle,car")
     what.add_argument("--classes-file", metavar="FILE", help="a text file with one class name per line")
     det.add_argument("--classes-per-prompt", type=int, default=40, metavar="N",
-                     help="long class lists are split into prompts of at most N classes (and 256 tokens) [40]")
+                     help="long class lists are split into prompts of at most N classes (and 256 tokens); 0: only the "
+                          "token limit (the official COCO protocol runs 80 classes as one prompt) [40]")
     _add_model_options(det)
 
     gr = sub.add_parser("ground", help="phrase grounding of a caption",

@@ -308,7 +308,7 @@ class GLIP(nn.Module):
         max_size: int = 1333,
         *,
         batch_size: int = 1,
-        classes_per_prompt: int = 40,
+        classes_per_prompt: int | None = 40,
         pad_text_to_max: bool = False,
         dtype: torch.dtype | None = None,
     ) -> list[dict[str, Any]]:
@@ -325,7 +325,8 @@ class GLIP(nn.Module):
                 a few more).
             min_size, max_size: test-time resize (shorter side, longer-side cap).
             batch_size: images per forward pass.
-            classes_per_prompt: chunk size for long vocabularies (official LVIS protocol: 40).
+            classes_per_prompt: chunk size for long vocabularies (official LVIS protocol: 40). ``None`` or 0: no class
+                limit, only the 256-token limit (the official COCO protocol runs its 80 classes as one prompt).
             pad_text_to_max: pad text to 256 tokens as the official code does (slower, same valid outputs).
             dtype: run the network under autocast in this dtype (``torch.bfloat16`` / ``torch.float16``).
 
