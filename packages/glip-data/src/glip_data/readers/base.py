@@ -128,6 +128,21 @@ def check_spans(spans: Any, text: str, where: str) -> list[tuple[int, int]]:
     return out
 
 
+def _is_number(v: Any) -> bool:
+    """An int or float (``bool`` excluded)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_box(v: Any) -> bool:
+    """Four numbers (``[x, y, w, h]`` or ``[x1, y1, x2, y2]``, as a list or tuple)."""
+    return isinstance(v, (list, tuple)) and len(v) == 4 and all(_is_number(x) for x in v)
+
+
+def _is_image_size(w: Any, h: Any) -> bool:
+    """An image ``width``/``height`` pair as a file must give it: positive integers (``640.0`` accepted)."""
+    return _is_number(w) and _is_number(h) and w > 0 and h > 0 and int(w) == w and int(h) == h
+
+
 def check_convention(box_convention: str) -> str:
     if box_convention not in BOX_CONVENTIONS:
         raise ValueError(f"box_convention must be one of {BOX_CONVENTIONS}, got {box_convention!r}")
@@ -230,8 +245,10 @@ def open_image(path: str | os.PathLike, where: str = "") -> Any:
 class GroundingReader(Dataset):
     """Base of every reader: a map-style dataset of :class:`GroundingSample`.
 
-    Subclasses parse their file in ``__init__`` (after calling ``super().__init__``) and implement
-    :meth:`_build_sample` and ``__len__``.
+    Subclasses parse their file in ``__init__`` (after calling ``super().__init__``) into *records* (an image, or an
+    image entry with its caption) and flat per-box arrays sorted by record, call :meth:`_group_boxes` and
+    :meth:`_select_records`, and implement :meth:`_build_sample` (using :meth:`_record_boxes`). ``__len__`` and
+    :attr:`num_boxes` follow from the grouping.
 
     Args:
         ann_file: the annotation file.
@@ -293,10 +310,82 @@ class GroundingReader(Dataset):
         if int(n):
             self.stats[reason] += int(n)
 
+    def _check_annotation(self, ann: dict, where: str, seen_ids: set, image_index: dict, skipped_image_ids: set,
+                          ) -> int | None:
+        """Vet a COCO-style annotation's ``id`` and ``image_id`` (the keys must be present).
+
+        A repeated annotation id is a ``duplicate_annotation_id`` problem; an ``image_id`` not among the kept images
+        is counted as ``box_of_skipped_image`` when that image was left out, else an ``unknown_image_id`` problem.
+        ``seen_ids`` gains the annotation's id.
+
+        Returns:
+            The record index of the annotation's image (``image_index[ann["image_id"]]``), or ``None`` to drop it.
+        """
+        if ann["id"] in seen_ids:
+            self._problem("duplicate_annotation_id", f"{where}: duplicate annotation id")
+            return None
+        seen_ids.add(ann["id"])
+        if ann["image_id"] not in image_index:
+            if ann["image_id"] in skipped_image_ids:
+                self.stats["box_of_skipped_image"] += 1
+            else:
+                self._problem("unknown_image_id", f"{where}: image_id is not in 'images'")
+            return None
+        return image_index[ann["image_id"]]
+
+    # -- boxes grouped by record --------------------------------------------------------------------------------------
+    # A reader holds the kept boxes of all its R records in flat (K, ...) arrays sorted by record; ``self._offsets``
+    # (R + 1,) says where each record's boxes start, and ``self._order`` (N,) lists the records it yields: sample
+    # ``index`` is record ``self._order[index]``, whose boxes are rows ``_offsets[k]:_offsets[k + 1]``.
+
+    def _group_boxes(self, owner: np.ndarray, num_records: int) -> np.ndarray:
+        """Set ``self._offsets`` from the record of every kept box.
+
+        Args:
+            owner: ``(K,)`` int record index of each kept box, non-decreasing (the box arrays are sorted by record).
+            num_records: ``R``, the number of records (those without boxes included).
+
+        Returns:
+            ``(R,)`` int64 number of boxes of each record.
+        """
+        counts = np.bincount(owner, minlength=num_records)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return counts
+
+    def _select_records(self, counts: np.ndarray, min_boxes: int, drop_reason: str = "image_without_boxes") -> None:
+        """Set ``self._order`` to the records with at least ``min_boxes`` boxes, in file order.
+
+        Args:
+            counts: ``(R,)`` boxes of each record (only those that should count towards ``min_boxes``).
+            min_boxes: ``0`` keeps every record; ``skip_empty`` is ``1``.
+            drop_reason: the ``stats`` key the left-out records are counted under.
+        """
+        self._order = np.nonzero(counts >= min_boxes)[0]
+        self._count(drop_reason, len(counts) - len(self._order))
+
+    def _record_boxes(self, index: int) -> tuple[int, int, int]:
+        """``(k, start, end)``: the record ``k`` of sample ``index`` and its boxes' rows ``[start, end)``."""
+        k = int(self._order[index])
+        return k, int(self._offsets[k]), int(self._offsets[k + 1])
+
+    def _count_boxes(self, counted: np.ndarray | None = None) -> int:
+        """Boxes of the records this reader yields; ``counted``: ``(K,)`` bool, only those boxes (``None``: all)."""
+        selected = np.zeros(len(self._offsets) - 1, dtype=bool)
+        selected[self._order] = True
+        per_box = np.repeat(selected, np.diff(self._offsets))
+        if counted is not None:
+            per_box &= counted
+        return int(per_box.sum())
+
+    @property
+    def num_boxes(self) -> int:
+        """Boxes over the samples this reader yields."""
+        return self._count_boxes()
+
     # -- dataset protocol ---------------------------------------------------------------------------------------------
 
-    def __len__(self) -> int:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    def __len__(self) -> int:
+        return len(self._order)
 
     def _build_sample(self, index: int) -> GroundingSample:  # pragma: no cover
         raise NotImplementedError

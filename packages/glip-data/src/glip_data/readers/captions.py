@@ -29,6 +29,9 @@ import torch
 from glip_data.readers.base import (
     GroundingReader,
     ReaderError,
+    _is_box,
+    _is_image_size,
+    _is_number,
     as_boxes_tensor,
     check_convention,
     check_spans,
@@ -38,7 +41,6 @@ from glip_data.readers.base import (
     require,
     sanitize_boxes,
 )
-from glip_data.readers.coco import _is_number
 from glip_data.sample import GroundingSample
 
 
@@ -109,7 +111,7 @@ class CaptionReader(GroundingReader):
             where = f"{self.ann_file}: line {lineno}"
             require(rec, ("image", "width", "height", "caption"), where)
             w, h, caption = rec["width"], rec["height"], rec["caption"]
-            if not (_is_number(w) and _is_number(h) and w > 0 and h > 0 and int(w) == w and int(h) == h):
+            if not _is_image_size(w, h):
                 self._problem("bad_image_size", f"line {lineno}: width/height must be positive integers")
                 continue
             if not isinstance(caption, str):
@@ -130,9 +132,7 @@ class CaptionReader(GroundingReader):
                     ent_spans = check_spans(ent["tokens_positive"], caption, ewhere)
                     ent_boxes = ent.get("boxes", [])
                     ent_scores = ent.get("scores", [1.0] * len(ent_boxes) if isinstance(ent_boxes, list) else None)
-                    if not isinstance(ent_boxes, list) or not all(
-                            isinstance(b, (list, tuple)) and len(b) == 4 and all(_is_number(v) for v in b)
-                            for b in ent_boxes):
+                    if not isinstance(ent_boxes, list) or not all(_is_box(b) for b in ent_boxes):
                         raise ReaderError(f"{ewhere}: 'boxes' must be a list of [x1, y1, x2, y2]")
                     if not isinstance(ent_scores, list) or len(ent_scores) != len(ent_boxes) \
                             or not all(_is_number(s) for s in ent_scores):
@@ -177,23 +177,13 @@ class CaptionReader(GroundingReader):
         self._scores = np.asarray(scores, dtype=np.float32)[order] if scores else np.zeros(0, np.float32)
         self._spans = [spans[i] for i in order]
         self._entity = [entity_index[i] for i in order]
-        self._offsets = np.concatenate([[0], np.cumsum(np.bincount(owner_arr[order], minlength=len(self._records)))])
-        counts = np.diff(self._offsets)
+        counts = self._group_boxes(owner_arr[order], len(self._records))
         # A line whose boxes were all removed by box sanitising now has too few too.
-        self._order = np.nonzero(counts >= self.min_boxes)[0]
-        self._count("too_few_boxes", len(counts) - len(self._order))
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    @property
-    def num_boxes(self) -> int:
-        return int(sum(self._offsets[i + 1] - self._offsets[i] for i in self._order))
+        self._select_records(counts, self.min_boxes, "too_few_boxes")
 
     def _build_sample(self, index: int) -> GroundingSample:
-        k = int(self._order[index])
+        k, start, end = self._record_boxes(index)
         lineno, image, width, height, caption, extras = self._records[k]
-        start, end = int(self._offsets[k]), int(self._offsets[k + 1])
         metadata = {
             "dataset": self.dataset_name,
             "task": self.task,

@@ -23,6 +23,8 @@ import torch
 from glip_data.readers.base import (
     GroundingReader,
     ReaderError,
+    _is_box,
+    _is_image_size,
     as_boxes_tensor,
     read_json,
     require,
@@ -32,10 +34,6 @@ from glip_data.readers.base import (
 from glip_data.sample import GroundingSample
 
 BACKGROUND_NAMES = frozenset({"background", "__background__"})
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class COCODetection(GroundingReader):
@@ -155,7 +153,7 @@ class COCODetection(GroundingReader):
                 self._problem("duplicate_image_id", f"{where}: duplicate image id")
                 continue
             w, h = img["width"], img["height"]
-            if not (_is_number(w) and _is_number(h) and w > 0 and h > 0 and int(w) == w and int(h) == h):
+            if not _is_image_size(w, h):
                 self._problem("bad_image_size", f"{where}: width/height must be positive integers, got {w!r}x{h!r}")
                 skipped.add(img["id"])
                 continue
@@ -194,15 +192,8 @@ class COCODetection(GroundingReader):
             where = f"annotations[{j}]"
             require(ann, ("id", "image_id", "category_id", "bbox"), f"{self.ann_file}: {where}")
             where = f"annotations[{j}] (id={ann['id']!r}, image_id={ann['image_id']!r})"
-            if ann["id"] in seen_ids:
-                self._problem("duplicate_annotation_id", f"{where}: duplicate annotation id")
-                continue
-            seen_ids.add(ann["id"])
-            if ann["image_id"] not in self._image_index:
-                if ann["image_id"] in self._skipped_image_ids:
-                    self.stats["box_of_skipped_image"] += 1
-                else:
-                    self._problem("unknown_image_id", f"{where}: image_id is not in 'images'")
+            k = self._check_annotation(ann, where, seen_ids, self._image_index, self._skipped_image_ids)
+            if k is None:
                 continue
             cid = ann["category_id"]
             if cid in self.background_cat_ids:
@@ -212,10 +203,10 @@ class COCODetection(GroundingReader):
                 self._problem("unknown_category_id", f"{where}: category_id {cid!r} is not in 'categories'")
                 continue
             box = ann["bbox"]
-            if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
+            if not _is_box(box):
                 self._problem("bad_bbox", f"{where}: bbox must be [x, y, w, h] numbers, got {box!r}")
                 continue
-            img_idx.append(self._image_index[ann["image_id"]])
+            img_idx.append(k)
             labels.append(self.cat_id_to_label[cid])
             bboxes.append(box)
             crowd.append(bool(ann.get("iscrowd", 0)) if self.has_crowd else False)
@@ -237,30 +228,17 @@ class COCODetection(GroundingReader):
             self._ann_ids = np.asarray(ann_ids, dtype=np.int64)[order]
         except (TypeError, ValueError, OverflowError):
             self._ann_ids = np.asarray(ann_ids, dtype=object)[order]
-        counts = np.bincount(img_idx_arr[order], minlength=len(self._sizes))
-        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        counts = self._group_boxes(img_idx_arr[order], len(self._sizes))
         train_counts = np.bincount(img_idx_arr[order][~self._crowd], minlength=len(self._sizes)) \
             if not self.include_crowd else counts
-        if self.skip_empty:
-            self._order = np.nonzero(train_counts > 0)[0]
-            self._count("image_without_boxes", len(self._sizes) - len(self._order))
-        else:
-            self._order = np.arange(len(self._sizes))
+        self._select_records(train_counts, 1 if self.skip_empty else 0)
 
     # -- access -------------------------------------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return len(self._order)
 
     @property
     def num_boxes(self) -> int:
         """Training boxes over the samples this reader yields (crowd boxes excluded unless ``include_crowd``)."""
-        sel = np.zeros(len(self._sizes), dtype=bool)
-        sel[self._order] = True
-        per_box = np.repeat(sel, np.diff(self._offsets))
-        if not self.include_crowd:
-            per_box &= ~self._crowd
-        return int(per_box.sum())
+        return self._count_boxes(None if self.include_crowd else ~self._crowd)
 
     def image_id(self, index: int) -> Any:
         return self._image_ids[self._order[index]].item() if self._all_int_ids else self._image_ids[self._order[index]]
@@ -269,8 +247,7 @@ class COCODetection(GroundingReader):
         return self._files[self._order[index]].decode("utf-8")
 
     def _build_sample(self, index: int) -> GroundingSample:
-        i = int(self._order[index])
-        start, end = int(self._offsets[i]), int(self._offsets[i + 1])
+        i, start, end = self._record_boxes(index)
         boxes = self._boxes[start:end]
         labels = self._labels[start:end]
         crowd = self._crowd[start:end]

@@ -21,6 +21,8 @@ import torch
 from glip_data.readers.base import (
     GroundingReader,
     ReaderError,
+    _is_box,
+    _is_image_size,
     as_boxes_tensor,
     check_spans,
     read_json,
@@ -28,7 +30,6 @@ from glip_data.readers.base import (
     sanitize_boxes,
     xywh_to_xyxy,
 )
-from glip_data.readers.coco import _is_number
 from glip_data.sample import GroundingSample
 
 #: Image-level fields copied into ``sample.metadata`` when present.
@@ -57,13 +58,8 @@ class MDETRGrounding(GroundingReader):
             if not isinstance(data.get(key), list):
                 raise ReaderError(f"{self.ann_file}: missing top-level list {key!r} (present: {sorted(data)})")
         self._parse_images(data["images"])
-        self._parse_annotations(data["annotations"])
-        counts = np.diff(self._offsets)
-        if skip_empty:
-            self._order = np.nonzero(counts > 0)[0]
-            self._count("image_without_boxes", len(counts) - len(self._order))
-        else:
-            self._order = np.arange(len(counts))
+        counts = self._parse_annotations(data["annotations"])
+        self._select_records(counts, 1 if skip_empty else 0)
 
     def _parse_images(self, images: list) -> None:
         self._entries: list[tuple] = []  # (image id, file name, width, height, caption, metadata extras)
@@ -76,7 +72,7 @@ class MDETRGrounding(GroundingReader):
                 self._problem("duplicate_image_id", f"{where}: duplicate image id")
                 continue
             w, h, caption = img["width"], img["height"], img["caption"]
-            if not (_is_number(w) and _is_number(h) and w > 0 and h > 0 and int(w) == w and int(h) == h):
+            if not _is_image_size(w, h):
                 self._problem("bad_image_size", f"{where}: width/height must be positive integers, got {w!r}x{h!r}")
                 skipped.add(img["id"])
                 continue
@@ -104,7 +100,8 @@ class MDETRGrounding(GroundingReader):
             self._entries.append((img["id"], img["file_name"], int(w), int(h), caption, extras))
         self._skipped = skipped
 
-    def _parse_annotations(self, anns: list) -> None:
+    def _parse_annotations(self, anns: list) -> np.ndarray:
+        """Read the boxes; returns the ``(R,)`` number of kept boxes of each entry (crowd boxes included)."""
         owner: list[int] = []
         bboxes: list = []
         spans: list[list[tuple[int, int]]] = []
@@ -115,19 +112,11 @@ class MDETRGrounding(GroundingReader):
         for j, ann in enumerate(anns):
             require(ann, ("id", "image_id", "bbox", "tokens_positive"), f"{self.ann_file}: annotations[{j}]")
             where = f"annotations[{j}] (id={ann['id']!r}, image_id={ann['image_id']!r})"
-            if ann["id"] in seen:
-                self._problem("duplicate_annotation_id", f"{where}: duplicate annotation id")
+            k = self._check_annotation(ann, where, seen, self._index, self._skipped)
+            if k is None:
                 continue
-            seen.add(ann["id"])
-            if ann["image_id"] not in self._index:
-                if ann["image_id"] in self._skipped:
-                    self.stats["box_of_skipped_image"] += 1
-                else:
-                    self._problem("unknown_image_id", f"{where}: image_id is not in 'images'")
-                continue
-            k = self._index[ann["image_id"]]
             box = ann["bbox"]
-            if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
+            if not _is_box(box):
                 self._problem("bad_bbox", f"{where}: bbox must be [x, y, w, h] numbers, got {box!r}")
                 continue
             try:
@@ -160,19 +149,11 @@ class MDETRGrounding(GroundingReader):
         self._ann_ids = [ids[i] for i in order]
         self._phrase_ids = [phrase_ids[i] for i in order]
         self._crowd = crowd_arr[order]
-        self._offsets = np.concatenate([[0], np.cumsum(np.bincount(owner_arr[order], minlength=len(self._entries)))])
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    @property
-    def num_boxes(self) -> int:
-        return int(sum(self._offsets[i + 1] - self._offsets[i] for i in self._order))
+        return self._group_boxes(owner_arr[order], len(self._entries))
 
     def _build_sample(self, index: int) -> GroundingSample:
-        k = int(self._order[index])
+        k, start, end = self._record_boxes(index)
         image_id, file_name, width, height, caption, extras = self._entries[k]
-        start, end = int(self._offsets[k]), int(self._offsets[k + 1])
         train = ~self._crowd[start:end]
         boxes = self._boxes[start:end]
         keep_idx = [start + i for i in range(end - start) if train[i]]

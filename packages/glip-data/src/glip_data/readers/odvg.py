@@ -29,6 +29,8 @@ import torch
 from glip_data.readers.base import (
     GroundingReader,
     ReaderError,
+    _is_box,
+    _is_image_size,
     as_boxes_tensor,
     check_spans,
     file_xyxy_to_internal,
@@ -37,7 +39,6 @@ from glip_data.readers.base import (
     require,
     sanitize_boxes,
 )
-from glip_data.readers.coco import _is_number
 from glip_data.sample import GroundingSample
 
 
@@ -76,10 +77,6 @@ def find_phrase_spans(caption: str, phrase: str | list[str]) -> list[tuple[int, 
     return spans
 
 
-def _is_box(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) == 4 and all(_is_number(x) for x in v)
-
-
 class ODVGReader(GroundingReader):
     """An ODVG ``.jsonl`` file as :class:`GroundingSample` s.
 
@@ -111,7 +108,7 @@ class ODVGReader(GroundingReader):
             where = f"line {lineno}"
             require(rec, ("filename", "height", "width"), f"{self.ann_file}: {where}")
             w, h = rec["width"], rec["height"]
-            if not (_is_number(w) and _is_number(h) and w > 0 and h > 0 and int(w) == w and int(h) == h):
+            if not _is_image_size(w, h):
                 self._problem("bad_image_size", f"{where}: width/height must be positive integers, got {w!r}x{h!r}")
                 continue
             k = len(self._records)
@@ -223,26 +220,17 @@ class ODVGReader(GroundingReader):
         crowd_arr = np.asarray(crowd, dtype=bool)
         self._count("crowd_flagged", (crowd_arr & keep).sum())
         self._crowd = crowd_arr[order]
-        self._offsets = np.concatenate([[0], np.cumsum(np.bincount(owner_arr[order], minlength=len(self._records)))])
-        counts = np.diff(self._offsets)
-        if skip_empty:
-            self._order = np.nonzero(counts > 0)[0]
-            self._count("image_without_boxes", len(counts) - len(self._order))
-        else:
-            self._order = np.arange(len(counts))
-
-    def __len__(self) -> int:
-        return len(self._order)
+        counts = self._group_boxes(owner_arr[order], len(self._records))
+        self._select_records(counts, 1 if skip_empty else 0)  # a line with only crowd boxes is not empty
 
     @property
     def num_boxes(self) -> int:
         """Training boxes (crowd boxes excluded) over the samples this reader yields."""
-        return int(sum((~self._crowd[self._offsets[i]:self._offsets[i + 1]]).sum() for i in self._order))
+        return self._count_boxes(~self._crowd)
 
     def _build_sample(self, index: int) -> GroundingSample:
-        k = int(self._order[index])
+        k, start, end = self._record_boxes(index)
         lineno, file_name, width, height, kind, caption, extras = self._records[k]
-        start, end = int(self._offsets[k]), int(self._offsets[k + 1])
         metadata: dict[str, Any] = {
             "dataset": self.dataset_name,
             "task": kind,
