@@ -146,50 +146,70 @@ def _resolve_backend(backend: str, *inputs: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# input validation
+# input validation (the tensor and mask checks are shared with the Triton entry point, glip_fusion.triton.function,
+# which adds the kernel's envelope on top; ``caller`` prefixes its messages there: "bi_attention_triton: ...")
 
 
-def _check_mask(mask: Optional[torch.Tensor], name: str, shape: tuple[int, int], device: torch.device) -> None:
+def _check_tensors(q, k, v_v, v_l, caller: str = "") -> None:
+    """Each of ``q, k, v_v, v_l`` is a 4-D floating-point ``torch.Tensor`` with ``q``'s dtype and device."""
+    pre = f"{caller}: " if caller else ""
+    named = {"q": q, "k": k, "v_v": v_v, "v_l": v_l}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{pre}{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{pre}{name} must be 4-D (B, H, L, D); got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{pre}{name} must be a floating-point tensor; got dtype {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{pre}{name} has dtype {t.dtype} but q has {q.dtype}; all four inputs must share a dtype")
+        if t.device != q.device:
+            raise ValueError(f"{pre}{name} is on {t.device} but q is on {q.device}; all inputs must share a device")
+
+
+def _check_shapes(q, k, v_v, v_l, caller: str = "") -> tuple[int, int, int, int, int]:
+    """``q (B, H, N, D)``, ``k (B, H, M, D)``, ``v_v (B, H, N, Dv)``, ``v_l (B, H, M, Dl)``, none of them empty.
+
+    Call after :func:`_check_tensors`. Returns ``(B, H, N, M, D)``.
+    """
+    pre = f"{caller}: " if caller else ""
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    if tuple(k.shape[:2]) != (B, H) or k.shape[3] != D:
+        raise ValueError(f"{pre}k must have shape (B={B}, H={H}, M, D={D}) to match q {tuple(q.shape)}; "
+                         f"got {tuple(k.shape)}")
+    if tuple(v_v.shape[:3]) != (B, H, N):
+        raise ValueError(f"{pre}v_v must have shape (B={B}, H={H}, N={N}, D) like q; got {tuple(v_v.shape)}")
+    if tuple(v_l.shape[:3]) != (B, H, M):
+        raise ValueError(f"{pre}v_l must have shape (B={B}, H={H}, M={M}, D) like k; got {tuple(v_l.shape)}")
+    if min(B, H, N, M, D) == 0 or v_v.shape[3] == 0 or v_l.shape[3] == 0:
+        raise ValueError(f"{pre}empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v_v {tuple(v_v.shape)}, "
+                         f"v_l {tuple(v_l.shape)}")
+    return B, H, N, M, D
+
+
+def _check_mask(mask: Optional[torch.Tensor], name: str, shape: tuple[int, int], device: torch.device,
+                caller: str = "") -> None:
+    """``mask`` is None or a bool tensor of ``shape`` (``(B, M)`` text, ``(B, N)`` image) on ``device``."""
     if mask is None:
         return
+    pre = f"{caller}: " if caller else ""
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+        raise TypeError(f"{pre}{name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = real); got dtype {mask.dtype}. "
+        raise TypeError(f"{pre}{name} must be a bool tensor (True = real); got dtype {mask.dtype}. "
                         f"Convert a 0/1 mask with `{name}.bool()`")
     if tuple(mask.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} (B, {'M' if name == 'text_mask' else 'N'}); "
+        raise ValueError(f"{pre}{name} must have shape {shape} (B, {'M' if name == 'text_mask' else 'N'}); "
                          f"got {tuple(mask.shape)}")
     if mask.device != device:
-        raise ValueError(f"{name} is on {mask.device} but q is on {device}")
+        raise ValueError(f"{pre}{name} is on {mask.device} but q is on {device}")
 
 
 def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed=None) -> None:
     """Raise a clear error for any malformed input of :func:`bi_attention`."""
-    named = {"q": q, "k": k, "v_v": v_v, "v_l": v_l}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, L, D); got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; all four inputs must share a dtype")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share a device")
-    B, H, N, D = q.shape
-    M = k.shape[2]
-    if tuple(k.shape[:2]) != (B, H) or k.shape[3] != D:
-        raise ValueError(f"k must have shape (B={B}, H={H}, M, D={D}) to match q {tuple(q.shape)}; "
-                         f"got {tuple(k.shape)}")
-    if tuple(v_v.shape[:3]) != (B, H, N):
-        raise ValueError(f"v_v must have shape (B={B}, H={H}, N={N}, D) like q; got {tuple(v_v.shape)}")
-    if tuple(v_l.shape[:3]) != (B, H, M):
-        raise ValueError(f"v_l must have shape (B={B}, H={H}, M={M}, D) like k; got {tuple(v_l.shape)}")
-    if min(B, H, N, M, D) == 0 or v_v.shape[3] == 0 or v_l.shape[3] == 0:
-        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v_v {tuple(v_v.shape)}, "
-                         f"v_l {tuple(v_l.shape)}")
+    _check_tensors(q, k, v_v, v_l)
+    B, H, N, M, D = _check_shapes(q, k, v_v, v_l)
     _check_mask(text_mask, "text_mask", (B, M), q.device)
     _check_mask(image_mask, "image_mask", (B, N), q.device)
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):

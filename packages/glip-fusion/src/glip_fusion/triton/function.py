@@ -11,11 +11,12 @@ import torch
 import triton
 import triton.runtime.errors
 
+from ..attention import _check_mask, _check_shapes, _check_tensors  # glip_fusion.attention never imports triton
 from . import _bwd, _config, _fwd
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
-_NAMES = ("q", "k", "v_v", "v_l")
+_CALLER = "bi_attention_triton"  # prefix of every validation message
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -41,74 +42,58 @@ class _Problem:
     upcast: bool
 
 
-def _check_mask(mask, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"bi_attention_triton: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
+def _check_bool_mask(mask, name: str) -> None:
+    """A mask given as a tensor must be bool (the kernels read it as bytes, True = real)."""
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
         raise TypeError(
-            f"bi_attention_triton: {name} must have dtype torch.bool (True = real token), got {mask.dtype}; "
+            f"{_CALLER}: {name} must have dtype torch.bool (True = real token), got {mask.dtype}; "
             f"convert a 0/1 mask with `{name}.bool()`"
         )
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"bi_attention_triton: {name} must have shape {shape}, got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"bi_attention_triton: {name} is on {mask.device} but q is on {device}")
-    return mask
 
 
 def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, fp32_precision):
-    tensors = dict(zip(_NAMES, (q, k, v_v, v_l)))
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"bi_attention_triton: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"bi_attention_triton: {name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+    """The checks of :func:`glip_fusion.bi_attention` (shared code) plus the kernels' envelope.
+
+    Returns ``(text_mask, image_mask, scale, dropout_p, clamp)`` with the numbers as Python floats.
+    """
+    _check_tensors(q, k, v_v, v_l, _CALLER)
     if q.dtype not in _DTYPES:
-        raise TypeError(f"bi_attention_triton: q has dtype {q.dtype}; supported: float16, bfloat16, float32")
-    for name, t in tensors.items():
-        if t.dtype != q.dtype:
-            raise TypeError(f"bi_attention_triton: {name} has dtype {t.dtype} but q has {q.dtype}; all four must match")
-        if t.device != q.device:
-            raise ValueError(f"bi_attention_triton: {name} is on {t.device} but q is on {q.device}")
+        raise TypeError(f"{_CALLER}: q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    # One head dim for all four inputs (bi_attention's other backends allow value dims of their own).
     B, H, N, D = q.shape
     M = k.shape[2]
     if tuple(v_v.shape) != (B, H, N, D):
-        raise ValueError(f"bi_attention_triton: v_v must have the shape of q {(B, H, N, D)}, got {tuple(v_v.shape)}")
-    if tuple(k.shape) != (B, H, M, D):
-        raise ValueError(f"bi_attention_triton: k must have shape (B, H, M, D) = {(B, H, 'M', D)} to match q "
-                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
+        raise ValueError(f"{_CALLER}: v_v must have the shape of q {(B, H, N, D)}, got {tuple(v_v.shape)}")
     if tuple(v_l.shape) != (B, H, M, D):
-        raise ValueError(f"bi_attention_triton: v_l must have the shape of k {(B, H, M, D)}, got {tuple(v_l.shape)}")
-    if min(B, H, N, M) < 1:
-        raise ValueError(f"bi_attention_triton: empty input (B, H, N, M) = {(B, H, N, M)}")
+        raise ValueError(f"{_CALLER}: v_l must have the shape of k {(B, H, M, D)}, got {tuple(v_l.shape)}")
+    _check_shapes(q, k, v_v, v_l, _CALLER)
     if M > _config.MAX_TEXT_LEN:
-        raise ValueError(f"bi_attention_triton: text length M = {M} > {_config.MAX_TEXT_LEN} is not supported by the "
+        raise ValueError(f"{_CALLER}: text length M = {M} > {_config.MAX_TEXT_LEN} is not supported by the "
                          "triton backend; use backend='sdpa' or 'reference'")
     if not _config.MIN_HEAD_DIM <= D <= _config.MAX_HEAD_DIM:
-        raise ValueError(f"bi_attention_triton: head dim D = {D} outside the supported range "
+        raise ValueError(f"{_CALLER}: head dim D = {D} outside the supported range "
                          f"[{_config.MIN_HEAD_DIM}, {_config.MAX_HEAD_DIM}]")
     if not _config.interpreting():
         if q.device.type != "cuda":
-            raise ValueError(f"bi_attention_triton: inputs must be CUDA tensors, got device {q.device} (CPU tensors "
+            raise ValueError(f"{_CALLER}: inputs must be CUDA tensors, got device {q.device} (CPU tensors "
                              "are only accepted under the Triton interpreter, TRITON_INTERPRET=1)")
-    text_mask = _check_mask(text_mask, "text_mask", (B, M), q.device)
-    image_mask = _check_mask(image_mask, "image_mask", (B, N), q.device)
+    for mask, name, shape in ((text_mask, "text_mask", (B, M)), (image_mask, "image_mask", (B, N))):
+        _check_bool_mask(mask, name)
+        _check_mask(mask, name, shape, q.device, _CALLER)
     scale = D ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
-        raise ValueError(f"bi_attention_triton: scale must be finite, got {scale}")
+        raise ValueError(f"{_CALLER}: scale must be finite, got {scale}")
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"bi_attention_triton: dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"{_CALLER}: dropout_p must be in [0, 1), got {dropout_p}")
     if clamp is not None:
         clamp = float(clamp)
         if not clamp > 0:
-            raise ValueError(f"bi_attention_triton: clamp must be positive or None, got {clamp}")
+            raise ValueError(f"{_CALLER}: clamp must be positive or None, got {clamp}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"bi_attention_triton: seed must be an int or None, got {seed!r}")
+        raise TypeError(f"{_CALLER}: seed must be an int or None, got {seed!r}")
     if fp32_precision not in _FP32_PRECISIONS:
-        raise ValueError(f"bi_attention_triton: fp32_precision must be one of {_FP32_PRECISIONS}, got {fp32_precision!r}")
+        raise ValueError(f"{_CALLER}: fp32_precision must be one of {_FP32_PRECISIONS}, got {fp32_precision!r}")
     return text_mask, image_mask, scale, dropout_p, clamp
 
 
