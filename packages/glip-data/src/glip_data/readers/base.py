@@ -310,28 +310,32 @@ class GroundingReader(Dataset):
         if int(n):
             self.stats[reason] += int(n)
 
-    def _check_annotation(self, ann: dict, where: str, seen_ids: set, image_index: dict, skipped_image_ids: set,
-                          ) -> int | None:
-        """Vet a COCO-style annotation's ``id`` and ``image_id`` (the keys must be present).
+    def _check_annotation(self, j: int, ann: Any, keys: tuple[str, ...], seen_ids: set, image_index: dict,
+                          skipped_image_ids: set) -> tuple[int | None, str]:
+        """Vet ``annotations[j]`` of a COCO-shaped file: its keys, ``id`` and ``image_id``.
 
-        A repeated annotation id is a ``duplicate_annotation_id`` problem; an ``image_id`` not among the kept images
-        is counted as ``box_of_skipped_image`` when that image was left out, else an ``unknown_image_id`` problem.
-        ``seen_ids`` gains the annotation's id.
+        A record that is not an object or lacks ``id``, ``image_id`` or one of ``keys`` raises a
+        :class:`ReaderError`. A repeated annotation id is a ``duplicate_annotation_id`` problem; an ``image_id`` not
+        among the kept images is counted as ``box_of_skipped_image`` when that image was left out, else an
+        ``unknown_image_id`` problem. ``seen_ids`` gains the annotation's id.
 
         Returns:
-            The record index of the annotation's image (``image_index[ann["image_id"]]``), or ``None`` to drop it.
+            ``(k, where)``: the record index of the annotation's image (``image_index[ann["image_id"]]``, ``None`` to
+            drop the annotation) and the annotation's name for messages.
         """
+        require(ann, ("id", "image_id", *keys), f"{self.ann_file}: annotations[{j}]")
+        where = f"annotations[{j}] (id={ann['id']!r}, image_id={ann['image_id']!r})"
         if ann["id"] in seen_ids:
             self._problem("duplicate_annotation_id", f"{where}: duplicate annotation id")
-            return None
+            return None, where
         seen_ids.add(ann["id"])
         if ann["image_id"] not in image_index:
             if ann["image_id"] in skipped_image_ids:
                 self.stats["box_of_skipped_image"] += 1
             else:
                 self._problem("unknown_image_id", f"{where}: image_id is not in 'images'")
-            return None
-        return image_index[ann["image_id"]]
+            return None, where
+        return image_index[ann["image_id"]], where
 
     # -- boxes grouped by record --------------------------------------------------------------------------------------
     # A reader holds the kept boxes of all its R records in flat (K, ...) arrays sorted by record; ``self._offsets``

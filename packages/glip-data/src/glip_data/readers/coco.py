@@ -189,10 +189,8 @@ class COCODetection(GroundingReader):
         ann_ids: list = []
         seen_ids: set = set()
         for j, ann in enumerate(anns):
-            where = f"annotations[{j}]"
-            require(ann, ("id", "image_id", "category_id", "bbox"), f"{self.ann_file}: {where}")
-            where = f"annotations[{j}] (id={ann['id']!r}, image_id={ann['image_id']!r})"
-            k = self._check_annotation(ann, where, seen_ids, self._image_index, self._skipped_image_ids)
+            k, where = self._check_annotation(j, ann, ("category_id", "bbox"), seen_ids, self._image_index,
+                                              self._skipped_image_ids)
             if k is None:
                 continue
             cid = ann["category_id"]

@@ -110,9 +110,7 @@ class MDETRGrounding(GroundingReader):
         crowd: list[bool] = []
         seen: set = set()
         for j, ann in enumerate(anns):
-            require(ann, ("id", "image_id", "bbox", "tokens_positive"), f"{self.ann_file}: annotations[{j}]")
-            where = f"annotations[{j}] (id={ann['id']!r}, image_id={ann['image_id']!r})"
-            k = self._check_annotation(ann, where, seen, self._index, self._skipped)
+            k, where = self._check_annotation(j, ann, ("bbox", "tokens_positive"), seen, self._index, self._skipped)
             if k is None:
                 continue
             box = ann["bbox"]
