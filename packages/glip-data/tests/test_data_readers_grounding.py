@@ -178,3 +178,24 @@ def test_caption_record_round_trips_boxes(tmp_path):
     assert reader[0].metadata["image_id"] == 5
     with pytest.raises(ReaderError, match="outside the caption"):
         caption_record("x.jpg", 5, 5, "ab", [{"tokens_positive": [[0, 3]]}])
+
+
+def test_crowd_boxes_are_not_training_boxes_in_grounding_readers(tmp_path):
+    """As in COCO: crowd boxes are flagged in metadata, not counted as boxes, and do not make a record non-empty."""
+    annotations = [
+        {"id": 0, "image_id": 0, "category_id": 1, "bbox": [100, 40, 80, 200], "area": 16000, "iscrowd": 0,
+         "tokens_positive": [[0, 5]]},
+        {"id": 1, "image_id": 0, "category_id": 1, "bbox": [10, 10, 60, 60], "area": 3600, "iscrowd": 1,
+         "tokens_positive": [[25, 30]]},
+    ]
+    reader = MDETRGrounding(mdetr_file(tmp_path, annotations))
+    assert reader.num_boxes == 1 and reader[0].num_boxes == 1
+    assert reader[0].metadata["crowd_boxes"] == [[10, 10, 69, 69]]
+    only_crowd = MDETRGrounding(mdetr_file(tmp_path, annotations[1:]), skip_empty=True)
+    assert len(only_crowd) == 0 and only_crowd.stats["image_without_boxes"] == 1
+
+    line = {"filename": "a.jpg", "height": 100, "width": 100,
+            "grounding": {"caption": "a dog", "regions": [{"bbox": [0, 0, 10, 10], "phrase": "a dog",
+                                                           "tokens_positive": [[0, 5]], "iscrowd": 1}]}}
+    odvg = ODVGReader(write_jsonl(tmp_path / "g.jsonl", [line]), skip_empty=True)
+    assert len(odvg) == 0 and odvg.num_boxes == 0

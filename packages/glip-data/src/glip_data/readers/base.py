@@ -356,6 +356,12 @@ class GroundingReader(Dataset):
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return counts
 
+    def _training_box_counts(self) -> np.ndarray:
+        """``(R,)`` number of non-crowd boxes of each record (``self._crowd``: ``(K,)`` bool, set by the reader)."""
+        num_records = len(self._offsets) - 1
+        owner = np.repeat(np.arange(num_records), np.diff(self._offsets))
+        return np.bincount(owner[~self._crowd], minlength=num_records)
+
     def _select_records(self, counts: np.ndarray, min_boxes: int, drop_reason: str = "image_without_boxes") -> None:
         """Set ``self._order`` to the records with at least ``min_boxes`` boxes, in file order.
 

@@ -43,7 +43,8 @@ class MDETRGrounding(GroundingReader):
     Args:
         ann_file: the json (optionally gzipped).
         image_root: directory ``file_name`` is relative to.
-        skip_empty: leave out entries without any kept box (counted as ``image_without_boxes``).
+        skip_empty: leave out entries without any kept training box (counted as ``image_without_boxes``); crowd
+            boxes (``iscrowd = 1``) are flagged in ``metadata["crowd_boxes"]`` and are not training boxes, as in COCO.
         **kwargs: :class:`~glip_data.readers.base.GroundingReader` options.
     """
 
@@ -58,8 +59,9 @@ class MDETRGrounding(GroundingReader):
             if not isinstance(data.get(key), list):
                 raise ReaderError(f"{self.ann_file}: missing top-level list {key!r} (present: {sorted(data)})")
         self._parse_images(data["images"])
-        counts = self._parse_annotations(data["annotations"])
-        self._select_records(counts, 1 if skip_empty else 0)
+        self._parse_annotations(data["annotations"])
+        # as COCO: crowd boxes are not training boxes, so an entry with only crowd boxes is empty
+        self._select_records(self._training_box_counts(), 1 if skip_empty else 0)
 
     def _parse_images(self, images: list) -> None:
         self._entries: list[tuple] = []  # (image id, file name, width, height, caption, metadata extras)
@@ -101,7 +103,8 @@ class MDETRGrounding(GroundingReader):
         self._skipped = skipped
 
     def _parse_annotations(self, anns: list) -> np.ndarray:
-        """Read the boxes; returns the ``(R,)`` number of kept boxes of each entry (crowd boxes included)."""
+        """Read the boxes (sets the box arrays and ``self._offsets``); returns the ``(R,)`` number of kept boxes of
+        each entry, crowd boxes included."""
         owner: list[int] = []
         bboxes: list = []
         spans: list[list[tuple[int, int]]] = []
@@ -177,6 +180,11 @@ class MDETRGrounding(GroundingReader):
             labels=torch.ones(len(keep_idx), dtype=torch.int64),
             metadata=metadata,
         )
+
+    @property
+    def num_boxes(self) -> int:
+        """Training boxes (crowd boxes excluded) over the samples this reader yields."""
+        return self._count_boxes(~self._crowd)
 
     def summary(self) -> dict[str, Any]:
         return {"entries": len(self), "boxes": self.num_boxes,

@@ -220,8 +220,9 @@ class ODVGReader(GroundingReader):
         crowd_arr = np.asarray(crowd, dtype=bool)
         self._count("crowd_flagged", (crowd_arr & keep).sum())
         self._crowd = crowd_arr[order]
-        counts = self._group_boxes(owner_arr[order], len(self._records))
-        self._select_records(counts, 1 if skip_empty else 0)  # a line with only crowd boxes is not empty
+        self._group_boxes(owner_arr[order], len(self._records))
+        # as COCO: crowd boxes are not training boxes, so a line with only crowd boxes is empty
+        self._select_records(self._training_box_counts(), 1 if skip_empty else 0)
 
     @property
     def num_boxes(self) -> int:
