@@ -152,6 +152,17 @@ AUTOTUNE_KEY = ["M", "BLOCK_D", "HAS_DROPOUT", "N_BUCKET"]
 NO_SPECIALIZE = ["seed_lo", "seed_hi", "N", "M", "D", "H", "split_len", "num_splits", "N_BUCKET"]
 
 
+def autotuned(kernel: str, fn):
+    """``fn`` wrapped in ``triton.autotune`` with the candidates (:data:`AUTOTUNE_CONFIGS`) and the pruner of
+    ``kernel``; None under the interpreter, where the autotuner cannot benchmark (no GPU)."""
+    if interpreting():
+        return None
+    return triton.autotune(
+        AUTOTUNE_CONFIGS[kernel], key=AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": make_pruner(kernel)},
+    )(fn)
+
+
 def n_bucket(n: int) -> int:
     return max(1, int(n) - 1).bit_length()
 

@@ -19,6 +19,14 @@ Conventions shared with the backward kernels:
   function of ``(seed, n, m, b*H + h)``: tile sizes, split counts and the forward/backward pass do not change it.
   The image direction uses the first Philox output word, the text direction the second (independent masks);
 * ``N_BUCKET`` (``bit_length(N - 1)``) is not read by the kernels: it only keys the autotuner on CUDA.
+
+Both directions run the same online-softmax loop, ``_attend``, with the roles of image and text tokens swapped.
+
+The ``@triton.jit`` helpers (``_program_tile``, ``_load_tile`` and the Philox ones are also used by ``_bwd``) are
+inlined when compiled.  They are defined like the kernels and, like them, use ``triton.language`` builtins only (see
+``_philox4x32``).  Under the interpreter each helper call costs about 0.5 ms (it re-patches ``triton.language``),
+as much as several tile operations, so the helpers are coarse: a few calls per program, none inside the forward's
+key loop (except Philox with dropout), two per step of the backward's loops.
 """
 from __future__ import annotations
 
@@ -88,6 +96,108 @@ def _keep_mask_kernel(KEEP_V, KEEP_L, seed_lo, seed_hi, p_drop, N, M, BLOCK_N: t
     tl.store(KEEP_L + ptrs, (u_l >= p_drop).to(tl.uint8), mask=ok)
 
 
+@triton.jit
+def _program_tile(pid, bh, H, L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Prologue of a kernel whose program owns row tile ``pid`` of an ``(L, D)`` operand of batch-head ``bh``.
+
+    Returns ``(b, h, offs, offs_d, ok, d_ok, tile_ok)``: ``b``, ``h`` of ``bh = b * H + h`` as int64 (offsets into
+    large tensors), token positions ``offs`` ``[BLOCK_L]``, head-dim positions ``offs_d`` ``[BLOCK_D]``, their
+    bound checks ``ok`` and ``d_ok`` and the tile mask ``tile_ok`` ``[BLOCK_L, BLOCK_D]``.
+    """
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs = pid * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = offs < L
+    d_ok = offs_d < D
+    return b, h, offs, offs_d, ok, d_ok, ok[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, mask, UPCAST: tl.constexpr):
+    """The ``[R, C]`` tile ``ptr[offs_r[i] * stride_r + offs_c[j] * stride_c]``; 0 where ``mask`` ``[R, C]`` is False.
+
+    ``ptr`` points at the (b, h) slice of a strided ``(B, H, L, D)`` tensor, ``offs_r`` ``[R]`` are token rows and
+    ``offs_c`` ``[C]`` head-dim columns.  ``UPCAST`` converts the tile to fp32 (bf16 inputs under the interpreter).
+    """
+    x = tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _attend(
+    a, rows, K, V, stride_kl, stride_kd, stride_vl, stride_vd, KEY_MASK, key_lo, key_hi, key_end,
+    offs_d, d_ok, bh, seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2,
+    HAS_KEY_MASK: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_DROPOUT: tl.constexpr, IMAGE_ROWS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Online softmax of one row tile over the keys ``[key_lo, key_hi)``: the loop of either direction.
+
+    Image direction (``IMAGE_ROWS``): rows are image tokens, ``a`` the q tile, keys/values the text tokens' k / v_l.
+    Text direction: rows are text tokens, ``a`` the k tile, keys/values the image tokens' q / v_v.
+
+    ``a`` ``[BLOCK_R, BLOCK_D]`` (zero-padded), ``rows`` ``[BLOCK_R]`` its token positions (dropout counters);
+    ``K``, ``V`` the (b, h) slices of the key operand and the values, ``(L, D)`` strided; ``KEY_MASK`` row b of the
+    keys' uint8 padding mask (read with ``HAS_KEY_MASK``); keys at positions ``>= key_end`` are excluded.  Key tiles
+    of ``BLOCK_K``; dropout keeps ``p`` where the direction's Philox uniform is ``>= p_drop`` (module docstring).
+
+    Returns the unnormalised state ``(acc, m, l)``: ``acc`` ``[BLOCK_R, BLOCK_D]``, running max ``m`` (base 2) and
+    sum ``l`` ``[BLOCK_R]``, fp32; a row with no admissible key has ``m = -inf, l = 0, acc = 0``.
+    """
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_R], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_R, BLOCK_D], 0.0, dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(key_lo, key_hi, BLOCK_K):
+        key = k0 + offs_k
+        key_ok = key < key_end
+        # k^T tile [BLOCK_D, BLOCK_K] and the logits of _bwd._score_tile, written out (see the module docstring)
+        kt = tl.load(K + key[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                     mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(a, kt, input_precision=PRECISION) * qk_scale  # [BLOCK_R, BLOCK_K]
+        if HAS_CLAMP:
+            s = tl.minimum(tl.maximum(s, -clamp2), clamp2)
+        valid = key_ok
+        if HAS_KEY_MASK:
+            valid = valid & (tl.load(KEY_MASK + key, mask=key_ok, other=0) != 0)
+        s = tl.where(valid[None, :], s, float("-inf"))
+
+        # a row with no admissible key so far keeps m = -inf, so use 0 as its reference
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _elementwise_max))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        if HAS_DROPOUT:
+            if IMAGE_ROWS:  # image-direction mask: first word, counter (row n, key m)
+                u, _u = _philox_uniforms(seed_lo, seed_hi, rows[:, None], key[None, :], bh)
+            else:  # text-direction mask: second word, counter (key n, row m)
+                _u, u = _philox_uniforms(seed_lo, seed_hi, key[None, :], rows[:, None], bh)
+            p = tl.where(u >= p_drop, p * keep_scale, 0.0)
+
+        v = tl.load(V + key[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _softmax_finish(acc, m_i, l_i):
+    """``(o, lse2)`` of an online-softmax state: ``o = acc / l`` ``[R, BLOCK_D]`` and the base-2 log-sum-exp
+    ``lse2 = m + log2(l)`` ``[R]``; a row with ``l = 0`` (no admissible key) gets ``o = 0`` and ``lse2 = +inf``."""
+    has_mass = l_i > 0.0
+    l_safe = tl.where(has_mass, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(has_mass, m_i + tl.log2(l_safe), float("inf"))
+
+
 @triton.jit(do_not_specialize=_config.NO_SPECIALIZE)
 def _fwd_rows_kernel(
     Q, K, VL, OV, LSEV, TMASK, THI,
@@ -106,69 +216,25 @@ def _fwd_rows_kernel(
     Q (B, H, N, D), K and VL (B, H, M, D), OV (B, H, N, D) strided; LSEV fp32 (B*H, N); TMASK uint8 (B, M);
     THI int32 (B,): one past the last real text token, so fully padded trailing text tiles are skipped.
     """
-    pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_t = tl.arange(0, BLOCK_T)
-    n_ok = offs_n < N
-    d_ok = offs_d < D
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-
-    m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([BLOCK_N], 0.0, dtype=tl.float32)
-    acc = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
-
+    b, h, offs_n, offs_d, n_ok, d_ok, nd_ok = _program_tile(tl.program_id(0), bh, H, N, D, BLOCK_N, BLOCK_D)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_n, offs_d, stride_qn, stride_qd, nd_ok, UPCAST)
     if HAS_TMASK:
         t_hi = tl.load(THI + b)
     else:
         t_hi = M
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = VL + b * stride_vb + h * stride_vh
-    for t0 in range(0, t_hi, BLOCK_T):
-        t = t0 + offs_t
-        t_ok = t < M
-        # k^T tile [BLOCK_D, BLOCK_T]
-        kt = tl.load(k_base + t[None, :] * stride_km + offs_d[:, None] * stride_kd,
-                     mask=d_ok[:, None] & t_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        if HAS_CLAMP:
-            s = tl.minimum(tl.maximum(s, -clamp2), clamp2)
-        valid = t_ok
-        if HAS_TMASK:
-            valid = valid & (tl.load(TMASK + b * M + t, mask=t_ok, other=0) != 0)
-        s = tl.where(valid[None, :], s, float("-inf"))
+    # online softmax over the text tiles [0, t_hi)
+    acc, m_i, l_i = _attend(
+        q, offs_n, K + b * stride_kb + h * stride_kh, VL + b * stride_vb + h * stride_vh,
+        stride_km, stride_kd, stride_vm, stride_vd, TMASK + b * M, 0, t_hi, M,
+        offs_d, d_ok, bh, seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2,
+        HAS_KEY_MASK=HAS_TMASK, HAS_CLAMP=HAS_CLAMP, HAS_DROPOUT=HAS_DROPOUT, IMAGE_ROWS=True,
+        UPCAST=UPCAST, PRECISION=PRECISION, BLOCK_R=BLOCK_N, BLOCK_K=BLOCK_T, BLOCK_D=BLOCK_D,
+    )
 
-        # online softmax over M; a row with no admissible key so far keeps m = -inf, so use 0 as its reference
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _elementwise_max))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
-        if HAS_DROPOUT:
-            u_v, _u_l = _philox_uniforms(seed_lo, seed_hi, offs_n[:, None], t[None, :], bh)
-            p = tl.where(u_v >= p_drop, p * keep_scale, 0.0)
-
-        vl = tl.load(v_base + t[:, None] * stride_vm + offs_d[None, :] * stride_vd,
-                     mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            vl = vl.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vl.dtype), vl, input_precision=PRECISION)
-        m_i = m_new
-
-    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("inf"))
+    o, lse2 = _softmax_finish(acc, m_i, l_i)
     tl.store(OV + b * stride_ob + h * stride_oh + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
-             o.to(OV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+             o.to(OV.dtype.element_ty), mask=nd_ok)
     tl.store(LSEV + bh.to(tl.int64) * N + offs_n, lse2, mask=n_ok)
 
 
@@ -193,22 +259,10 @@ def _fwd_cols_kernel(
     otherwise the final OL (B, H, M, D) and LSEL fp32 (B*H, M).  IMASK uint8 (B, N), IHI int32 (B,) one past the
     last real image token; TMASK uint8 (B, M) is read only with ``SKIP_MASKED_TEXT``.
     """
-    pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    t_ok = offs_t < M
-    d_ok = offs_d < D
-
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_t[:, None] * stride_km + offs_d[None, :] * stride_kd,
-                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
+    b, h, offs_t, offs_d, t_ok, d_ok, td_ok = _program_tile(tl.program_id(0), bh, H, M, D, BLOCK_T, BLOCK_D)
+    k = _load_tile(K + b * stride_kb + h * stride_kh, offs_t, offs_d, stride_km, stride_kd, td_ok, UPCAST)
 
     n_lo = pid_s * split_len
     n_hi = tl.minimum(n_lo + split_len, N)
@@ -220,56 +274,27 @@ def _fwd_cols_kernel(
         # a tile of padded text tokens only: their outputs are zeros, skip the image loop
         n_hi = tl.where(tl.reduce(t_keep.to(tl.int32), 0, _elementwise_max) > 0, n_hi, n_lo)
 
-    m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([BLOCK_T], 0.0, dtype=tl.float32)
-    acc = tl.full([BLOCK_T, BLOCK_D], 0.0, dtype=tl.float32)
-    q_base = Q + b * stride_qb + h * stride_qh
-    v_base = VV + b * stride_vb + h * stride_vh
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        n = n0 + offs_n
-        n_ok = n < n_hi
-        # q^T tile [BLOCK_D, BLOCK_N]
-        qt = tl.load(q_base + n[None, :] * stride_qn + offs_d[:, None] * stride_qd,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            qt = qt.to(tl.float32)
-        s = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # [BLOCK_T, BLOCK_N] = S^T tile
-        if HAS_CLAMP:
-            s = tl.minimum(tl.maximum(s, -clamp2), clamp2)
-        valid = n_ok
-        if HAS_IMASK:
-            valid = valid & (tl.load(IMASK + b * N + n, mask=n_ok, other=0) != 0)
-        s = tl.where(valid[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _elementwise_max))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
-        if HAS_DROPOUT:
-            _u_v, u_l = _philox_uniforms(seed_lo, seed_hi, n[None, :], offs_t[:, None], bh)
-            p = tl.where(u_l >= p_drop, p * keep_scale, 0.0)
-
-        vv = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            vv = vv.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-        m_i = m_new
+    # online softmax over the image tiles [n_lo, n_hi) of this split
+    acc, m_i, l_i = _attend(
+        k, offs_t, Q + b * stride_qb + h * stride_qh, VV + b * stride_vb + h * stride_vh,
+        stride_qn, stride_qd, stride_vn, stride_vd, IMASK + b * N, n_lo, n_hi, n_hi,
+        offs_d, d_ok, bh, seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2,
+        HAS_KEY_MASK=HAS_IMASK, HAS_CLAMP=HAS_CLAMP, HAS_DROPOUT=HAS_DROPOUT, IMAGE_ROWS=False,
+        UPCAST=UPCAST, PRECISION=PRECISION, BLOCK_R=BLOCK_T, BLOCK_K=BLOCK_N, BLOCK_D=BLOCK_D,
+    )
 
     if WRITE_PARTIAL:
         row = (bh.to(tl.int64) * num_splits + pid_s) * M + offs_t  # [BLOCK_T] rows of the (B*H, S, M) layout
-        tl.store(PACC + row[:, None] * D + offs_d[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
+        tl.store(PACC + row[:, None] * D + offs_d[None, :], acc, mask=td_ok)
         tl.store(PM + row, m_i, mask=t_ok)
         tl.store(PL + row, l_i, mask=t_ok)
     else:
-        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("inf"))
+        o, lse2 = _softmax_finish(acc, m_i, l_i)
         if SKIP_MASKED_TEXT:
             o = tl.where(t_keep[:, None], o, 0.0)
             lse2 = tl.where(t_keep, lse2, float("inf"))
         tl.store(OL + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_om + offs_d[None, :] * stride_od,
-                 o.to(OL.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+                 o.to(OL.dtype.element_ty), mask=td_ok)
         tl.store(LSEL + bh.to(tl.int64) * M + offs_t, lse2, mask=t_ok)
 
 
@@ -285,14 +310,8 @@ def _fwd_combine_kernel(
     """Merge the per-split text-direction partials in split order 0, 1, ... (deterministic).  Grid
     ``(cdiv(M, BLOCK_T), B*H)``.  A split with no admissible image token has ``m = -inf, l = 0, acc = 0`` and
     contributes nothing."""
-    pid_t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    t_ok = offs_t < M
-    d_ok = offs_d < D
+    b, h, offs_t, offs_d, t_ok, d_ok, td_ok = _program_tile(tl.program_id(0), bh, H, M, D, BLOCK_T, BLOCK_D)
 
     m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_T], 0.0, dtype=tl.float32)
@@ -301,7 +320,7 @@ def _fwd_combine_kernel(
         row = (bh.to(tl.int64) * num_splits + s) * M + offs_t
         m_s = tl.load(PM + row, mask=t_ok, other=float("-inf"))
         l_s = tl.load(PL + row, mask=t_ok, other=0.0)
-        acc_s = tl.load(PACC + row[:, None] * D + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        acc_s = tl.load(PACC + row[:, None] * D + offs_d[None, :], mask=td_ok, other=0.0)
         m_new = tl.maximum(m_i, m_s)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         a_run = tl.exp2(m_i - m_ref)
@@ -310,26 +329,16 @@ def _fwd_combine_kernel(
         acc = acc * a_run[:, None] + acc_s * a_s[:, None]
         m_i = m_new
 
-    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("inf"))
+    o, lse2 = _softmax_finish(acc, m_i, l_i)
     if SKIP_MASKED_TEXT:
         t_keep = t_ok & (tl.load(TMASK + b * M + offs_t, mask=t_ok, other=0) != 0)
         o = tl.where(t_keep[:, None], o, 0.0)
         lse2 = tl.where(t_keep, lse2, float("inf"))
     tl.store(OL + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_om + offs_d[None, :] * stride_od,
-             o.to(OL.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+             o.to(OL.dtype.element_ty), mask=td_ok)
     tl.store(LSEL + bh.to(tl.int64) * M + offs_t, lse2, mask=t_ok)
 
 
-# Autotuned variants, built only when kernels are compiled for a GPU (the autotuner needs a device to benchmark).
-if _config.interpreting():
-    fwd_rows_tuned = fwd_cols_tuned = None
-else:
-    fwd_rows_tuned = triton.autotune(
-        _config.AUTOTUNE_CONFIGS[_config.FWD_ROWS], key=_config.AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": _config.make_pruner(_config.FWD_ROWS)},
-    )(_fwd_rows_kernel)
-    fwd_cols_tuned = triton.autotune(
-        _config.AUTOTUNE_CONFIGS[_config.FWD_COLS], key=_config.AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": _config.make_pruner(_config.FWD_COLS)},
-    )(_fwd_cols_kernel)
+# Autotuned variants, built only when kernels are compiled for a GPU (None under the interpreter).
+fwd_rows_tuned = _config.autotuned(_config.FWD_ROWS, _fwd_rows_kernel)
+fwd_cols_tuned = _config.autotuned(_config.FWD_COLS, _fwd_cols_kernel)
