@@ -94,6 +94,11 @@ def test_ground_with_given_and_extracted_phrases(small_model, images):
     caption = "a man holding a red umbrella next to a small dog"
     res = small_model.ground(images[0], caption, [["a red umbrella", "small dog"]], **KW)[0]
     _check_result(res, ["a red umbrella", "small dog"], images[0])
+    # a flat phrase list is shared by every image, not read as one list per image
+    flat = small_model.ground(images[0], caption, ["a red umbrella", "small dog"], **KW)[0]
+    assert flat["text_labels"] == res["text_labels"] and torch.equal(flat["scores"], res["scores"])
+    both = small_model.ground(images, [caption, caption], ["small dog"], **KW)
+    assert all(set(r["text_labels"]) <= {"small dog"} for r in both)
     auto = small_model.ground(images[0], caption, **KW)[0]
     assert set(auto["text_labels"]) <= {"a man", "a red umbrella", "a small dog"}
 
@@ -120,6 +125,7 @@ def test_image_inputs_of_every_kind(small_model, images, tmp_path):
         (dict(classes=[]), "empty"),
         (dict(classes="dog, cat"), "list of names"),
         (dict(classes=["dog", "  "]), "non-empty"),
+        (dict(classes=["dog", ". . ."]), "non-empty"),
         (dict(classes=["dog"], prompt="dog."), "exactly one"),
         (dict(classes=["\u0301"]), "no tokens"),
         (dict(classes=[["dog"]] * 3), "class lists"),

@@ -349,7 +349,7 @@ class GLIP(nn.Module):
         self,
         images: ImageInput | Sequence[ImageInput],
         captions: str | Sequence[str],
-        phrases: Sequence[Sequence[str]] | None = None,
+        phrases: Sequence[str] | Sequence[Sequence[str]] | None = None,
         threshold: float = 0.5,
         max_detections: int = 100,
         min_size: int = 800,
@@ -363,8 +363,9 @@ class GLIP(nn.Module):
 
         Args:
             captions: one caption per image.
-            phrases: per image, the entities to ground (each must occur in the caption); None extracts noun phrases
-                with the offline rule-based chunker (``glip_data.find_noun_phrases``).
+            phrases: the entities to ground, each of which must occur in its caption: one list per image, or one
+                flat list shared by every image (as ``classes`` in :meth:`detect`); None extracts noun phrases with
+                the offline rule-based chunker (``glip_data.find_noun_phrases``).
 
         Returns:
             as :meth:`detect`, with ``labels`` indexing the image's phrases and ``text_labels`` the phrases.
@@ -373,8 +374,14 @@ class GLIP(nn.Module):
         captions = [captions] if isinstance(captions, str) else list(captions)
         if len(captions) != len(images):
             raise ValueError(f"{len(images)} images but {len(captions)} captions: pass one caption per image")
-        if phrases is not None and len(phrases) != len(images):
-            raise ValueError(f"{len(images)} images but {len(phrases)} phrase lists")
+        if phrases is not None:
+            if isinstance(phrases, str):
+                raise TypeError("phrases must be a list of phrases (got a string)")
+            phrases = list(phrases)
+            if phrases and isinstance(phrases[0], str):  # one flat list shared by every image
+                phrases = [phrases] * len(images)
+            if len(phrases) != len(images):
+                raise ValueError(f"{len(images)} images but {len(phrases)} phrase lists")
         queries, per_image_phrases = [], []
         for i, caption in enumerate(captions):
             if not caption or not caption.strip():
@@ -414,9 +421,10 @@ class GLIP(nn.Module):
         if len(nested) != n_images:
             raise ValueError(f"{n_images} images but {len(nested)} class lists")
         for names in nested:
-            bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+            # a name of only separators would merge into its neighbours' ". " separators in the prompt
+            bad = [n for n in names if not isinstance(n, str) or not n.strip(" ." + "\t\n")]
             if bad or not names:
-                raise ValueError(f"class names must be non-empty strings; got {bad or names}")
+                raise ValueError(f"class names must be non-empty strings, not only separators; got {bad or names}")
         return nested
 
     def _tokens_for(self, text: str, spans, names) -> list[list[int]]:
