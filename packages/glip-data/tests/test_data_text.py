@@ -25,6 +25,10 @@ CAPTIONS = [
     ("Two men wearing hats are looking at the camera", ["Two men", "hats", "the camera"]),
     ("a pizza topped with cheese and tomatoes sitting on a table", ["a pizza", "cheese", "tomatoes", "a table"]),
     ("people watch the game at a bus stop.", ["people", "the game", "a bus stop"]),
+    ("a man riding a surf board on a big wave", ["a man", "a surf board", "a big wave"]),
+    ("A woman holds her baby while an adult watches", ["A woman", "her baby", "an adult"]),
+    ("a baby elephant stands next to two adults on the left", ["a baby elephant", "two adults"]),
+    ("the kids stand on the beach", ["the kids", "the beach"]),
 ]
 
 

@@ -18,8 +18,9 @@ module implements the same grammar over a small rule-based tagger:
    preposition is a noun (``the park``), after a noun it is a noun when a noun, punctuation or the end follows
    (``a bus stop.``) and a verb otherwise (``people watch the game``).
 4. **Chunks** — leftmost-longest matches of ``DET? MOD* NOUN+`` where MOD is an adjective, a modifying participle
-   or a numeral. Numerals are deliberately allowed as modifiers (``the two dogs``), which NLTK's grammar would cut
-   to ``dogs``.
+   or a numeral; a run of modifiers with no noun after it is a phrase when its last word is an adjective that is
+   also a noun (``her baby``, ``an adult``). Numerals are deliberately allowed as modifiers (``the two dogs``),
+   which NLTK's grammar would cut to ``dogs``.
 
 It is a heuristic: expect the occasional wrong chunk on unusual sentences. Pass explicit phrases to
 :func:`find_phrase_spans` when you know them.
@@ -82,6 +83,9 @@ _ADJECTIVES = frozenset(
     "left right first second third fourth last main several daily early heavy light-colored dark-colored "
     "asleep awake alive upright sideways fancy plain simple decorative colored coloured".split()
 )
+# Adjectives that also serve as nouns: a phrase that ends on one of them has it as its head ("her baby",
+# "an adult", "the square").
+_NOUN_ADJECTIVES = frozenset("baby adult square female male elderly young".split())
 # Nouns that the suffix heuristics would otherwise mistake for participles / adverbs / adjectives.
 _NOUN_EXCEPTIONS = frozenset(
     "building buildings ceiling ceilings clothing king kings ring rings string strings thing things wing wings "
@@ -231,12 +235,18 @@ def _resolve(tokens: list[_Token]) -> list[_Token]:
         if tok.lex == _V_PART:
             tag = ADJ if prev_tag in _MODIFIER_CONTEXT else VERB
         elif tok.lex in (_V_BASE, _V_THIRD):
-            if prev_tag is None or prev_tag in _MODIFIER_CONTEXT:
+            if tok.lex == _V_THIRD and prev is not None and prev.text.lower() in _NOUN_ADJECTIVES and next_lex != NOUN:
+                tag = VERB  # the adjective is the subject's head: "an adult watches", "the baby sleeps on"
+            elif prev_tag is None or prev_tag in _MODIFIER_CONTEXT:
                 tag = NOUN
             elif prev_tag == PREP and not after_infinitive_to:
                 tag = NOUN
             elif prev_tag == NOUN and tok.lex == _V_BASE and next_lex in (NOUN, PUNCT, CONJ, None):
                 tag = NOUN  # compound noun: "a bus stop.", "a ski lift and ..."
+            elif prev_tag == NOUN and prev.lex == _V_BASE and tok.lex == _V_BASE:
+                # two base forms in a row: the first is already a noun, and a singular noun cannot be the subject
+                # of a bare base verb, so this one continues the compound ("a surf board on", "the ski lift to")
+                tag = NOUN
             else:
                 tag = VERB
         out.append(_Token(tok.text, tok.start, tok.end, tok.lex, tag))
@@ -256,7 +266,10 @@ def _chunks(tokens: list[_Token]) -> list[tuple[int, int]]:
         k = j
         while k < len(tokens) and tokens[k].tag == NOUN:
             k += 1
-        if k > j:
+        if k == j and j > i and tokens[j - 1].text.lower() in _NOUN_ADJECTIVES:
+            found.append((i, j - 1))  # the last modifier is the head: "her baby", "an adult"
+            i = j
+        elif k > j:
             found.append((i, k - 1))
             i = k
         else:
