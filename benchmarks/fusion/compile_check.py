@@ -1,0 +1,122 @@
+"""Compile every autotune candidate of the fused kernels for a GPU architecture, without a GPU, and tabulate the
+resources each one needs: registers and spills per thread, shared memory per program.
+
+Triton lowers a kernel to PTX and assembles it with its bundled ``ptxas`` for any target, so this runs on a CPU-only
+machine (``TRITON_INTERPRET`` must be unset).  It answers, before any GPU time is spent, which candidates of
+``glip_fusion.triton._config.AUTOTUNE_CONFIGS`` cannot launch (shared memory over the architecture's limit) and which
+spill registers to local memory (slow) at GLIP-T's head dim 256.  It does not time anything: speed needs the GPU
+(``gpu_bench.py``).  Every feature is on (masks, clamp, dropout, skipped padded text, split partials): the largest
+variant of each kernel, the training one; ``--no-dropout`` compiles the inference variants.
+
+Usage::
+
+    python benchmarks/fusion/compile_check.py                       # sm_90 (H100/H200), bf16 and fp32
+    python benchmarks/fusion/compile_check.py --arch 80 --dtypes bf16 --extra
+
+Writes ``benchmarks/results/triton_compile_sm<arch>[_nodropout]_<date>.json`` and prints the table last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def candidates(kernel: str, extra: bool) -> list[tuple[int, int, int, int, str]]:
+    """``(BLOCK_N, BLOCK_T, num_warps, num_stages, source)`` to compile for ``kernel``: the autotune set, the
+    fallback configuration, and with ``extra`` the same tiles at the other warp count."""
+    from glip_fusion.triton import _config
+
+    seen, out = set(), []
+
+    def add(bn, bt, warps, stages, source):
+        if (bn, bt, warps, stages) not in seen:
+            seen.add((bn, bt, warps, stages))
+            out.append((bn, bt, warps, stages, source))
+
+    for cfg in _config.AUTOTUNE_CONFIGS[kernel]:
+        add(cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_T"], cfg.num_warps, cfg.num_stages, "autotune")
+    safe = _config.SAFE_CONFIG
+    add(safe["BLOCK_N"], safe["BLOCK_T"], safe["num_warps"], safe["num_stages"], "safe")
+    if extra:
+        for cfg in _config.AUTOTUNE_CONFIGS[kernel]:
+            add(cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_T"], 12 - cfg.num_warps, cfg.num_stages, "extra")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    ap.add_argument("--dtypes", default="bf16,fp32", help=f"comma list of {', '.join(DTYPES)}")
+    ap.add_argument("--head-dim", type=int, default=256)
+    ap.add_argument("--kernels", default=None, help="comma list (default: the four tiled kernels)")
+    ap.add_argument("--extra", action="store_true", help="also each autotune tile at the other warp count (4 <-> 8)")
+    ap.add_argument("--no-dropout", action="store_true", help="compile the inference variants (HAS_DROPOUT off)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile kernels)")
+        return 2
+
+    import torch
+    import triton
+
+    from glip_fusion.triton import _aot, _config
+
+    dtype_of = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    unknown = [d for d in dtypes if d not in dtype_of]
+    if unknown:
+        ap.error(f"unknown dtype(s) {unknown}; choose from {DTYPES}")
+    kernels = args.kernels.split(",") if args.kernels else [_config.FWD_ROWS, _config.FWD_COLS, _config.BWD_ROWS,
+                                                             _config.BWD_COLS]
+    limit = _aot.shared_memory_limit(args.arch)
+    rows = []
+    jobs = [(d, k, c) for d in dtypes for k in kernels for c in candidates(k, args.extra)]
+    print(f"compile_check: {len(jobs)} variants for sm_{args.arch} (triton {triton.__version__}, head dim "
+          f"{args.head_dim}, shared-memory limit {limit // 1024} KB)", flush=True)
+    for i, (dname, kernel, (bn, bt, warps, stages, source)) in enumerate(jobs, 1):
+        row = dict(kernel=kernel, dtype=dname, BLOCK_N=bn, BLOCK_T=bt, num_warps=warps, num_stages=stages,
+                   source=source)
+        try:
+            res = _aot.compile_kernel(kernel, dtype_of[dname], arch=args.arch, head_dim=args.head_dim,
+                                      num_warps=warps, num_stages=stages, BLOCK_N=bn, BLOCK_T=bt,
+                                      HAS_DROPOUT=not args.no_dropout)
+            row.update(status="ok", registers=res.registers, spill_bytes=res.spill_bytes,
+                       shared_kb=round(res.shared_bytes / 1024, 1), fits=res.fits, compile_s=round(res.seconds, 1))
+        except Exception as exc:  # a variant that does not compile is a result, not a crash of the survey
+            row.update(status=f"error: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
+        rows.append(row)
+        print(f"[{i}/{len(jobs)}] {json.dumps(row)}", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variant = "_nodropout" if args.no_dropout else ""
+    path = out / f"triton_compile_sm{args.arch}{variant}_{_dt.date.today().isoformat()}.json"
+    payload = dict(command=" ".join(["compile_check.py", *(argv if argv is not None else sys.argv[1:])]),
+                   arch=args.arch, triton=triton.__version__, torch=torch.__version__, head_dim=args.head_dim,
+                   dropout=not args.no_dropout,
+                   shared_memory_limit_kb=limit // 1024, rows=rows)
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"\nwrote {path}\n")
+    print(f"{'kernel':9s} {'dtype':5s} {'BN':>4s} {'BT':>4s} {'warps':>5s} {'stg':>3s} {'regs':>4s} "
+          f"{'spill B':>7s} {'smem KB':>7s} {'fits':>4s}  source")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['kernel']:9s} {r['dtype']:5s} {r['BLOCK_N']:4d} {r['BLOCK_T']:4d} {r['num_warps']:5d} "
+                  f"{r['num_stages']:3d}  {r['status']}")
+            continue
+        print(f"{r['kernel']:9s} {r['dtype']:5s} {r['BLOCK_N']:4d} {r['BLOCK_T']:4d} {r['num_warps']:5d} "
+              f"{r['num_stages']:3d} {r['registers']:4d} {r['spill_bytes']:7d} {r['shared_kb']:7.1f} "
+              f"{'yes' if r['fits'] else 'NO':>4s}  {r['source']}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
