@@ -129,13 +129,17 @@ def _cfg(block_n: int, block_t: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": block_n, "BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
 
 
-#: Small candidate sets (fusion_kernel.md §3.10: 64x64 tiles as FA2 on H100 at hdim 256, 32-wide fallbacks against
-#: register spills and for short prompts).  If none of them compiles on a GPU, :data:`SAFE_CONFIG` is used.
+#: Small candidate sets (fusion_kernel.md §3.10: 64x64 tiles as FA2 on H100 at hdim 256, 32-wide tiles for short
+#: prompts).  Chosen from the sm_90 compile survey (``benchmarks/fusion/compile_check.py --extra``, bf16, head dim 256,
+#: dropout on; results in ``benchmarks/results/triton_compile_sm90_*.json``): at head dim 256 the fp32 accumulators
+#: alone need 128+ registers per thread at 4 warps, so most 4-warp tiles spill (0.4-4 KB per thread) while the same
+#: tiles at 8 warps spill little or nothing; heavily spilling 4-warp candidates were replaced by 8-warp ones.  Not yet
+#: timed on a GPU.  If none of them compiles on a GPU, :data:`SAFE_CONFIG` is used.
 AUTOTUNE_CONFIGS: dict[str, list[triton.Config]] = {
-    FWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 1), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)],
-    FWD_COLS: [_cfg(32, 32, 4, 1), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 1), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)],
-    BWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 4, 1), _cfg(64, 64, 8, 1)],
-    BWD_COLS: [_cfg(32, 32, 4, 1), _cfg(32, 64, 8, 1), _cfg(64, 32, 4, 1), _cfg(64, 64, 8, 1)],
+    FWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2)],
+    FWD_COLS: [_cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2)],
+    BWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(64, 64, 8, 1)],
+    BWD_COLS: [_cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(64, 64, 8, 1)],
 }
 
 #: Last resort when every autotune candidate fails with OutOfResources: 16x16 tiles fit at d = 256 in fp32
