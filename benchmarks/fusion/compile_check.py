@@ -12,8 +12,9 @@ Usage::
 
     python benchmarks/fusion/compile_check.py                       # sm_90 (H100/H200), bf16 and fp32
     python benchmarks/fusion/compile_check.py --arch 80 --dtypes bf16 --extra
+    python benchmarks/fusion/compile_check.py --dtypes fp32 --pruned    # what a first fp32 call compiles
 
-Writes ``benchmarks/results/triton_compile_sm<arch>[_nodropout]_<date>.json`` and prints the table last.
+Writes ``benchmarks/results/triton_compile_sm<arch>[_nodropout][_<dtypes>_pruned]_<date>.json`` and prints the table last.
 """
 from __future__ import annotations
 
@@ -28,11 +29,27 @@ REPO = Path(__file__).resolve().parents[2]
 DTYPES = ("bf16", "fp16", "fp32")
 
 
-def candidates(kernel: str, extra: bool) -> list[tuple[int, int, int, int, str]]:
+def candidates(kernel: str, extra: bool, pruned_for=None) -> list[tuple[int, int, int, int, str]]:
     """``(BLOCK_N, BLOCK_T, num_warps, num_stages, source)`` to compile for ``kernel``: the autotune set, the
-    fallback configuration, and with ``extra`` the same tiles at the other warp count."""
+    fallback configuration, and with ``extra`` the same tiles at the other warp count.
+
+    ``pruned_for=(dtype, head_dim, smem_limit)``: only the autotune candidates that the autotuner's pruner keeps for
+    that input dtype at GLIP-T's shape (M = 256, N = 22400), i.e. what a first call actually compiles.
+    """
     from glip_fusion.triton import _config
 
+    configs = _config.AUTOTUNE_CONFIGS[kernel]
+    if pruned_for is not None:
+        import torch
+
+        dtype, head_dim, limit = pruned_for
+        saved = _config._smem_limit
+        _config._smem_limit = lambda: limit
+        try:
+            configs = _config.make_pruner(kernel)(configs, {"Q": torch.empty(1, dtype=dtype)}, M=256, N=22400,
+                                                  BLOCK_D=_config.block_d(head_dim))
+        finally:
+            _config._smem_limit = saved
     seen, out = set(), []
 
     def add(bn, bt, warps, stages, source):
@@ -40,12 +57,12 @@ def candidates(kernel: str, extra: bool) -> list[tuple[int, int, int, int, str]]
             seen.add((bn, bt, warps, stages))
             out.append((bn, bt, warps, stages, source))
 
-    for cfg in _config.AUTOTUNE_CONFIGS[kernel]:
+    for cfg in configs:
         add(cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_T"], cfg.num_warps, cfg.num_stages, "autotune")
     safe = _config.SAFE_CONFIG
     add(safe["BLOCK_N"], safe["BLOCK_T"], safe["num_warps"], safe["num_stages"], "safe")
     if extra:
-        for cfg in _config.AUTOTUNE_CONFIGS[kernel]:
+        for cfg in configs:
             add(cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_T"], 12 - cfg.num_warps, cfg.num_stages, "extra")
     return out
 
@@ -58,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default=None, help="comma list (default: the four tiled kernels)")
     ap.add_argument("--extra", action="store_true", help="also each autotune tile at the other warp count (4 <-> 8)")
     ap.add_argument("--no-dropout", action="store_true", help="compile the inference variants (HAS_DROPOUT off)")
+    ap.add_argument("--pruned", action="store_true", help="only the candidates the autotuner's pruner keeps for each "
+                    "dtype at GLIP-T's shape (what a first call compiles), instead of the whole set")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -78,7 +97,8 @@ def main(argv=None) -> int:
                                                              _config.BWD_COLS]
     limit = _aot.shared_memory_limit(args.arch)
     rows = []
-    jobs = [(d, k, c) for d in dtypes for k in kernels for c in candidates(k, args.extra)]
+    jobs = [(d, k, c) for d in dtypes for k in kernels
+            for c in candidates(k, args.extra, (dtype_of[d], args.head_dim, limit) if args.pruned else None)]
     print(f"compile_check: {len(jobs)} variants for sm_{args.arch} (triton {triton.__version__}, head dim "
           f"{args.head_dim}, shared-memory limit {limit // 1024} KB)", flush=True)
     for i, (dname, kernel, (bn, bt, warps, stages, source)) in enumerate(jobs, 1):
@@ -97,11 +117,11 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    variant = "_nodropout" if args.no_dropout else ""
+    variant = ("_nodropout" if args.no_dropout else "") + ("_" + "_".join(dtypes) + "_pruned" if args.pruned else "")
     path = out / f"triton_compile_sm{args.arch}{variant}_{_dt.date.today().isoformat()}.json"
     payload = dict(command=" ".join(["compile_check.py", *(argv if argv is not None else sys.argv[1:])]),
                    arch=args.arch, triton=triton.__version__, torch=torch.__version__, head_dim=args.head_dim,
-                   dropout=not args.no_dropout,
+                   dropout=not args.no_dropout, pruned=args.pruned,
                    shared_memory_limit_kb=limit // 1024, rows=rows)
     path.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {path}\n")

@@ -419,9 +419,27 @@ def test_autotune_pruner_keeps_fitting_problem_sized_configs(monkeypatch):
                 if len(kept) > 1:
                     cap_m, cap_n = max(16, _config.next_pow2(m)), max(16, _config.next_pow2(n))
                     assert all(c.kwargs["BLOCK_T"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n for c in kept)
-            # at d = 64 and GLIP shapes every candidate fits and none is oversized
-            assert len(prune(configs, {"Q": fp16}, M=256, N=22400, BLOCK_D=64)) == len(configs), kernel
+            # at d = 64 and GLIP shapes every candidate of at least 32x32 fits and none is oversized
+            large = [c for c in configs if min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_T"]) >= 32]
+            assert prune(configs, {"Q": fp16}, M=256, N=22400, BLOCK_D=64) == large, kernel
+            # a 16-token prompt keeps only the tiles no wider than it
+            assert all(c.kwargs["BLOCK_T"] == 16 for c in prune(configs, {"Q": fp16}, M=16, N=22400, BLOCK_D=64))
     assert _config.n_bucket(6500) == _config.n_bucket(8000) != _config.n_bucket(22400)
+
+
+def test_autotune_pruner_keeps_only_small_fp32_tiles_at_large_head_dims(monkeypatch):
+    """float32 inputs (no tensor cores) keep the tiles within FP32_MAX_TILE_VOLUME; half inputs keep them all."""
+    monkeypatch.setattr(_config, "_smem_limit", lambda: 227 * 1024)
+    fp32, bf16 = torch.empty(1), torch.empty(1, dtype=torch.bfloat16)
+    for kernel, configs in _config.AUTOTUNE_CONFIGS.items():
+        prune = _config.make_pruner(kernel)
+        kept = prune(configs, {"Q": fp32}, M=256, N=22400, BLOCK_D=256)
+        volumes = [c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_T"] * 256 for c in kept]
+        assert kept and max(volumes) <= _config.FP32_MAX_TILE_VOLUME, kernel
+        assert {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_T"]) for c in kept} == {(16, 16), (32, 32)}, kernel
+        # a smaller head dim leaves room for larger fp32 tiles; bf16 is not restricted
+        assert len(prune(configs, {"Q": fp32}, M=256, N=22400, BLOCK_D=64)) > len(kept), kernel
+        assert len(prune(configs, {"Q": bf16}, M=256, N=22400, BLOCK_D=256)) > len(kept), kernel
 
 
 def test_launch_falls_back_to_safe_config_when_no_autotune_config_fits(monkeypatch):

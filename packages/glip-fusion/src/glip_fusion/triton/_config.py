@@ -134,12 +134,18 @@ def _cfg(block_n: int, block_t: int, warps: int, stages: int) -> triton.Config:
 #: dropout on; results in ``benchmarks/results/triton_compile_sm90_*.json``): at head dim 256 the fp32 accumulators
 #: alone need 128+ registers per thread at 4 warps, so most 4-warp tiles spill (0.4-4 KB per thread) while the same
 #: tiles at 8 warps spill little or nothing; heavily spilling 4-warp candidates were replaced by 8-warp ones.  Not yet
-#: timed on a GPU.  If none of them compiles on a GPU, :data:`SAFE_CONFIG` is used.
+#: timed on a GPU.  The 16x16 tile is the only spill-free float32 tile at head dim 256 (32x32 spills 4-16 KB per
+#: thread there); the pruner offers it to float32 inputs and to problems smaller than 32 tokens on an axis only.
+#: If none of them compiles on a GPU, :data:`SAFE_CONFIG` is used.
 AUTOTUNE_CONFIGS: dict[str, list[triton.Config]] = {
-    FWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2)],
-    FWD_COLS: [_cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2)],
-    BWD_ROWS: [_cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(64, 64, 8, 1)],
-    BWD_COLS: [_cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(64, 64, 8, 1)],
+    FWD_ROWS: [_cfg(16, 16, 4, 1), _cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2),
+               _cfg(128, 64, 8, 2)],
+    FWD_COLS: [_cfg(16, 16, 4, 1), _cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2),
+               _cfg(128, 64, 8, 2)],
+    BWD_ROWS: [_cfg(16, 16, 4, 1), _cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1),
+               _cfg(64, 64, 8, 1)],
+    BWD_COLS: [_cfg(16, 16, 4, 1), _cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1),
+               _cfg(64, 64, 8, 1)],
 }
 
 #: Last resort when every autotune candidate fails with OutOfResources: 16x16 tiles fit at d = 256 in fp32
@@ -194,9 +200,18 @@ def _operand_bytes(kernel: str, cfg: triton.Config, block_d_: int, elem: int) ->
     return (3 * bt + 3 * bn * stages) * block_d_ * elem  # BWD_COLS mirrors BWD_ROWS
 
 
+#: float32 inputs (IEEE dots on CUDA cores, no tensor cores) keep only tiles with
+#: ``BLOCK_N * BLOCK_T * BLOCK_D <= FP32_MAX_TILE_VOLUME``: in the sm_90 compile survey at head dim 256, fp32 tiles
+#: of 32x32 already spill 7-8 KB per thread and larger ones 15-36 KB, and each larger tile takes 15-50 s to compile,
+#: which would make the first autotuned fp32 call take minutes.
+FP32_MAX_TILE_VOLUME = 32 * 32 * 256
+
+
 def make_pruner(kernel: str):
     """An ``early_config_prune`` hook: drop tiles larger than the problem (a tile of 128 text tokens for M = 32 only
-    wastes work) and configurations whose operands cannot fit in shared memory.  Never returns an empty list."""
+    wastes work), configurations whose operands cannot fit in shared memory, for float32 inputs the tiles above
+    :data:`FP32_MAX_TILE_VOLUME`, and for half inputs the 16-wide tiles unless the problem is that small.  Never
+    returns an empty list."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -208,6 +223,12 @@ def make_pruner(kernel: str):
         limit = _smem_limit()
         fitting = [c for c in configs if _operand_bytes(kernel, c, bd, elem) <= limit]
         fitting = fitting or [min(configs, key=lambda c: _operand_bytes(kernel, c, bd, elem))]
+        if elem == 4:
+            small = [c for c in fitting if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_T"] * bd <= FP32_MAX_TILE_VOLUME]
+            fitting = small or fitting
+        elif m_cap >= 32 and n_cap >= 32:
+            # half inputs use tensor cores: 16x16 tiles only pay off for problems that small
+            fitting = [c for c in fitting if min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_T"]) >= 32] or fitting
         sized = [c for c in fitting if c.kwargs["BLOCK_T"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
         return sized or [min(fitting, key=lambda c: (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"]))]
 
