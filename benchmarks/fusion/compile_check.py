@@ -43,13 +43,8 @@ def candidates(kernel: str, extra: bool, pruned_for=None) -> list[tuple[int, int
         import torch
 
         dtype, head_dim, limit = pruned_for
-        saved = _config._smem_limit
-        _config._smem_limit = lambda: limit
-        try:
-            configs = _config.make_pruner(kernel)(configs, {"Q": torch.empty(1, dtype=dtype)}, M=256, N=22400,
-                                                  BLOCK_D=_config.block_d(head_dim))
-        finally:
-            _config._smem_limit = saved
+        configs = _config.make_pruner(kernel, smem_limit=limit)(
+            configs, {"Q": torch.empty(1, dtype=dtype)}, M=256, N=22400, BLOCK_D=_config.block_d(head_dim))
     seen, out = set(), []
 
     def add(bn, bt, warps, stages, source):

@@ -91,7 +91,7 @@ def _pointer_type(name: str, dtype: str) -> str:
     return "*" + dtype
 
 
-def _default_constants(kernel: str, dtype: torch.dtype, head_dim: int) -> dict:
+def _default_constants(dtype: torch.dtype, head_dim: int) -> dict:
     """Every feature on (masks, clamp, dropout, skipped padded text, split partials): the largest variant."""
     return dict(
         HAS_TMASK=True, HAS_IMASK=True, HAS_CLAMP=True, HAS_DROPOUT=True, SKIP_MASKED_TEXT=True, WRITE_PARTIAL=True,
@@ -130,7 +130,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype = torch.bfloat16, *, arch: in
         raise TypeError(f"dtype must be one of {list(_TRITON_DTYPE)}, got {dtype}")
     fn = KERNELS[kernel]
     type_name = _TRITON_DTYPE[dtype]
-    wanted = {**_default_constants(kernel, dtype, head_dim), **constants}
+    wanted = {**_default_constants(dtype, head_dim), **constants}
     constexpr_names = [p.name for p in fn.params if p.is_constexpr]
     consts = {name: wanted[name] for name in constexpr_names}
     signature = {}

@@ -207,11 +207,11 @@ def _operand_bytes(kernel: str, cfg: triton.Config, block_d_: int, elem: int) ->
 FP32_MAX_TILE_VOLUME = 32 * 32 * 256
 
 
-def make_pruner(kernel: str):
+def make_pruner(kernel: str, smem_limit: int | None = None):
     """An ``early_config_prune`` hook: drop tiles larger than the problem (a tile of 128 text tokens for M = 32 only
     wastes work), configurations whose operands cannot fit in shared memory, for float32 inputs the tiles above
     :data:`FP32_MAX_TILE_VOLUME`, and for half inputs the 16-wide tiles unless the problem is that small.  Never
-    returns an empty list."""
+    returns an empty list.  ``smem_limit`` (bytes per block) defaults to the current CUDA device's."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -220,7 +220,7 @@ def make_pruner(kernel: str):
         n_cap = max(16, next_pow2(int(args.get("N", 1 << 20))))
         ref = next((v for v in named_args.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
         elem = 4 if ref is None else ref.element_size()
-        limit = _smem_limit()
+        limit = _smem_limit() if smem_limit is None else smem_limit
         fitting = [c for c in configs if _operand_bytes(kernel, c, bd, elem) <= limit]
         fitting = fitting or [min(configs, key=lambda c: _operand_bytes(kernel, c, bd, elem))]
         if elem == 4:
