@@ -10,10 +10,14 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent
 
 
+#: the golden fixtures of the official implementation, copied into the repository (see tests/fixtures/README.md)
+DEFAULT_PARITY_DIR = REPO_ROOT / "tests" / "fixtures" / "parity"
+
+
 def parity_dir_path() -> Path:
-    """The golden-fixture folder: ``$GLIP_PARITY_DIR`` or ``../shared/parity`` next to the repository."""
+    """The golden-fixture folder: ``$GLIP_PARITY_DIR`` or the repository's ``tests/fixtures/parity``."""
     env = os.environ.get("GLIP_PARITY_DIR")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "parity"
+    return Path(env) if env else DEFAULT_PARITY_DIR
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +36,20 @@ def parity_dir() -> Path:
 @pytest.fixture(scope="session")
 def parity_index(parity_dir: Path) -> dict:
     return json.loads((parity_dir / "index.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def parity_loss_dir(parity_dir: Path) -> Path:
+    """The loss / ATSS-assignment fixture: the ``loss`` folder of the parity fixture. Missing = failure."""
+    path = parity_dir / "loss"
+    if not (path / "index.json").is_file():
+        pytest.fail(f"loss fixture not found: {path / 'index.json'} does not exist (GLIP_PARITY_DIR/loss)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_loss_index(parity_loss_dir: Path) -> dict:
+    return json.loads((parity_loss_dir / "index.json").read_text())
 
 
 @pytest.fixture(scope="session")

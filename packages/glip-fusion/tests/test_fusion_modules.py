@@ -1,8 +1,6 @@
 """X-MHA modules, VLFuse and the FusionEncoder: official formulation, key layout, options."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,11 +8,6 @@ import torch.nn.functional as F
 
 from glip_fusion import (BertEncoderLayer, BiAttentionBlock, BiMultiHeadAttention, DyConv, FusionEncoder,
                          FusionEncoderOutput, VLFuse, flatten_levels, level_image_masks, split_levels)
-
-
-def _parity_dir() -> Path:
-    repo = Path(__file__).resolve().parents[3]
-    return Path(os.environ.get("GLIP_PARITY_DIR", repo.parent / "shared" / "parity"))
 
 
 def _randomize(module, seed=0, std=0.2):
@@ -213,10 +206,8 @@ def test_gradient_checkpointing_recomputes_and_matches():
 # FusionEncoder
 
 
-def test_glip_t_key_layout_matches_official_checkpoint():
-    keys_file = _parity_dir() / "keys_glip_t.json"
-    if not keys_file.exists():
-        pytest.skip(f"{keys_file} not found (set GLIP_PARITY_DIR)")
+def test_glip_t_key_layout_matches_official_checkpoint(parity_dir):
+    keys_file = parity_dir / "keys_glip_t.json"
     official = json.loads(keys_file.read_text())
     prefix = "rpn.head.dyhead_tower."
     want = {k[len(prefix):]: tuple(v["shape"]) for k, v in official.items() if k.startswith(prefix)}
