@@ -51,7 +51,7 @@ def main() -> None:
     image = Image.open(REPO / "assets" / "street.png").convert("RGB").resize((1333, 800), Image.BILINEAR)
     rows = []
     for prompt_name, classes in PROMPTS.items():
-        n_tokens = int(model.tokenize([detection_prompt(classes)[0]])[1].sum())
+        n_tokens = int(model.processor.tokenize([detection_prompt(classes)[0]])[1].sum())
         for pad_to_max in (True, False):
             # one prompt per image, as the official COCO protocol (no 40-class chunking)
             kwargs = dict(classes=classes, threshold=0.0, pad_text_to_max=pad_to_max, classes_per_prompt=len(classes))

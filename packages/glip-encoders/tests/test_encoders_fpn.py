@@ -1,4 +1,4 @@
-"""FPN + P6/P7 against a hand-written composition of the official formulas (spec §2.3), and DropBlock."""
+"""FPN + P6/P7 against a hand-written composition of the official formulas (docs/official_model.md#image-encoder), and DropBlock."""
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,6 @@
 """Swin backbone: official layout, key mapping and the official forward semantics.
 
-The reference below is an independent plain-torch statement of the official GLIP Swin forward (spec §2.2), written
+The reference below is an independent plain-torch statement of the official GLIP Swin forward (docs/official_model.md#image-encoder), written
 with explicit loops over windows and explicit index formulas. It consumes weights in the *official* layout
 (``layers.{s}.downsample`` at the end of stage s), so comparing it with our module after
 ``checkpoint_filter_fn`` checks the key mapping and every padding / window / shift / merging quirk at once.
@@ -109,7 +109,7 @@ def ref_swin(sd, images, cfg: SwinConfig):
 
 
 def official_swin_keys(cfg: SwinConfig) -> dict[str, tuple]:
-    """Official key -> shape (spec §4.2 / Appendix A), stated independently of our module."""
+    """Official key -> shape (docs/official_model.md#checkpoint-layout), stated independently of our module."""
     C0, w = cfg.embed_dim, cfg.window_size
     keys = {"patch_embed.proj.weight": (C0, 3, 4, 4), "patch_embed.proj.bias": (C0,),
             "patch_embed.norm.weight": (C0,), "patch_embed.norm.bias": (C0,)}
@@ -268,7 +268,7 @@ def test_glip_t_backbone_keys_and_shapes_equal_official(parity_dir):
 
 
 def test_parameter_counts_match_spec():
-    """Spec §1.3: backbone.body / backbone.fpn parameter counts of GLIP-T and GLIP-L."""
+    """docs/official_model.md#variants: backbone.body / backbone.fpn parameter counts of GLIP-T and GLIP-L."""
     with torch.device("meta"):
         tiny = build_image_encoder("swin_tiny")
     assert sum(p.numel() for p in tiny.body.parameters()) == 27_520_506
@@ -280,7 +280,7 @@ def test_parameter_counts_match_spec():
 
 
 def test_swin_large_key_facts():
-    """Spec §4.3 facts about the GLIP-L Swin layout."""
+    """docs/official_model.md#image-encoder facts about the GLIP-L Swin layout."""
     with torch.device("meta"):
         large = build_image_encoder("swin_large")
     sd = {k: tuple(v.shape) for k, v in image_to_official_state_dict(large).items()}

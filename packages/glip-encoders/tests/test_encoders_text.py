@@ -25,14 +25,19 @@ def batch(tokenizer):
     return tokenize(tokenizer, ["person. bicycle. a red umbrella.", "dog."], max_length=32)
 
 
-def test_minilm_hidden_equals_transformers(minilm, minilm_dir, batch):
-    reference = BertModel.from_pretrained(str(minilm_dir), local_files_only=True, attn_implementation="eager").eval()
+def test_minilm_hidden_equals_transformers(minilm_dir, batch):
+    """Our encoder = the Hugging Face model called the way GLIP calls it (token types 0, the attention mask), compared
+    in float64 on real tokens only (padded positions hold values no caller may use)."""
+    encoder = TextEncoder.from_pretrained(minilm_dir).double().eval()
+    reference = BertModel.from_pretrained(str(minilm_dir), local_files_only=True, attn_implementation="eager")
+    reference = reference.double().eval()
     with torch.no_grad():
-        out = minilm(**batch)
+        out = encoder(**batch)
         expected = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              token_type_ids=torch.zeros_like(batch["input_ids"])).last_hidden_state
     assert out.hidden.shape == (2, 32, 384)
-    torch.testing.assert_close(out.hidden, expected, rtol=1e-5, atol=1e-5)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.hidden[real], expected[real], rtol=1e-10, atol=1e-10)
 
 
 def test_from_pretrained_reports_and_refuses(minilm, minilm_dir, tmp_path):
@@ -64,15 +69,23 @@ def test_output_fields(minilm, batch):
     assert set(out.to_dict()) == {"hidden", "embedded", "masks", "aggregate"}
 
 
-def test_sdpa_and_eager_agree(minilm_dir, batch):
-    eager = TextEncoder.from_pretrained(minilm_dir, attn_implementation="eager").eval()
-    sdpa = TextEncoder.from_pretrained(minilm_dir, attn_implementation="sdpa").eval()
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_attention_implementation_is_applied_and_keeps_real_tokens(minilm_dir, batch, implementation):
+    """The attention implementation we pass reaches the model, and the real tokens' outputs do not depend on it
+    (float64, so the comparison is about the masking, not about kernel rounding)."""
+    encoder = TextEncoder.from_pretrained(minilm_dir, attn_implementation=implementation).double().eval()
+    assert encoder.model.config._attn_implementation == implementation
+    other = TextEncoder.from_pretrained(minilm_dir, attn_implementation="eager" if implementation == "sdpa"
+                                        else "sdpa").double().eval()
+    real = batch["attention_mask"].bool()
     with torch.no_grad():
-        torch.testing.assert_close(eager(**batch).hidden, sdpa(**batch).hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(encoder(**batch).hidden[real], other(**batch).hidden[real], rtol=1e-10,
+                                   atol=1e-10)
 
 
 def test_valid_tokens_invariant_to_padding_length(minilm, tokenizer):
-    """Spec §12.11: padding to 256 or to the longest caption gives the same valid-token outputs."""
+    """docs/official_model.md#quirks item 11: padding to 256 or to the longest caption gives the same valid-token
+    outputs."""
     captions = ["a cat on a mat.", "dog."]
     with torch.no_grad():
         full = minilm(**tokenize(tokenizer, captions, pad_to_max=True))
@@ -124,7 +137,7 @@ def test_filter_fn_on_minilm_checkpoint(minilm_dir):
 
 
 def test_bert_base_architecture():
-    """Spec §1.3: BERT-base without pooler has 108,891,648 parameters; 12 layers, hidden 768."""
+    """docs/official_model.md#variants: BERT-base without pooler has 108,891,648 parameters; 12 layers, hidden 768."""
     with torch.device("meta"):
         enc = TextEncoder.bert_base()
     assert sum(p.numel() for p in enc.model.parameters()) == 108_891_648

@@ -119,16 +119,28 @@ def test_flatten_split_round_trip_and_row_major_order():
         split_levels(tokens[:, :-1], sizes)
 
 
-def test_vlfuse_equals_block_on_flattened_tokens():
-    fuse = _randomize(VLFuse(8, 12, 16, 2)).eval()
-    feats = [torch.randn(2, 8, h, w) for h, w in [(4, 6), (2, 3), (1, 2)]]
-    lang, mask = torch.randn(2, 5, 12), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    out_feats, out_lang = fuse(feats, lang, mask)
-    tokens, sizes = flatten_levels(feats)
-    v, l = fuse.b_attn(tokens, lang, mask)
-    assert torch.allclose(out_lang, l)
-    assert all(torch.allclose(a, b) for a, b in zip(out_feats, split_levels(v, sizes)))
-    assert [f.shape for f in out_feats] == [f.shape for f in feats]
+def test_vlfuse_equals_the_official_block_on_row_major_tokens():
+    """VLFuse against the literal float64 block on tokens gathered by explicit loops (levels in order, y then x)."""
+    fuse = _randomize(VLFuse(8, 12, 16, 2)).double().eval()
+    g = torch.Generator().manual_seed(3)
+    sizes = [(4, 6), (2, 3), (1, 2)]
+    feats = [torch.randn(2, 8, h, w, generator=g, dtype=torch.float64) for h, w in sizes]
+    lang = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        out_feats, out_lang = fuse(feats, lang, mask)
+    tokens = torch.stack([torch.stack([f[b, :, y, x] for f, (h, w) in zip(feats, sizes)
+                                       for y in range(h) for x in range(w)]) for b in range(2)])
+    sd = {k[len("b_attn."):]: t.detach() for k, t in fuse.state_dict().items()}
+    want_v, want_l = block_literal(sd, tokens, lang, mask, heads=2)
+    assert torch.allclose(out_lang, want_l, atol=1e-12)
+    n = 0
+    for f, (h, w) in zip(out_feats, sizes):
+        assert f.shape == (2, 8, h, w)
+        for y in range(h):
+            for x in range(w):
+                assert torch.allclose(f[:, :, y, x], want_v[:, n], atol=1e-12), (h, w, y, x)
+                n += 1
 
 
 def _padded_pair(seed=0):
@@ -164,19 +176,25 @@ def test_image_mask_gives_batch_invariant_outputs_and_official_mode_does_not():
     assert (official_l - ref_l).abs().max() > 1e-4  # quirk §12.1: the text update does
 
 
-def test_level_image_masks():
-    pixel = torch.zeros(2, 48, 64, dtype=torch.bool)
-    pixel[0] = True
-    pixel[1, :32, :40] = True
-    lv = level_image_masks(pixel, [(6, 8), (3, 4), (2, 2)])
-    assert [m.shape for m in lv] == [(2, 6, 8), (2, 3, 4), (2, 2, 2)]
-    assert lv[0][0].all() and lv[1][0].all()
-    exp0 = torch.zeros(6, 8, dtype=torch.bool)
-    exp0[:4, :5] = True  # 32/8 rows, ceil(40/8) = 5 columns
-    assert torch.equal(lv[0][1], exp0)
-    exp1 = torch.zeros(3, 4, dtype=torch.bool)
-    exp1[:2, :3] = True  # rows [0,16),[16,32) real; columns up to 40 -> cells 0..2 (cell 2 = [32, 48))
-    assert torch.equal(lv[1][1], exp1)
+def test_level_image_masks_are_the_cells_of_the_image_alone():
+    # batch padded to 96 x 128; strides 8, 16, 32, 64 (the last one a stride-2 conv of the stride-32 level)
+    feature_sizes = [(12, 16), (6, 8), (3, 4), (2, 2)]
+    masks = level_image_masks([(96, 128), (33, 40), (64, 1)], feature_sizes, [8, 16, 32, 64], size_divisibility=32)
+    assert [tuple(m.shape) for m in masks] == [(3, h, w) for h, w in feature_sizes]
+    assert all(m[0].all() for m in masks)  # the largest image fills the batch
+    # 33 x 40 alone is padded to 64 x 64 -> 8x8, 4x4, 2x2, 1x1 cells
+    # 64 x 1 alone is padded to 64 x 32 -> 8x4, 4x2, 2x1, 1x1 cells
+    for m, (rows1, cols1), (rows2, cols2) in zip(masks, [(8, 8), (4, 4), (2, 2), (1, 1)],
+                                                 [(8, 4), (4, 2), (2, 1), (1, 1)]):
+        for image, (rows, cols) in ((1, (rows1, cols1)), (2, (rows2, cols2))):
+            expected = torch.zeros(m.shape[1:], dtype=torch.bool)
+            expected[:rows, :cols] = True
+            assert torch.equal(m[image], expected), (image, m.shape)
+    # without batch padding rounding, 33 x 40 keeps ceil(33 / 8) = 5 rows at stride 8
+    assert masks[0][1].sum() == 64
+    assert level_image_masks([(33, 40)], [(5, 5)], [8], size_divisibility=1)[0].all()
+    with pytest.raises(ValueError, match="2 feature sizes but 1 strides"):
+        level_image_masks([(8, 8)], [(1, 1), (1, 1)], [8])
 
 
 def test_gradient_checkpointing_recomputes_and_matches():
@@ -220,12 +238,12 @@ def test_glip_t_key_layout_matches_official_checkpoint(parity_dir):
 
 
 @pytest.mark.parametrize("preset,n_modules,n_params", [
-    ("glip_t", 18, 91_853_352), ("glip_l", 24, 122_471_136), ("GLIP-T(A)", 6, 11_503_656)])
+    ("glip_t", 18, 91_853_352), ("glip_l", 24, 122_471_136), ("glip_t_a", 6, 11_503_656)])
 def test_presets_structure_and_parameter_counts(preset, n_modules, n_params):
     with torch.device("meta"):
-        enc = FusionEncoder.from_preset(preset)
+        enc = getattr(FusionEncoder, preset)()
     assert len(enc) == n_modules
-    assert sum(p.numel() for p in enc.parameters()) == n_params  # spec §1.3
+    assert sum(p.numel() for p in enc.parameters()) == n_params  # docs/official_model.md#variants
     if n_modules == 6:
         assert all(isinstance(m, DyConv) for m in enc)
     else:
@@ -280,13 +298,28 @@ def test_forward_intermediates_and_eval_determinism():
     assert all(torch.equal(a, b) for a, b in zip(out.features, again.features)) and again.intermediates is None
 
 
-def test_minilm_sized_text_tower():
-    enc = FusionEncoder(num_blocks=1, in_channels=16, channels=16, lang_dim=384, embed_dim=32, num_heads=2,
-                        bert_num_heads=12, bert_intermediate_size=1536).eval()
-    feats, _, mask = _tiny_inputs()
-    lang = torch.randn(2, 6, 384)
-    out = enc(feats, lang, mask)
-    assert out.lang_hidden.shape == (2, 6, 384) and torch.isfinite(out.lang_hidden).all()
+def test_minilm_sized_text_tower_is_invariant_to_text_padding():
+    """A 384-wide, 12-head text tower (MiniLM-sized): padding the text with more tokens leaves the image features
+    and every real token's output unchanged (padded keys are masked in X-MHA and the BERT layer)."""
+    enc = _randomize(FusionEncoder(num_blocks=2, in_channels=16, channels=16, lang_dim=384, embed_dim=32, num_heads=2,
+                                   bert_num_heads=12, bert_intermediate_size=1536), seed=5, std=0.05).double().eval()
+    feats, _, _ = _tiny_inputs()
+    feats = [f.double() for f in feats]
+    g = torch.Generator().manual_seed(6)
+    lang = torch.randn(2, 6, 384, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    longer = torch.cat([lang, torch.randn(2, 4, 384, generator=g, dtype=torch.float64)], dim=1)
+    longer_mask = torch.cat([mask, torch.zeros(2, 4, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        short, long = enc(feats, lang, mask), enc(feats, longer, longer_mask)
+    for a, b in zip(short.features, long.features):
+        assert torch.allclose(a, b, atol=1e-10)
+    real = mask.bool()
+    assert torch.allclose(short.lang_hidden[real], long.lang_hidden[:, :6][real], atol=1e-10)
+    # and the text really is fused: the image features move the text
+    with torch.no_grad():
+        other = enc([f + torch.randn(f.shape, generator=g, dtype=f.dtype) for f in feats], lang, mask)
+    assert (other.lang_hidden[real] - short.lang_hidden[real]).abs().max() > 1e-3
 
 
 def test_dyconv_only_tower_passes_text_through():
@@ -302,7 +335,13 @@ def test_encoder_errors():
     feats, lang, mask = _tiny_inputs()
     with pytest.raises(ValueError, match="lang_hidden"):
         enc(feats)
-    with pytest.raises(ValueError, match="unknown FusionEncoder preset"):
-        FusionEncoder.from_preset("glip_xl")
+    with pytest.raises(ValueError, match="FusionConfig.offset_mode must be one of"):
+        FusionEncoder(offset_mode="official_v2")
+    with pytest.raises(ValueError, match="FusionConfig.backend must be one of"):
+        FusionEncoder(backend="flash")
+    with pytest.raises(ValueError, match="FusionConfig.num_blocks must be a positive integer"):
+        FusionEncoder(num_blocks=0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        FusionEncoder(fusion_dropout=0.1)
     with pytest.raises(ValueError, match="image_masks has 1 levels"):
         enc(feats, lang, mask, image_masks=[torch.ones(2, 8, 8, dtype=torch.bool)])

@@ -73,10 +73,10 @@ def test_preprocessing_equals_official(model, parity_dir, parity_index):
     failures = []
     for name, case in _cases(parity_index):
         arr = _arrays(parity_dir, case)
-        batch, sizes, original = model.preprocess([parity_dir / f for f in case["images"]], min_size=320, max_size=480)
-        assert sizes == [tuple(s) for s in arr["input/image_sizes_hw"].tolist()], name
-        assert original == [tuple(s) for s in arr["input/orig_sizes_hw"].tolist()], name
-        _check(f"{name} image tensor", batch, arr["input/image_tensor"], ENCODER_TOL, failures)
+        batch = model.processor.preprocess([parity_dir / f for f in case["images"]], min_size=320, max_size=480)
+        assert batch.image_sizes == [tuple(s) for s in arr["input/image_sizes_hw"].tolist()], name
+        assert batch.original_sizes == [tuple(s) for s in arr["input/orig_sizes_hw"].tolist()], name
+        _check(f"{name} image tensor", batch.pixel_values, arr["input/image_tensor"], ENCODER_TOL, failures)
     assert not failures, "\n".join(failures)
 
 
@@ -136,8 +136,8 @@ def test_candidates_and_detections_equal_official(model, official_forward, parit
         case = parity_index["cases"][name]
         class_tokens = [[m[k] for k in sorted(m, key=int)] for m in case["label_to_token"]]
         head = out.head
-        dets = model.postprocessor(head.box_regression, head.centerness, head.token_logits, out.anchors,
-                                   out.image_sizes, class_tokens, keep_pre_nms=True)
+        dets = model.processor.post_process(head.box_regression, head.centerness, head.token_logits, out.anchors,
+                                            out.image_sizes, class_tokens, keep_pre_nms=True)
         for i, det in enumerate(dets):
             b, s, l = det.pre_nms
             ref = [arr[f"post/img{i}/pre_nms_{k}"] for k in ("boxes", "scores", "labels")]

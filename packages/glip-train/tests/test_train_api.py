@@ -99,8 +99,9 @@ def test_ground_with_given_and_extracted_phrases(small_model, images):
     assert flat["text_labels"] == res["text_labels"] and torch.equal(flat["scores"], res["scores"])
     both = small_model.ground(images, [caption, caption], ["small dog"], **KW)
     assert all(set(r["text_labels"]) <= {"small dog"} for r in both)
+    assert all(len(r["scores"]) > 0 for r in both)
     auto = small_model.ground(images[0], caption, **KW)[0]
-    assert set(auto["text_labels"]) <= {"a man", "a red umbrella", "a small dog"}
+    assert len(auto["scores"]) > 0 and set(auto["text_labels"]) == {"a man", "a red umbrella", "a small dog"}
 
 
 def test_image_inputs_of_every_kind(small_model, images, tmp_path):
@@ -111,10 +112,15 @@ def test_image_inputs_of_every_kind(small_model, images, tmp_path):
     for variant in (path, str(path), arr):
         out = small_model.detect(variant, classes=["dog"], **KW)[0]
         assert torch.allclose(out["scores"], ref["scores"])
-    gray = small_model.detect(np.asarray(images[0].convert("L")), classes=["dog"], **KW)[0]
     rgba = small_model.detect(images[0].convert("RGBA"), classes=["dog"], **KW)[0]
     assert torch.allclose(rgba["scores"], ref["scores"])
-    assert gray["boxes"].shape[1] == 4
+    # a grayscale array is read as the official loader reads a grayscale file: convert("RGB") (R = G = B)
+    gray_pil = images[0].convert("L")
+    gray = small_model.detect(np.asarray(gray_pil), classes=["dog"], **KW)[0]
+    gray_ref = small_model.detect(gray_pil.convert("RGB"), classes=["dog"], **KW)[0]
+    assert len(gray["scores"]) > 0 and torch.equal(gray["scores"], gray_ref["scores"])
+    assert torch.equal(gray["boxes"], gray_ref["boxes"])
+    assert not torch.allclose(gray["scores"][:5], ref["scores"][:5])  # and it is not the colour image
 
 
 @pytest.mark.parametrize(
@@ -183,8 +189,15 @@ def test_text_padding_to_max_changes_nothing(small_model, images):
     assert torch.allclose(a["scores"], b["scores"], atol=1e-5)
 
 
-def test_bfloat16_autocast_runs_close_to_fp32(small_model, images):
-    a = small_model.detect(images[0], classes=["dog"], **KW)[0]
-    b = small_model.detect(images[0], classes=["dog"], dtype=torch.bfloat16, **KW)[0]
-    assert b["scores"].dtype == torch.float32 and len(b["scores"]) > 0
-    assert abs(a["scores"].max() - b["scores"].max()) < 0.05
+def test_bfloat16_autocast_detections_match_fp32(small_model, images):
+    """bf16 keeps 8 significant bits (relative rounding 2^-9 per value); through two fusion blocks the scores move
+    by a few 1e-3. The detections must be the same set: boxes within 2 px, scores within 0.02, same labels."""
+    from glip_train.testing import match_detections
+
+    fp32 = small_model.detect(images[0], classes=["dog", "cat"], max_detections=20, **KW)[0]
+    bf16 = small_model.detect(images[0], classes=["dog", "cat"], max_detections=20, dtype=torch.bfloat16, **KW)[0]
+    assert bf16["scores"].dtype == torch.float32 and len(fp32["scores"]) == 20
+    top = slice(0, 10)  # the lower ranks may swap places with candidates just outside the cap
+    m = match_detections(bf16["boxes"], bf16["scores"], bf16["labels"], fp32["boxes"][top], fp32["scores"][top],
+                         fp32["labels"][top], iou_threshold=0.9, score_tolerance=0.02)
+    assert m.matched == 10, f"only {m.matched} of the 10 best fp32 detections found in bf16"

@@ -14,7 +14,6 @@ Text side::
     out = text(**tok)                                     # TextEncoderOutput(hidden, embedded, masks, aggregate)
 """
 
-from . import fpn, image, swin, text
 from .fpn import FPN, DropBlock2d, LastLevelP6P7
 from .image import (
     ImageEncoder,
@@ -48,8 +47,4 @@ __all__ = [
     "load_tokenizer",
     "tokenize",
     "text_checkpoint_filter_fn",
-    "fpn",
-    "image",
-    "swin",
-    "text",
 ]

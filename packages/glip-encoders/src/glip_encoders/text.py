@@ -1,4 +1,4 @@
-"""Text encoder: a local Hugging Face BERT-family model used the way GLIP uses it (spec §2.4).
+"""Text encoder: a local Hugging Face BERT-family model used the way GLIP uses it (``docs/official_model.md#text-encoder``).
 
 GLIP encodes the prompt with ``bert-base-uncased`` (no pooler), passes no ``token_type_ids`` (all zeros) and uses the
 last layer only. The encoder returns, like the official ``language_backbone``:
@@ -61,7 +61,7 @@ class TextEncoder(nn.Module):
         model: a Hugging Face base model (e.g. ``BertModel(add_pooling_layer=False)``), kept as child ``model``.
         num_layers: average of the last ``num_layers`` layers (official ``LANGUAGE_BACKBONE.N_LAYERS``; GLIP: 1).
         official_double_division: for ``num_layers > 1`` the official code divides the layer average by
-            ``num_layers`` a second time (spec §12.14); kept by default for parity, no effect for ``num_layers=1``.
+            ``num_layers`` a second time (``docs/official_model.md#quirks`` item 14); kept by default for parity, no effect for ``num_layers=1``.
     """
 
     def __init__(self, model: nn.Module, num_layers: int = 1, official_double_division: bool = True):

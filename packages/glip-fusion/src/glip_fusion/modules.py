@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import deform_conv2d
 
 from .attention import bi_attention
+from .config import OFFSET_MODES, FusionConfig
 
 __all__ = [
     "BiMultiHeadAttention",
@@ -78,20 +79,39 @@ def split_levels(tokens: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list
     return [c.transpose(1, 2).reshape(B, C, h, w).contiguous() for c, (h, w) in zip(chunks, sizes)]
 
 
-def level_image_masks(pixel_mask: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-    """Per-level validity masks from a padded-batch pixel mask.
+def level_image_masks(image_sizes: Sequence[tuple[int, int]], feature_sizes: Sequence[tuple[int, int]],
+                      strides: Sequence[int], *, size_divisibility: int = 32,
+                      device: Optional[torch.device] = None) -> list[torch.Tensor]:
+    """Per-level validity masks of a zero-padded batch: the cells the image would have if it were alone.
+
+    An image of ``(h, w)`` run alone is padded to ``(ceil(h / d) * d, ceil(w / d) * d)`` (``d = size_divisibility``)
+    and every stride-``s`` feature map of a "same"-padded network (convolutions, Swin patch embedding and merging,
+    GLIP's stride-2 P6/P7) then has ``ceil(padded / s)`` rows and columns. In a larger batch the same image gets more
+    padding; this mask marks valid exactly those cells, so a batched image's valid cells equal the cells of the image
+    alone and the rule depends only on the image's own size, never on the batch. (A pooling rule over the padded
+    pixel mask would not: it depends on the batch's padded size at levels whose stride does not divide it.)
 
     Args:
-        pixel_mask: ``(B, H, W)`` bool, True = real pixel (e.g. from ``glip_data.collate.pad_images``).
-        sizes: ``(H_l, W_l)`` of every feature level.
+        image_sizes: ``(h, w)`` of each unpadded image (B entries).
+        feature_sizes: ``(H_l, W_l)`` of every level of the batch.
+        strides: the stride of every level (GLIP: 8, 16, 32, 64, 128).
+        size_divisibility: the batch padding multiple (GLIP: 32).
     Returns:
-        ``[(B, H_l, W_l)]`` bool: a cell is real when any pixel of the input region it pools over
-        (adaptive max-pool regions) is real.
+        ``[(B, H_l, W_l)]`` bool, True = valid cell.
     """
-    if pixel_mask.dim() != 3:
-        raise ValueError(f"pixel_mask must be (B, H, W) bool; got shape {tuple(pixel_mask.shape)}")
-    m = pixel_mask[:, None].to(torch.float32)
-    return [F.adaptive_max_pool2d(m, (h, w))[:, 0] > 0 for h, w in sizes]
+    if len(feature_sizes) != len(strides):
+        raise ValueError(f"{len(feature_sizes)} feature sizes but {len(strides)} strides")
+    divisor = max(1, int(size_divisibility))
+    padded = [((int(h) + divisor - 1) // divisor * divisor, (int(w) + divisor - 1) // divisor * divisor)
+              for h, w in image_sizes]
+    masks = []
+    for (height, width), stride in zip(feature_sizes, strides):
+        rows = torch.arange(height, device=device)
+        cols = torch.arange(width, device=device)
+        valid_rows = torch.tensor([-(-ph // stride) for ph, _ in padded], device=device)
+        valid_cols = torch.tensor([-(-pw // stride) for _, pw in padded], device=device)
+        masks.append((rows[None, :, None] < valid_rows[:, None, None]) & (cols[None, None, :] < valid_cols[:, None, None]))
+    return masks
 
 
 def _h_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -473,8 +493,6 @@ class DyReLU(nn.Module):
         return torch.max(x * a1 + b1, x * a2 + b2)
 
 
-OFFSET_MODES = ("official", "per_level")
-
 
 class DyConv(nn.Module):
     """One DyHead block: spatial-aware (DCNv2), scale-aware (``AttnConv``) and task-aware (DyReLU) attention.
@@ -609,84 +627,68 @@ class FusionEncoderOutput:
     intermediates: Optional[list[tuple[list[torch.Tensor], Optional[torch.Tensor]]]] = None
 
 
-_PRESETS = {
-    "glip_t": dict(num_blocks=6, early_fusion=True),
-    "glip_l": dict(num_blocks=8, early_fusion=True),
-    "glip_t_a": dict(num_blocks=6, early_fusion=False),
-}
-
-
 class FusionEncoder(nn.ModuleList):
     """GLIP's deep-fusion tower: ``[VLFuse, BertEncoderLayer, DyConv] x num_blocks`` or ``[DyConv] x num_blocks``.
 
-    An ``nn.ModuleList`` whose indices equal the official ``rpn.head.dyhead_tower.{i}`` indices. Presets:
-    :meth:`glip_t` (6 fused blocks), :meth:`glip_l` (8), :meth:`glip_t_a` (6 DyConv-only blocks).
-
-    Args:
-        num_blocks: number of blocks (``MODEL.DYHEAD.NUM_CONVS``). early_fusion: add VLFuse + BERT layers.
-        in_channels: width of the input maps (FPN); channels: tower width. lang_dim: text width.
-        embed_dim, num_heads, fusion_dropout: X-MHA (GLIP: 2048, 8, 0.1). init_values: layer-scale init
-            (default 1 / num_blocks, as GLIP).
-        bert_num_heads, bert_intermediate_size, bert_dropout, bert_layer_norm_eps: head BERT layers.
-        use_gn, use_deform, use_dyfuse, use_dyrelu, offset_mode: DyConv options. For the first block the three
-            attentions are on only if ``in_channels == channels`` (GLIP's rule).
-        clamp: the ±50000 clamps (X-MHA logits, BERT scores and FFN); None = off.
-        backend: :func:`glip_fusion.bi_attention` backend. use_checkpoint: gradient-checkpoint each VLFuse.
-        skip_masked_text: see :class:`BiMultiHeadAttention`.
+    An ``nn.ModuleList`` whose indices equal the official ``rpn.head.dyhead_tower.{i}`` indices. Built from a
+    :class:`~glip_fusion.FusionConfig` (keyword overrides of its fields apply on top, e.g.
+    ``FusionEncoder(num_blocks=2, channels=64)``); presets :meth:`glip_t` (6 fused blocks), :meth:`glip_l` (8),
+    :meth:`glip_t_a` (6 DyConv-only blocks). For the first block DyConv's attentions are on only when
+    ``in_channels == channels`` (the official rule).
     """
 
-    def __init__(self, num_blocks: int = 6, early_fusion: bool = True, *, in_channels: int = 256,
-                 channels: int = 256, lang_dim: int = 768, embed_dim: int = 2048, num_heads: int = 8,
-                 fusion_dropout: float = 0.1, init_values: Optional[float] = None, bert_num_heads: int = 12,
-                 bert_intermediate_size: int = 3072, bert_dropout: float = 0.1, bert_layer_norm_eps: float = 1e-12,
-                 use_gn: bool = True, use_deform: bool = True, use_dyfuse: bool = True, use_dyrelu: bool = True,
-                 offset_mode: str = "official", clamp: Optional[float] = 50000.0, backend: str = "auto",
-                 use_checkpoint: bool = False, skip_masked_text: bool = False):
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1; got {num_blocks}")
-        init_values = 1.0 / num_blocks if init_values is None else init_values
+    def __init__(self, config: Optional[FusionConfig] = None, **overrides):
+        config = (config or FusionConfig()).replace(**overrides) if overrides else (config or FusionConfig())
         modules: list[nn.Module] = []
-        for i in range(num_blocks):
-            c_in = in_channels if i == 0 else channels
-            if early_fusion:
-                modules.append(VLFuse(c_in, lang_dim, embed_dim, num_heads, dropout=fusion_dropout,
-                                      init_values=init_values, clamp=clamp, backend=backend,
-                                      use_checkpoint=use_checkpoint, skip_masked_text=skip_masked_text))
-                modules.append(BertEncoderLayer(lang_dim, bert_num_heads, bert_intermediate_size,
-                                                hidden_dropout=bert_dropout, attention_dropout=bert_dropout,
-                                                layer_norm_eps=bert_layer_norm_eps, clamp=clamp))
-            same = c_in == channels
-            modules.append(DyConv(c_in, channels, use_gn=use_gn, use_deform=use_deform and same,
-                                  use_dyfuse=use_dyfuse and same, use_dyrelu=use_dyrelu and same,
-                                  offset_mode=offset_mode))
+        in_channels = config.in_channels or config.channels
+        for i in range(config.num_blocks):
+            c_in = in_channels if i == 0 else config.channels
+            if config.early_fusion:
+                modules.append(VLFuse(c_in, config.lang_dim, config.embed_dim, config.num_heads,
+                                      dropout=config.dropout, init_values=config.layer_scale_init,
+                                      clamp=config.clamp, backend=config.backend,
+                                      use_checkpoint=config.gradient_checkpointing,
+                                      skip_masked_text=config.skip_masked_text))
+                modules.append(BertEncoderLayer(config.lang_dim, config.bert_num_heads, config.bert_intermediate_size,
+                                                hidden_dropout=config.bert_dropout,
+                                                attention_dropout=config.bert_dropout,
+                                                layer_norm_eps=config.bert_layer_norm_eps, clamp=config.clamp))
+            same = c_in == config.channels
+            modules.append(DyConv(c_in, config.channels, use_gn=config.use_gn, use_deform=config.use_deform and same,
+                                  use_dyfuse=config.use_dyfuse and same, use_dyrelu=config.use_dyrelu and same,
+                                  offset_mode=config.offset_mode))
         super().__init__(modules)
-        self.num_blocks = num_blocks
-        self.early_fusion = early_fusion
+        self.config = config
+        self.num_blocks = config.num_blocks
+        self.early_fusion = config.early_fusion
 
     # presets ------------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "FusionEncoder":
-        """``"glip_t"`` (also "GLIP-T"), ``"glip_l"``, ``"glip_t_a"`` ("GLIP-T(A)"); keyword overrides apply on top."""
-        key = name.strip().lower().replace("-", "_").replace("(a)", "_a").replace("__", "_")
-        if key not in _PRESETS:
-            raise ValueError(f"unknown FusionEncoder preset {name!r}; expected one of {sorted(_PRESETS)}")
-        return cls(**{**_PRESETS[key], **overrides})
-
-    @classmethod
     def glip_t(cls, **overrides) -> "FusionEncoder":
         """GLIP-T (B/C/released): 6 x [VLFuse, BertEncoderLayer, DyConv] (18 modules)."""
-        return cls.from_preset("glip_t", **overrides)
+        return cls(FusionConfig.glip_t(**overrides))
 
     @classmethod
     def glip_l(cls, **overrides) -> "FusionEncoder":
         """GLIP-L: 8 x [VLFuse, BertEncoderLayer, DyConv] (24 modules), layer scale init 1/8."""
-        return cls.from_preset("glip_l", **overrides)
+        return cls(FusionConfig.glip_l(**overrides))
 
     @classmethod
     def glip_t_a(cls, **overrides) -> "FusionEncoder":
         """GLIP-T(A): 6 x DyConv, no deep fusion (the text passes through unchanged)."""
-        return cls.from_preset("glip_t_a", **overrides)
+        return cls(FusionConfig.glip_t_a(**overrides))
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether every X-MHA block is gradient-checkpointed in training."""
+        return any(m.use_checkpoint for m in self if isinstance(m, VLFuse))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        for m in self:
+            if isinstance(m, VLFuse):
+                m.use_checkpoint = bool(enable)
 
     # forward ------------------------------------------------------------------------------------------------------
 

@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "GLIP": "modeling_glip",
     "GLIPOutput": "modeling_glip",
-    "load_image": "modeling_glip",
+    "GLIPProcessor": "processing_glip",
     "GLIPConfig": "config",
+    "PostProcessConfig": "config",
     "CheckpointError": "checkpoint",
 }
 

@@ -1,10 +1,11 @@
 """Official GLIP checkpoints in: reading, recognising the variant, and mapping onto our modules strictly.
 
 An official checkpoint is a ``torch.save`` of a dict with ``"model"`` (keys prefixed ``module.`` by DDP) and possibly
-``"model_ema"``, ``"optimizer"``, ``"scheduler"``, ``"iteration"`` (spec §4.1). A raw state dict is accepted too.
+``"model_ema"``, ``"optimizer"``, ``"scheduler"``, ``"iteration"`` (``docs/official_model.md#checkpoint-layout``). A raw state dict is accepted too.
 Mapping is strict: every key our model expects must be present with the right shape, or :class:`CheckpointError`
 names the missing, unexpected and mis-shaped keys. Extras that are known to be harmless (BERT pooler, ``position_ids``,
-the other top-level entries) are dropped and reported — never a silent partial load (spec §12.20).
+the other top-level entries) are dropped and reported — never a silent partial load
+(``docs/official_model.md#quirks`` item 20).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from glip_encoders import image_checkpoint_filter_fn, image_to_official_state_dict, text_checkpoint_filter_fn
 
-from .config import GLIPConfig
+from .config import GLIPConfig, fusion_for_text
 
 __all__ = [
     "CheckpointError",
@@ -76,7 +77,8 @@ def read_official_checkpoint(
 
     Args:
         path: the checkpoint file.
-        use_ema: take ``"model_ema"`` instead of ``"model"`` (the official evaluation uses ``"model"``, spec §12.19).
+        use_ema: take ``"model_ema"`` instead of ``"model"`` (the official evaluation uses ``"model"``,
+            ``docs/official_model.md#quirks`` item 19).
         trust_pickle: allow arbitrary pickled objects (only for files you trust); by default only tensors and plain
             containers are unpickled.
     """
@@ -178,24 +180,19 @@ def infer_official_config(state_dict: Mapping[str, torch.Tensor]) -> GLIPConfig:
         name = {("swin_tiny", 6): "glip_t", ("swin_large", 8): "glip_l"}.get((swin, num_layers), "glip_custom")
     else:
         name = "glip_t_a" if (swin, num_layers) == ("swin_tiny", 6) else "glip_custom"
-    kwargs = {}
-    if early_fusion:  # record sizes only where they differ from the official defaults
-        embed = int(state_dict["rpn.head.dyhead_tower.0.b_attn.attn.v_proj.weight"].shape[0])
-        if embed != GLIPConfig.fusion_embed_dim:
-            kwargs["fusion_embed_dim"] = embed
-        inter = int(state_dict["rpn.head.dyhead_tower.1.intermediate.dense.weight"].shape[0])
-        if inter != text_cfg["intermediate_size"]:
-            kwargs["fusion_bert_intermediate"] = inter
+    fusion: dict = {"num_blocks": num_layers, "early_fusion": early_fusion,
+                    "channels": int(state_dict["backbone.fpn.fpn_inner2.weight"].shape[0])}
+    if early_fusion:  # sizes read from the weights (official: 2048-wide X-MHA, BERT-sized head layers)
+        fusion["embed_dim"] = int(state_dict["rpn.head.dyhead_tower.0.b_attn.attn.v_proj.weight"].shape[0])
+        fusion["bert_intermediate_size"] = int(state_dict["rpn.head.dyhead_tower.1.intermediate.dense.weight"].shape[0])
     return GLIPConfig(
         name=name,
         image_encoder=swin,
-        fpn_channels=int(state_dict["backbone.fpn.fpn_inner2.weight"].shape[0]),
+        fpn_channels=fusion["channels"],
         text_encoder=text_cfg,
-        fusion_layers=num_layers,
-        early_fusion=early_fusion,
+        fusion=fusion_for_text(text_cfg, **fusion),
         fused_text_for_logits=early_fusion,
         num_cls_logits=int(state_dict["rpn.head.cls_logits.weight"].shape[0]),
-        **kwargs,
     )
 
 

@@ -1,4 +1,4 @@
-"""GLIP's ATSS head with word-region alignment (official ``VLDyHead``, spec §2.5–2.6).
+"""GLIP's ATSS head with word-region alignment (official ``VLDyHead``; ``docs/official_model.md#predictors``).
 
 The head runs the deep-fusion tower (``glip_fusion.FusionEncoder``) over the five FPN maps and the text, then per level
 predicts box regression (with a learned scale), centerness and the word-region alignment logits. Parameter names are
@@ -67,25 +67,10 @@ class GLIPHead(nn.Module):
         super().__init__()
         channels = config.fpn_channels
         text_dim = config.text_dim
-        self.use_fused_text = config.early_fusion and config.fused_text_for_logits
-        self.dyhead_tower = FusionEncoder(
-            num_blocks=config.fusion_layers,
-            early_fusion=config.early_fusion,
-            in_channels=channels,
-            channels=channels,
-            lang_dim=text_dim,
-            embed_dim=config.fusion_embed_dim,
-            num_heads=config.fusion_heads,
-            fusion_dropout=config.fusion_dropout,
-            bert_num_heads=config.bert_heads,
-            bert_intermediate_size=config.bert_intermediate,
-            bert_layer_norm_eps=float(config.text_encoder.get("layer_norm_eps", 1e-12)),
-            offset_mode=config.dyconv_offset_mode,
-            backend=config.fusion_backend,
-            use_checkpoint=config.gradient_checkpointing,
-        )
+        self.use_fused_text = config.uses_fused_text
+        self.dyhead_tower = FusionEncoder(config.fusion)
         bias_value = -math.log((1 - config.prior_prob) / config.prior_prob)
-        # frozen and unused, kept so that official checkpoints load strictly (spec §12.8)
+        # frozen and unused, kept so that official checkpoints load strictly (docs/official_model.md#quirks item 8)
         self.cls_logits = nn.Conv2d(channels, config.num_cls_logits, kernel_size=1)
         self.cls_logits.requires_grad_(False)
         self.bbox_pred = nn.Conv2d(channels, 4, kernel_size=1)

@@ -1,4 +1,5 @@
-"""From head outputs to detections, exactly as the official ``ATSSPostProcessor`` (spec §5.3, §7).
+"""From head outputs to detections, exactly as the official ``ATSSPostProcessor``
+(``docs/official_model.md#class-scores``, ``#post-processing``).
 
 Per image and level: class scores are the mean of the token probabilities of each class (``SCORE_AGG MEAN``), the
 0.05 candidate threshold applies *before* centerness, the top ``pre_nms_top_n`` candidates are ranked by
@@ -15,19 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from .box_ops import BoxCoder, batched_nms_plus1, clip_boxes
+from .config import PostProcessConfig
 
-__all__ = ["PostProcessConfig", "Detections", "aggregate_token_scores", "ATSSPostProcessor"]
-
-
-@dataclass
-class PostProcessConfig:
-    """Post-processing parameters (official test defaults)."""
-
-    candidate_threshold: float = 0.05  # MODEL.ATSS.INFERENCE_TH, on the token-mean probability
-    pre_nms_top_n: int = 1000  # per level, per image
-    nms_threshold: float = 0.6
-    detections_per_image: int = 100  # official rule: keep every score >= the k-th largest (ties may keep more)
-    min_box_size: float = 0.0  # remove_small_boxes, with +1 widths
+__all__ = ["PostProcessConfig", "Detections", "aggregate_token_scores", "cap_detections", "ATSSPostProcessor"]
 
 
 @dataclass
@@ -45,6 +36,21 @@ class Detections:
     scores: torch.Tensor
     labels: torch.Tensor
     pre_nms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def cap_detections(scores: torch.Tensor, max_detections: int | None) -> torch.Tensor:
+    """The official detection cap: ``(K,)`` bool, True for the detections to keep.
+
+    With more than ``max_detections`` detections, every score at least the ``(K - max + 1)``-th smallest is kept, so
+    ties at the boundary can keep a few more (official ``kthvalue`` rule). None keeps everything.
+    """
+    n = scores.numel()
+    if max_detections is None or n <= max_detections:
+        return torch.ones(n, dtype=torch.bool, device=scores.device)
+    if max_detections < 1:
+        raise ValueError(f"max_detections must be a positive integer or None; got {max_detections!r}")
+    kth = torch.kthvalue(scores.detach().float().cpu(), n - max_detections + 1).values.item()
+    return scores >= kth
 
 
 def aggregate_token_scores(token_probs: torch.Tensor, class_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -145,10 +151,6 @@ class ATSSPostProcessor:
         pre = (boxes, scores, labels) if keep_pre_nms else None
         keep = batched_nms_plus1(boxes, scores, labels, cfg.nms_threshold)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        n = scores.numel()
-        if cfg.detections_per_image > 0 and n > cfg.detections_per_image:
-            # official rule: threshold at the (n - max + 1)-th smallest score; ties may keep more than max
-            thresh = torch.kthvalue(scores.cpu(), n - cfg.detections_per_image + 1).values.item()
-            keep = scores >= thresh
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = cap_detections(scores, cfg.detections_per_image)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         return Detections(boxes=boxes, scores=scores, labels=labels, pre_nms=pre)

@@ -1,0 +1,298 @@
+"""The GLIP processor: everything around the network.
+
+A :class:`GLIPProcessor` turns user inputs into network inputs and network outputs into results:
+
+* images (paths, PIL images, arrays, encoded bytes) -> the official test transform -> a zero-padded batch;
+* class lists, detection prompts and captions with phrases -> prompts (chunked for long vocabularies), their tokens
+  and, for every class / phrase, the token indices it is scored on;
+* head outputs -> detections per prompt (the official post-processing) -> per-image results with boxes in
+  input-image pixels, merged over the prompts of an image.
+
+The network itself (:class:`glip_train.GLIP`) knows nothing of images files, prompts or result dicts; see
+``docs/ARCHITECTURE.md`` for the data flow.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from glip_data import TestTransform, chunk_classes, detection_prompt, find_noun_phrases, find_phrase_spans, pad_images
+from glip_data import spans_to_tokens
+from glip_encoders import tokenize
+
+from .config import GLIPConfig, PostProcessConfig
+from .postprocess import ATSSPostProcessor, Detections, cap_detections
+
+__all__ = ["GLIPProcessor", "ImageBatch", "TextQuery", "ImageInput", "load_image"]
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray, bytes]
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a path, a PIL image (any mode) or an ``(H, W)`` / ``(H, W, 1|3|4)`` uint8 array."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {path}") from None
+        except OSError as exc:
+            raise OSError(f"cannot read image {path}: {exc}") from exc
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise ValueError(
+                f"numpy images must be uint8 (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA; got {image.dtype} "
+                f"{image.shape}"
+            )
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        return Image.fromarray(image).convert("RGB")
+    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or a uint8 array")
+
+
+@dataclass
+class ImageBatch:
+    """Network inputs of a batch of images.
+
+    Attributes:
+        pixel_values: ``(B, 3, H, W)`` normalised BGR×255, zero-padded to a multiple of the size divisibility.
+        image_sizes: ``(h, w)`` of each image after resizing, before padding (the network-input frame).
+        original_sizes: ``(h, w)`` of each image as given (the frame of the results).
+    """
+
+    pixel_values: torch.Tensor
+    image_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+
+
+@dataclass
+class TextQuery:
+    """One prompt to run on one image.
+
+    Attributes:
+        image_index: the image (index into the call's images).
+        text: the prompt or caption.
+        class_tokens: for every class / phrase the prompt scores, its token indices in the tokenized text.
+        labels: the output label of each of those classes (index into the image's class / phrase list).
+    """
+
+    image_index: int
+    text: str
+    class_tokens: list[list[int]]
+    labels: list[int]
+
+
+class GLIPProcessor:
+    """Images, prompts and post-processing of a GLIP model.
+
+    Args:
+        tokenizer: a fast BERT-family tokenizer (the model's).
+        max_text_len: the longest text the model takes (256).
+        size_divisibility: batch padding multiple (32).
+        postprocess: the post-processing parameters (official defaults).
+    """
+
+    def __init__(self, tokenizer: Any, *, max_text_len: int = 256, size_divisibility: int = 32,
+                 postprocess: PostProcessConfig | None = None):
+        self.tokenizer = tokenizer
+        self.max_text_len = int(max_text_len)
+        self.size_divisibility = int(size_divisibility)
+        self.postprocess_config = postprocess or PostProcessConfig()
+
+    @classmethod
+    def from_config(cls, config: GLIPConfig, tokenizer: Any) -> "GLIPProcessor":
+        return cls(tokenizer, max_text_len=config.max_text_len, size_divisibility=config.size_divisibility,
+                   postprocess=config.postprocess)
+
+    # ------------------------------------------------------------------------------------------------ images
+    def preprocess(self, images: Sequence[ImageInput], min_size: int = 800, max_size: int = 1333) -> ImageBatch:
+        """Load, resize (official test transform) and batch images."""
+        transform = TestTransform(min_size=min_size, max_size=max_size)
+        tensors, original_sizes = [], []
+        for image in images:
+            pil = load_image(image)
+            original_sizes.append((pil.height, pil.width))
+            tensors.append(transform(pil))
+        batch, sizes, _ = pad_images(tensors, size_divisibility=self.size_divisibility)
+        return ImageBatch(batch, [(int(h), int(w)) for h, w in sizes.tolist()], original_sizes)
+
+    # ------------------------------------------------------------------------------------------------ text
+    def tokenize(self, texts: Sequence[str], pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids (B, M), attention_mask (B, M))``: ``[CLS] ... [SEP]``, truncated at ``max_text_len``.
+
+        ``pad_to_max=False`` pads to the longest text: the real-token outputs are the same as with the official
+        padding to 256 (``docs/official_model.md#quirks`` item 11) at a fraction of the cost.
+        """
+        enc = tokenize(self.tokenizer, list(texts), max_length=self.max_text_len, pad_to_max=pad_to_max)
+        return enc["input_ids"], enc["attention_mask"]
+
+    def class_tokens(self, text: str, spans: Sequence[Sequence[tuple[int, int]]], names: Sequence[str]
+                     ) -> list[list[int]]:
+        """Token indices of each entity of ``text`` (its character ``spans``); raise naming entities that map to no
+        token or lie beyond the text limit."""
+        tokens = spans_to_tokens(self.tokenizer, text, spans, max_length=None, warn=False)
+        empty = [names[i] for i, t in enumerate(tokens) if not t]
+        if empty:
+            raise ValueError(f"these phrases map to no tokens of {text!r}: {empty}")
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is not None:
+            ids = self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+            unreadable = [names[i] for i, t in enumerate(tokens) if all(ids[j] == unk for j in t)]
+            if unreadable:
+                raise ValueError(f"these phrases tokenize to nothing but the unknown token "
+                                 f"{self.tokenizer.unk_token!r}, so the model cannot read them: {unreadable}")
+        limit = self.max_text_len
+        over = [names[i] for i, t in enumerate(tokens) if max(t) >= limit]
+        if over:
+            raise ValueError(f"phrases beyond the {limit}-token limit of {text!r}: {over}")
+        return [list(t) for t in tokens]
+
+    def detection_queries(self, num_images: int, classes: Any = None, prompt: Any = None,
+                          classes_per_prompt: int | None = 40) -> tuple[list[TextQuery], list[list[str]]]:
+        """Prompts for :meth:`glip_train.GLIP.detect`: ``(queries, class names of every image)``.
+
+        ``classes`` is one list shared by every image or one list per image; long lists are split into prompts of at
+        most ``classes_per_prompt`` classes and 256 tokens. ``prompt`` (one string, or one per image) is used as it
+        is: its ``.``-separated phrases are the classes.
+        """
+        per_image = self._resolve_classes(num_images, classes, prompt)
+        queries: list[TextQuery] = []
+        for i, names in enumerate(per_image):
+            if prompt is not None:
+                queries.append(self._prompt_query(i, prompt if isinstance(prompt, str) else prompt[i], names))
+                continue
+            for chunk in chunk_classes(names, self.tokenizer, max_classes=classes_per_prompt,
+                                       max_tokens=self.max_text_len):
+                chunk_names = [names[j] for j in chunk]
+                text, spans = detection_prompt(chunk_names)
+                queries.append(TextQuery(i, text, self.class_tokens(text, spans, chunk_names), list(chunk)))
+        return queries, per_image
+
+    def grounding_queries(self, captions: Sequence[str], phrases: Any = None
+                          ) -> tuple[list[TextQuery], list[list[str]]]:
+        """Queries for :meth:`glip_train.GLIP.ground`: one per caption; each phrase at its first occurrence.
+
+        ``phrases``: one list per caption, one flat list shared by every caption, or None (noun phrases extracted by
+        the offline chunker).
+        """
+        if phrases is not None:
+            if isinstance(phrases, str):
+                raise TypeError("phrases must be a list of phrases (got a string)")
+            phrases = list(phrases)
+            if phrases and isinstance(phrases[0], str):  # one flat list shared by every caption
+                phrases = [phrases] * len(captions)
+            if len(phrases) != len(captions):
+                raise ValueError(f"{len(captions)} captions but {len(phrases)} phrase lists")
+        queries, per_image = [], []
+        for i, caption in enumerate(captions):
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"caption {i} is empty")
+            entities = list(phrases[i]) if phrases is not None else find_noun_phrases(caption)
+            if not entities:
+                raise ValueError(f"no phrases to ground in caption {i}: {caption!r}")
+            spans = find_phrase_spans(caption, entities)
+            queries.append(TextQuery(i, caption, self.class_tokens(caption, spans, entities),
+                                     list(range(len(entities)))))
+            per_image.append(entities)
+        return queries, per_image
+
+    def _prompt_query(self, image_index: int, prompt: str, names: list[str]) -> TextQuery:
+        # a user prompt: its phrases in order, each at its first occurrence after the previous one
+        spans, cursor = [], 0
+        lower = prompt.lower()
+        for name in names:
+            start = lower.find(name.lower(), cursor)
+            spans.append([(start, start + len(name))])
+            cursor = start + len(name)
+        return TextQuery(image_index, prompt, self.class_tokens(prompt, spans, names), list(range(len(names))))
+
+    @staticmethod
+    def _resolve_classes(num_images: int, classes: Any, prompt: Any) -> list[list[str]]:
+        if (classes is None) == (prompt is None):
+            raise ValueError("pass exactly one of classes=[...] or prompt='a. b.'")
+        if prompt is not None:
+            prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+            if len(prompts) != num_images:
+                raise ValueError(f"{num_images} images but {len(prompts)} prompts")
+            out = []
+            for p in prompts:
+                if not isinstance(p, str):
+                    raise TypeError(f"a prompt must be a string; got {type(p).__name__}")
+                names = [s.strip() for s in p.split(".") if s.strip()]
+                if not names:
+                    raise ValueError(f"prompt {p!r} has no phrases (it is empty or only separators)")
+                out.append(names)
+            return out
+        if isinstance(classes, str):
+            raise TypeError("classes must be a list of names (got a string); use prompt= for a free-form prompt")
+        classes = list(classes)
+        if not classes:
+            raise ValueError("classes is empty")
+        nested = [list(c) for c in classes] if not isinstance(classes[0], str) else [list(classes)] * num_images
+        if len(nested) != num_images:
+            raise ValueError(f"{num_images} images but {len(nested)} class lists")
+        for names in nested:
+            # a name of only separators would merge into its neighbours' ". " separators in the prompt
+            bad = [n for n in names if not isinstance(n, str) or not n.strip(" ." + "\t\n")]
+            if bad or not names:
+                raise ValueError(f"class names must be non-empty strings, not only separators; got {bad or names}")
+        return nested
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def post_process(self, box_regression: Sequence[torch.Tensor], centerness: Sequence[torch.Tensor],
+                     token_logits: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],
+                     image_sizes: Sequence[tuple[int, int]], class_tokens: Sequence[Sequence[Sequence[int]]], *,
+                     max_detections: int | None = -1, keep_pre_nms: bool = False) -> list[Detections]:
+        """The official post-processing of a batch (one class-token map per image), in the network-input frame.
+
+        ``max_detections`` overrides the config's per-image cap (None = no cap; -1 = the config's).
+        """
+        config = self.postprocess_config
+        if max_detections != -1:
+            config = config.replace(detections_per_image=max_detections)
+        return ATSSPostProcessor(config)(
+            [x.float() for x in box_regression], [x.float() for x in centerness], [x.float() for x in token_logits],
+            anchors, image_sizes, class_tokens, keep_pre_nms=keep_pre_nms,
+        )
+
+    @staticmethod
+    def to_input_frame(detections: Detections, image_size: tuple[int, int], original_size: tuple[int, int],
+                       labels: Sequence[int]) -> Detections:
+        """Rescale boxes from the network-input frame to the original image (ratio of sizes, no ``+1``; official
+        rule) and map the prompt's class columns to the output labels."""
+        (h, w), (oh, ow) = image_size, original_size
+        scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], dtype=detections.boxes.dtype,
+                             device=detections.boxes.device)
+        mapped = torch.as_tensor(list(labels), dtype=torch.int64, device=detections.labels.device)[detections.labels]
+        return Detections(detections.boxes * scale, detections.scores, mapped)
+
+    @staticmethod
+    def to_results(parts: Sequence[Detections], names: Sequence[str], threshold: float,
+                   max_detections: int | None) -> dict[str, Any]:
+        """Merge one image's per-prompt detections into the result dict (sorted by score, on the CPU).
+
+        The per-image cap applies again over the merged prompts (same rule as within one prompt), then the score
+        threshold.
+        """
+        boxes = torch.cat([p.boxes for p in parts]) if parts else torch.zeros(0, 4)
+        scores = torch.cat([p.scores for p in parts]) if parts else torch.zeros(0)
+        labels = torch.cat([p.labels for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+        if len(parts) > 1:
+            keep = cap_detections(scores, max_detections)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = scores >= threshold
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        order = scores.argsort(descending=True, stable=True)
+        boxes, scores, labels = boxes[order].cpu(), scores[order].cpu(), labels[order].cpu()
+        return {"boxes": boxes, "scores": scores, "labels": labels,
+                "text_labels": [names[i] for i in labels.tolist()]}
