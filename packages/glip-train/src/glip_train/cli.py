@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  detect   detect the given classes (or a prompt's phrases) in images\n"
                "  ground   ground the phrases of a caption in an image\n"
                "  convert  convert an official .pth checkpoint into a safetensors model directory\n"
+               "  train    train or fine-tune (one process, or many with torchrun)\n"
                "\nRun `glip COMMAND --help` for the options of a command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -94,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--ema", action="store_true", help="convert the 'model_ema' weights instead of 'model'")
     conv.add_argument("--trust-pickle", action="store_true",
                       help="allow arbitrary pickled objects in the .pth (only for files you trust)")
+    tr = sub.add_parser(
+        "train", help="train, fine-tune, prompt-tune or linear-probe a GLIP model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train from a YAML/JSON config (see docs/training.md), with dotted key=value overrides:\n"
+                    "  glip train configs/tiny_synth.yaml optim.lr=2e-4 schedule.max_iter=500\n"
+                    "Fine-tune on a COCO-format dataset without writing a config:\n"
+                    "  glip train --coco train.json --images DIR --init glip_tiny_model_o365_goldg_cc_sbu.pth\n"
+                    "Running the same command again resumes from the last checkpoint of output_dir. Several\n"
+                    "processes: torchrun --nproc_per_node=N -m glip_train.cli train CONFIG (gloo on CPU, NCCL on GPU).")
+    tr.add_argument("config", nargs="?", metavar="CONFIG", help="a training config (.yaml / .json)")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.batch_size=4")
+    tr.add_argument("--coco", metavar="FILE", help="fine-tune on this COCO-format training file (fixed class-order "
+                                                   "prompt, the official COCO fine-tuning recipe)")
+    tr.add_argument("--images", metavar="DIR", help="image folder of --coco (default: the file's folder)")
+    tr.add_argument("--val", metavar="FILE", help="COCO-format validation file for --coco")
+    tr.add_argument("--val-images", metavar="DIR", help="image folder of --val")
+    tr.add_argument("--init", metavar="WEIGHTS", help="weights to start from (official .pth, model directory, recipe)")
+    tr.add_argument("--mode", choices=("full", "prompt_tuning", "linear_probe"), help="what trains [full]")
+    tr.add_argument("-o", "--output", metavar="DIR", help="output_dir of the run")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -285,6 +306,34 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .training import Trainer, load_train_config
+    from .training.finetune import coco_finetune_config
+
+    base = None
+    if args.coco:
+        if not args.init:
+            raise ValueError("--coco needs --init WEIGHTS (the model to fine-tune)")
+        base = coco_finetune_config(args.coco, images=args.images, val=args.val, val_images=args.val_images,
+                                    init=args.init)
+    elif args.config is None:
+        raise ValueError("pass a training config (glip train CONFIG.yaml) or --coco FILE --init WEIGHTS")
+    overrides = list(args.overrides)
+    if args.config is not None and "=" in args.config:  # only overrides given after --coco
+        overrides.insert(0, args.config)
+        args.config = None
+    for flag, key in ((args.init, "init"), (args.mode, "mode"), (args.output, "output_dir")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    config = load_train_config(args.config, overrides, base=base)
+    result = Trainer(config, progress=not args.quiet).train()
+    if not args.quiet:
+        where = result.model_dir or result.adapter
+        print(f"glip train: {result.steps} steps; wrote {where} (skipped batches: {result.skipped_batches}, "
+              f"non-finite steps: {result.bad_steps})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -294,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
     try:
-        return {"detect": _cmd_detect, "ground": _cmd_ground, "convert": _cmd_convert}[args.command](args)
+        return {"detect": _cmd_detect, "ground": _cmd_ground, "convert": _cmd_convert,
+                "train": _cmd_train}[args.command](args)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"glip {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -225,7 +225,8 @@ class GLIPConfig:
 
     @classmethod
     def small(cls, text_encoder_dir: str | Path, image_encoder: str = "resnet18", fusion_layers: int = 2,
-              early_fusion: bool = True, fpn_channels: int = 256, **overrides: Any) -> "GLIPConfig":
+              early_fusion: bool = True, fpn_channels: int = 256, dropout: float | None = None,
+              **overrides: Any) -> "GLIPConfig":
         """A small model for tests and experiments: any timm backbone, a local BERT-family text encoder.
 
         Args:
@@ -234,6 +235,8 @@ class GLIPConfig:
             fusion_layers: fusion blocks; early_fusion: X-MHA + BERT layers in them (False: DyConv only, like
                 GLIP-T(A)).
             fpn_channels: FPN and tower width.
+            dropout: one probability for every dropout (text encoder, X-MHA, head BERT layers) and the FPN
+                DropBlock on/off; None keeps each default (0 makes training deterministic given the data).
             overrides: other GLIPConfig fields; ``fusion`` may be a dict of FusionConfig fields to change.
         """
         config_file = Path(text_encoder_dir) / "config.json"
@@ -243,6 +246,10 @@ class GLIPConfig:
         fusion_changes = overrides.pop("fusion", {})
         if isinstance(fusion_changes, FusionConfig):
             fusion_changes = fusion_changes.to_dict()
+        if dropout is not None:
+            text_cfg.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+            fusion_changes = {"dropout": dropout, "bert_dropout": dropout, **fusion_changes}
+            overrides["image_encoder_kwargs"] = {"drop_block": dropout > 0, **overrides.get("image_encoder_kwargs", {})}
         fusion = fusion_for_text(text_cfg, num_blocks=fusion_layers, early_fusion=early_fusion, embed_dim=256,
                                  channels=fpn_channels, **fusion_changes)
         return cls(**{

@@ -20,6 +20,7 @@ from torch import nn
 from glip_encoders import TextEncoder, build_image_encoder, load_tokenizer
 from glip_fusion import level_image_masks
 
+from .adapters import PromptTuning, load_adapter
 from .box_ops import AnchorGenerator
 from .config import GLIPConfig
 from .head import GLIPHead, HeadOutput
@@ -30,6 +31,7 @@ __all__ = ["GLIP", "GLIPOutput", "bundled_tokenizer_dir", "load_image"]
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+ADAPTER_NAME = "adapter.safetensors"
 
 
 def bundled_tokenizer_dir() -> Path:
@@ -91,6 +93,19 @@ class GLIP(nn.Module):
             tokenizer = load_tokenizer(config.tokenizer or bundled_tokenizer_dir())
         self.tokenizer = tokenizer
         self._processor: GLIPProcessor | None = None
+        self.prompt_tuning: PromptTuning | None = None  # see enable_prompt_tuning
+
+    def enable_prompt_tuning(self, positions: int = 1000) -> PromptTuning:
+        """Add the prompt-tuning table (official ``language_prompt_v2``: ``(positions, text width)``, zeros) whose
+        first M rows are added to the text features before the fusion tower. Idempotent for the same size."""
+        if self.prompt_tuning is not None:
+            if self.prompt_tuning.weight.shape[0] != positions:
+                raise ValueError(f"the model already has a prompt table of {self.prompt_tuning.weight.shape[0]} "
+                                 f"positions, not {positions}")
+            return self.prompt_tuning
+        param = next(self.parameters())
+        self.prompt_tuning = PromptTuning(positions, self.config.text_dim).to(device=param.device)
+        return self.prompt_tuning
 
     @property
     def processor(self) -> GLIPProcessor:
@@ -105,6 +120,7 @@ class GLIP(nn.Module):
         cls,
         path: str | Path,
         *,
+        adapter: str | Path | None = None,
         use_ema: bool = False,
         tokenizer: Any = None,
         trust_pickle: bool = False,
@@ -118,6 +134,7 @@ class GLIP(nn.Module):
             path: an official checkpoint file (``.pth``: GLIP-T, GLIP-T(A), GLIP-L recognised from keys and
                 shapes), a directory written by :meth:`save_pretrained`, or a weights recipe ``.json`` (the parity
                 fixture's synthetic official-layout weights — meaningless boxes, for testing the whole path).
+            adapter: a prompt-tuning or linear-probe file trained on these weights (:mod:`glip_train.adapters`).
             use_ema: official checkpoints only: load ``"model_ema"`` instead of ``"model"``.
             tokenizer: override the tokenizer (instance or local directory).
             trust_pickle: allow arbitrary pickled objects in an official ``.pth`` (only for files you trust).
@@ -125,6 +142,14 @@ class GLIP(nn.Module):
             verbose: print what was loaded, ignored and dropped.
             config_overrides: ``GLIPConfig`` fields to change (e.g. ``batch_invariant=True``, ``postprocess={...}``).
         """
+        model = cls._load(path, use_ema=use_ema, tokenizer=tokenizer, trust_pickle=trust_pickle,
+                          map_location=map_location, verbose=verbose, **config_overrides)
+        if adapter is not None:
+            model.adapter_info = load_adapter(model, adapter)
+        return model
+
+    @classmethod
+    def _load(cls, path, *, use_ema, tokenizer, trust_pickle, map_location, verbose, **config_overrides) -> "GLIP":
         from . import checkpoint as ckpt
 
         path = Path(path)
@@ -147,6 +172,8 @@ class GLIP(nn.Module):
 
             state = load_file(str(weights_file))
             _load_strict(model, state, str(weights_file))
+            if (path / ADAPTER_NAME).is_file():
+                model.adapter_info = load_adapter(model, path / ADAPTER_NAME)
             return model.to(map_location)
 
         if path.suffix == ".json":
@@ -170,15 +197,23 @@ class GLIP(nn.Module):
         return model.to(map_location)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and the tokenizer to ``directory``."""
-        from safetensors.torch import save_file
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer to ``directory`` (a prompt-tuning table, if
+        any, goes to ``adapter.safetensors`` beside them and is applied again by :meth:`from_pretrained`)."""
+        from safetensors.torch import save
+
+        from .adapters import save_adapter
+        from .training.checkpointing import atomic_write_bytes
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         self.config.replace(tokenizer=None).save(directory / CONFIG_NAME)  # the directory's own tokenizer/ wins
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "glip_config": self.config.name})
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if not k.startswith("prompt_tuning.")}
+        atomic_write_bytes(directory / WEIGHTS_NAME,
+                           save(state, metadata={"format": "pt", "glip_config": self.config.name}))
+        if self.prompt_tuning is not None:
+            save_adapter(self, directory / ADAPTER_NAME, "prompt_tuning")
         return directory
 
     # ------------------------------------------------------------------------------------------------ network
@@ -250,16 +285,19 @@ class GLIP(nn.Module):
         image_sizes = [(int(h), int(w)) for h, w in image_sizes]
         device = fpn[0].device
         text = self.language_backbone(input_ids, attention_mask)
+        text_hidden, text_embedded = text.hidden, text.embedded
+        if self.prompt_tuning is not None:
+            text_hidden, text_embedded = self.prompt_tuning(text_hidden, text_embedded)
         text_mask = attention_mask.bool()
         image_masks = None
         if self.config.batch_invariant:
             image_masks = level_image_masks(image_sizes, feature_sizes, self.config.anchor_strides,
                                             size_divisibility=self.config.size_divisibility, device=device)
-        head = self.head(list(fpn), text.hidden, text.embedded, text_mask, image_masks=image_masks,
+        head = self.head(list(fpn), text_hidden, text_embedded, text_mask, image_masks=image_masks,
                          output_intermediates=output_intermediates)
         anchors = [a.to(device) for a in self.anchor_generator(feature_sizes)]
-        output = GLIPOutput(head=head, fpn_features=list(fpn), backbone_features=body, text_hidden=text.hidden,
-                            text_embedded=text.embedded, text_mask=text_mask, anchors=anchors,
+        output = GLIPOutput(head=head, fpn_features=list(fpn), backbone_features=body, text_hidden=text_hidden,
+                            text_embedded=text_embedded, text_mask=text_mask, anchors=anchors,
                             image_sizes=image_sizes)
         if targets is not None:
             output.losses = self.compute_losses(output, targets)

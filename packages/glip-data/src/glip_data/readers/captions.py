@@ -206,6 +206,10 @@ class CaptionReader(GroundingReader):
             metadata=metadata,
         )
 
+    def caption_texts(self) -> list[str]:
+        """The captions of the lines this reader yields, in order (the pool negative captions are drawn from)."""
+        return [self._records[int(k)][4] for k in self._order]
+
     def summary(self) -> dict[str, Any]:
         return {"captions": len(self), "boxes": self.num_boxes, "score_threshold": self.score_threshold,
                 "min_boxes": self.min_boxes}

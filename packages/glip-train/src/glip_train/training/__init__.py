@@ -1,0 +1,21 @@
+"""Training GLIP: typed run configs, the trainer (one process or ``torchrun``), data pipeline, optimizer and
+checkpoints. ``glip train`` is the command line; ``docs/training.md`` the guide."""
+from .checkpointing import ResumeError
+from .config import ConfigError, DataConfig, DatasetConfig, FreezeConfig, OptimConfig, ScheduleConfig, TrainConfig
+from .config import load_train_config
+from .trainer import Trainer, TrainingDiverged, TrainResult
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DatasetConfig",
+    "FreezeConfig",
+    "OptimConfig",
+    "ResumeError",
+    "ScheduleConfig",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "load_train_config",
+]

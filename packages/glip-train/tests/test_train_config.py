@@ -1,0 +1,199 @@
+"""Training building blocks: run configs, overrides, parameter groups, LR schedules, the global-batch sampler,
+freezing modes, adapters and atomic checkpoint files."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from glip_train import GLIP, GLIPConfig
+from glip_train.adapters import AdapterError, linear_probe_parameters, load_adapter, save_adapter
+from glip_train.training import ConfigError, TrainConfig, load_train_config
+from glip_train.training.checkpointing import atomic_torch_save, config_differences
+from glip_train.training.config import ScheduleConfig, apply_overrides
+from glip_train.training.data import GlobalBatchSampler
+from glip_train.training.optim import LRSchedule, parameter_groups
+from glip_train.training.trainer import freeze_for_mode
+
+BASE = {"model": {"small": {"text_encoder_dir": "minilm"}},
+        "data": {"train": [{"kind": "coco", "annotations": "train.json"}]}}
+
+
+# ---- configs --------------------------------------------------------------------------------------------------------
+
+def test_yaml_file_overrides_and_saved_config_round_trip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: out\nmodel: {small: {text_encoder_dir: minilm}}\n"
+                    "data:\n  train:\n    - {kind: coco, annotations: train.json}\n"
+                    "optim: {lr: 0.001}\n")
+    config = load_train_config(path, ["optim.lr=2e-5", "data.batch_size=8", "data.train.0.weight=3",
+                                      "schedule.steps=[0.5, 0.8]", "ema=null"])
+    assert config.optim.lr == 2e-5 and config.data.batch_size == 8 and config.data.train[0].weight == 3.0
+    assert config.schedule.steps == (0.5, 0.8) and config.ema is None
+    assert config.data.train[0].annotations == str(tmp_path / "train.json")  # relative to the file
+    saved = config.save(tmp_path / "saved.yaml")
+    assert load_train_config(saved) == config
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["optim.lrr=1"], r"optim.lrr: unknown key"),
+    (["mode=prompt"], r"mode: must be one of \('full', 'prompt_tuning', 'linear_probe'\)"),
+    (["data.train.0.kind=voc"], r"data.train.0.kind: must be one of"),
+    (["data.batch_size=0"], r"data.batch_size: must be an integer >= 1"),
+    (["schedule.steps=[0.9, 0.5]"], r"schedule.steps: must be increasing"),
+    (["amp=fp8"], r"amp: must be one of"),
+    (["freeze.backbone=stage2"], r"freeze.backbone: must be null, 'all' or an integer"),
+    (["data.train.3.kind=coco"], r"data.train.3 is not an index of a list of 1"),
+    (["optim"], r"is not of the form key=value"),
+])
+def test_bad_configs_name_the_dotted_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_train_config(None, overrides, base=BASE)
+
+
+def test_a_config_needs_a_model_or_init_weights():
+    with pytest.raises(ConfigError, match="model: without init weights"):
+        TrainConfig.from_dict({"data": BASE["data"]})
+    with pytest.raises(FileNotFoundError, match="shipped configs: .*tiny_synth"):
+        load_train_config("no_such_config")
+
+
+def test_resume_refuses_another_config_naming_the_keys():
+    a = TrainConfig.from_dict(BASE).to_dict()
+    b = TrainConfig.from_dict(apply_overrides(BASE, ["optim.lr=0.5", "log_every=3"])).to_dict()
+    diffs = config_differences(a, b)
+    assert diffs == ["optim.lr: checkpoint 0.0001 vs now 0.5"]  # log_every may change on resume
+
+
+# ---- optimizer and schedule ------------------------------------------------------------------------------------------
+
+def test_official_parameter_groups_on_a_glip_t():
+    with torch.device("meta"):
+        model = GLIP(GLIPConfig.glip_t())
+    from glip_train.training.config import OptimConfig
+
+    groups = {g["name"]: g for g in parameter_groups(model, OptimConfig())}
+    table = "backbone.body.layers.0.blocks.0.attn.relative_position_bias_table"
+    assert groups[table]["lr"] == 2e-4 and groups[table]["weight_decay"] == 0.0  # "bias" substring, as officially
+    assert groups["head.bias_lang"]["lr"] == 2e-4 and groups["head.bias0"]["weight_decay"] == 0.0
+    assert groups["language_backbone.model.encoder.layer.0.attention.self.query.weight"]["lr"] == 1e-5
+    assert groups["language_backbone.model.encoder.layer.0.attention.self.query.bias"]["lr"] == 2e-5
+    assert groups["head.dyhead_tower.0.b_attn.attn.v_proj.weight"]["weight_decay"] == 1e-4
+    assert "head.cls_logits.weight" not in groups  # frozen
+    assert len(groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_lr_schedules_by_hand():
+    multistep = LRSchedule(ScheduleConfig(max_iter=100, warmup_iters=10, warmup_factor=0.1, steps=(0.5, 0.8)))
+    assert multistep(0) == pytest.approx(0.1) and multistep(5) == pytest.approx(0.1 * 0.5 + 0.5)
+    assert multistep(10) == 1.0 and multistep(49) == 1.0
+    assert multistep(50) == pytest.approx(0.1) and multistep(80) == pytest.approx(0.01)
+    cosine = LRSchedule(ScheduleConfig(max_iter=100, warmup_iters=10, kind="cosine", min_lr_factor=0.2))
+    assert cosine(10) == pytest.approx(1.0)
+    # the official formula divides by max_iter, not by the 90 post-warm-up steps
+    assert cosine(60) == pytest.approx(0.2 + 0.8 * (1 + math.cos(math.pi * 50 / 100)) / 2)
+    assert ScheduleConfig(max_iter=1000, steps=(0.667, 1500)).milestones() == [667, 1500]
+
+
+# ---- data order --------------------------------------------------------------------------------------------------
+
+def test_processes_share_the_global_batches_of_one_process():
+    """W processes with batch b read exactly the samples one process with batch W*b reads, batch for batch."""
+    single = iter(GlobalBatchSampler(23, batch_size=6, seed=3))
+    ranks = [iter(GlobalBatchSampler(23, batch_size=2, seed=3, world_size=3, rank=r)) for r in range(3)]
+    for _ in range(7):  # beyond one epoch (3 global batches per epoch, the last 5 samples dropped)
+        whole = [next(single) for _ in range(6)]
+        parts = [key for it in ranks for key in [next(it) for _ in range(2)]]
+        assert parts == whole
+    resumed = iter(GlobalBatchSampler(23, batch_size=6, seed=3, start=4))
+    fresh = iter(GlobalBatchSampler(23, batch_size=6, seed=3))
+    for _ in range(4 * 6):
+        next(fresh)
+    assert [next(resumed) for _ in range(12)] == [next(fresh) for _ in range(12)]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        GlobalBatchSampler(5, batch_size=3, seed=0, world_size=2)
+
+
+def test_each_epoch_visits_every_sample_at_most_once():
+    sampler = iter(GlobalBatchSampler(20, batch_size=4, seed=1))
+    first = [next(sampler) for _ in range(20)]
+    assert {e for e, _ in first} == {0} and sorted(i for _, i in first) == list(range(20))
+    second = [next(sampler) for _ in range(20)]
+    assert {e for e, _ in second} == {1} and [i for _, i in second] != [i for _, i in first]
+
+
+# ---- freezing and adapters ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small(minilm_dir):
+    torch.manual_seed(0)
+    return GLIP(GLIPConfig.small(minilm_dir, image_encoder="resnet18", fusion_layers=1))
+
+
+def _mode_config(mode, **freeze):
+    return TrainConfig.from_dict({**BASE, "mode": mode, "freeze": freeze})
+
+
+def test_training_modes_train_exactly_their_parameters(minilm_dir):
+    torch.manual_seed(0)
+    model = GLIP(GLIPConfig.small(minilm_dir, image_encoder="resnet18", fusion_layers=1))
+    names = freeze_for_mode(model, _mode_config("linear_probe"))
+    assert sorted(names) == sorted(["head.bbox_pred.weight", "head.bbox_pred.bias", "head.centerness.weight", "head.centerness.bias",
+                     "head.dot_product_projection_text.weight", "head.dot_product_projection_text.bias",
+                     "head.log_scale", "head.bias_lang", "head.bias0"])
+    model = GLIP(GLIPConfig.small(minilm_dir, image_encoder="resnet18", fusion_layers=1))
+    assert freeze_for_mode(model, _mode_config("prompt_tuning")) == ["prompt_tuning.weight"]
+    assert model.prompt_tuning.weight.shape == (1000, 384) and not model.prompt_tuning.weight.any()
+    model = GLIP(GLIPConfig.small(minilm_dir, image_encoder="resnet18", fusion_layers=1))
+    names = freeze_for_mode(model, _mode_config("full", backbone="all", language=True))
+    assert not any(n.startswith(("backbone.body.", "language_backbone.")) for n in names)
+    assert any(n.startswith("backbone.fpn.") for n in names) and "head.cls_logits.weight" not in names
+    with pytest.raises(ValueError, match="stage freezing needs a Swin backbone"):
+        freeze_for_mode(model, _mode_config("full", backbone=2))
+
+
+def test_adapters_round_trip_and_refuse_other_base_weights(small, minilm_dir, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    small.enable_prompt_tuning(8)
+    with torch.no_grad():
+        small.prompt_tuning.weight.copy_(torch.randn(8, 384, generator=g))
+    path = save_adapter(small, tmp_path / "prompt.safetensors", "prompt_tuning")
+    assert path.stat().st_size < 64 * 1024
+    fresh = GLIP(small.config).eval()
+    fresh.load_state_dict({k: v for k, v in small.state_dict().items() if not k.startswith("prompt_tuning.")})
+    load_adapter(fresh, path)
+    assert torch.equal(fresh.prompt_tuning.weight, small.prompt_tuning.weight)
+    # the table is added to the text features: the model's outputs change accordingly
+    ids, mask = small.processor.tokenize(["a dog. a cat."])
+    with torch.no_grad():
+        out = fresh(torch.zeros(1, 3, 64, 64), ids, mask)
+        assert torch.allclose(out.text_hidden[0], fresh.language_backbone(ids, mask).hidden[0]
+                              + small.prompt_tuning.weight[: ids.shape[1]], atol=1e-6)
+    torch.manual_seed(1)
+    other = GLIP(small.config)
+    with pytest.raises(AdapterError, match="trained on other base weights"):
+        load_adapter(other, path)
+    probe = save_adapter(small, tmp_path / "probe.safetensors", "linear_probe")
+    meta = load_adapter(fresh, probe)
+    assert meta["kind"] == "linear_probe"
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(AdapterError, match="junk.safetensors"):
+        load_adapter(fresh, tmp_path / "junk.safetensors")
+    assert set(linear_probe_parameters(small)) <= {n for n, _ in small.named_parameters()}
+
+
+def test_a_write_that_dies_midway_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    atomic_torch_save({"step": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"step": 2}, path)
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
