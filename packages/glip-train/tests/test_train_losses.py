@@ -257,8 +257,12 @@ def _random_batch(seed, image_hw=(128, 160), boxes_per_image=(4, 0, 6), width=12
         targets.append({"boxes": boxes, "positive_map": positive_map})
     lengths = [width if i in full_text else int(torch.randint(3, width, (1,), generator=gen)) for i in range(batch)]
     text_mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    box_regression = [torch.randn(batch, 4, hh, ww, generator=gen, dtype=torch.float64) for hh, ww in sizes]
+    for codes in box_regression:  # some predictions narrower than one pixel: decoded x2 < x1 (or y2 < y1)
+        log_sizes = codes[:, 2:]
+        log_sizes[torch.rand(log_sizes.shape, generator=gen) < 0.15] = -45.0
     head = dict(
-        box_regression=[torch.randn(batch, 4, hh, ww, generator=gen, dtype=torch.float64) for hh, ww in sizes],
+        box_regression=box_regression,
         centerness=[torch.randn(batch, 1, hh, ww, generator=gen, dtype=torch.float64) for hh, ww in sizes],
         token_logits=[torch.randn(batch, hh * ww, width, generator=gen, dtype=torch.float64) * 3 for hh, ww in sizes],
     )
@@ -377,6 +381,8 @@ def test_atss_hand_made_example():
     torch.testing.assert_close(details.ious[:3, 0], ious)
     torch.testing.assert_close(details.iou_thresh[0], ious.mean() + ious.std())  # 0.285 + 0.401
     assert atss_assign([anchors], gt, topk=3).tolist() == [-1, 0, -1, -1]
+    # two identical GTs: exact IoU ties go to the lower index
+    assert atss_assign([anchors], torch.cat([gt, gt]), topk=3).tolist() == [-1, 0, -1, -1]
     # a first GT also claiming anchor 1, with IoU 70 / 100 < 0.75: the anchor goes to the higher IoU (GT 1)
     gts = torch.tensor([[12.0, 0, 18, 9], [11.0, 0, 21, 9]])
     assert atss_assign([anchors], gts, topk=3).tolist() == [-1, 1, -1, -1]
@@ -477,6 +483,35 @@ def test_normalisers_are_averaged_over_ranks(tmp_path):
         assert math.isclose(results[rank]["centerness_sum_avg"] * 2, single.centerness_sum_avg.item(), rel_tol=1e-12)
     for key in LOSS_KEYS:
         assert math.isclose((results[0][key] + results[1][key]) / 2, single.losses[key].item(), rel_tol=1e-12), key
+
+
+def test_reduce_hook_sets_the_normalisers():
+    """The hook receives this rank's ``[positives, sum of centerness targets]`` and returns the averages."""
+    inputs = _random_batch(13, boxes_per_image=(3, 2), width=6)
+    seen = []
+
+    def fixed_averages(local):
+        seen.append(local.clone())
+        return torch.tensor([10.0, 5.0], dtype=torch.float64)
+
+    plain = GLIPLoss().compute(**inputs)
+    hooked = GLIPLoss(reduce_over_ranks=fixed_averages).compute(**inputs)
+    num_pos, ctr_sum = plain.num_pos_avg.item(), plain.centerness_sum_avg.item()
+    assert seen[0].tolist() == [num_pos, ctr_sum]
+    assert hooked.num_pos_avg.item() == 10.0 and hooked.centerness_sum_avg.item() == 5.0
+    scale = {"loss_reg": ctr_sum / 5.0, "loss_centerness": num_pos / 10.0, "loss_dot_product_token": num_pos / 10.0}
+    for key in LOSS_KEYS:
+        assert math.isclose(hooked.losses[key].item(), plain.losses[key].item() * scale[key], rel_tol=1e-12), key
+
+
+def test_half_precision_heads_are_computed_in_float32():
+    inputs = _random_batch(14, boxes_per_image=(3, 2), width=6)
+    half = {k: [t.to(torch.bfloat16) for t in inputs[k]] for k in HEAD_ARGS}
+    rounded = {k: [t.float() for t in half[k]] for k in HEAD_ARGS}
+    losses_half, losses_rounded = GLIPLoss()(**{**inputs, **half}), GLIPLoss()(**{**inputs, **rounded})
+    for key in LOSS_KEYS:
+        assert losses_half[key].dtype == torch.float32
+        assert torch.equal(losses_half[key], losses_rounded[key]), key
 
 
 def test_mean_over_ranks_is_identity_outside_distributed():

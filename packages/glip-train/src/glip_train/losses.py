@@ -31,13 +31,14 @@ Conventions (they are those of the official loss; several are legacy quirks kept
     text-masked token, divided by ``num_pos_avg``;
   - ``loss_reg``: ``2.0 * sum(ctr * (1 - GIoU)) / (sum of ctr over ranks / world size)`` on positives, GIoU between the
     decoded prediction (``x2, y2`` raised to at least ``x1, y1``) and the decoded target, with ``1e-7`` added to the
-    union and to the enclosing area (not to the ratio's denominator only, as in ``torchvision``);
+    union and to the enclosing area before they are combined (``torchvision`` adds it to the denominators only:
+    equal algebraically, rounded differently);
   - ``loss_centerness``: binary cross-entropy with logits (summed) between the centerness logits of the positives and
     their centerness targets, divided by ``num_pos_avg``.
 
   The official loss also returns a class focal loss on the frozen ``cls_logits`` multiplied by 0; it is left out.
   Their sum is the training objective. The whole computation runs in float32 (half-precision head outputs are
-  promoted, as under the official ``custom_fwd``) or float64 when the head outputs are float64.
+  promoted, as the official ``custom_fwd`` does under autocast) or float64 when the head outputs are float64.
 * **Distributed training**: the two normalisers are averaged over ranks with one ``all_reduce`` when
   ``torch.distributed`` is initialised (:func:`mean_over_ranks`), so every rank must call the loss equally often.
   DDP's gradient averaging then gives the gradient of the loss of the global batch.
