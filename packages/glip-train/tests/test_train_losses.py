@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import faulthandler
 import math
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -466,6 +467,10 @@ def _rank_worker(rank, world_size, init_file, inputs, results):
         faulthandler.cancel_dump_traceback_later()
 
 
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods() or not torch.distributed.is_available(),
+    reason="needs the fork start method and torch.distributed (gloo)",
+)
 def test_normalisers_are_averaged_over_ranks(tmp_path):
     """Two gloo ranks with two images each: both ranks get the whole batch's normalisers divided by the world size
     (the official per-GPU averages), and the mean of the ranks' losses (what DDP's gradient averaging optimises) is
