@@ -102,7 +102,8 @@ class BoxCoder:
 
     def decode(self, deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """Boxes ``(K, 4)`` xyxy from regression ``deltas (K, 4)`` relative to ``anchors (K, 4)``."""
-        deltas = deltas.float()
+        if deltas.dtype != torch.float64:
+            deltas = deltas.float()  # half-precision head outputs decode in float32; float64 stays float64
         anchors = anchors.to(deltas.dtype)
         wx, wy, ww, wh = self.weights
         aw = anchors[:, 2] - anchors[:, 0] + 1
