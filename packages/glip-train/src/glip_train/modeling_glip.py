@@ -305,8 +305,19 @@ class GLIP(nn.Module):
         return output
 
     def compute_losses(self, output: GLIPOutput, targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """GLIP's training losses of a forward pass (the official ATSS assignment and loss terms)."""
-        raise NotImplementedError("training losses arrive with glip_train.losses")
+        """GLIP's training losses of a forward pass: the official ATSS assignment and loss terms
+        (:class:`glip_train.losses.GLIPLoss`), computed in float32 whatever the autocast dtype."""
+        from .losses import GLIPLoss
+
+        if len(targets) != output.text_mask.shape[0]:
+            raise ValueError(f"{len(targets)} targets for a batch of {output.text_mask.shape[0]} images")
+        head = output.head
+        with torch.autocast(device_type=output.text_mask.device.type, enabled=False):
+            return GLIPLoss(max_text_len=self.config.max_text_len)(
+                box_regression=[x.float() for x in head.box_regression],
+                centerness=[x.float() for x in head.centerness],
+                token_logits=[x.float() for x in head.token_logits],
+                anchors=output.anchors, targets=targets, text_mask=output.text_mask)
 
     # ------------------------------------------------------------------------------------------------ user API
     def detect(self, images: ImageInput | Sequence[ImageInput], classes: Any = None, prompt: Any = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -467,9 +468,23 @@ class Trainer:
         return terms, images, skipped, None
 
     # ---- outputs ---------------------------------------------------------------------------------------------------
+    def weights_digest(self) -> str:
+        """sha256 of every parameter and buffer of the model (replicas of a distributed run must agree)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def _finish(self) -> TrainResult:
         result = TrainResult(self.output_dir, None, None, None, self.step, self.skipped_batches, self.bad_steps,
                              self.last_metrics)
+        digests = [self.weights_digest()]
+        if _dist_active():
+            digests = [None] * self.world_size
+            dist.all_gather_object(digests, self.weights_digest())
+            if len(set(digests)) != 1:  # DDP keeps replicas equal; anything else is a bug worth stopping for
+                raise RuntimeError(f"the weights of the {self.world_size} processes differ at the end of training")
         if self.is_main:
             if self.config.mode == "full":
                 result.model_dir = self.model.save_pretrained(self.output_dir / "model")
@@ -484,6 +499,7 @@ class Trainer:
                 "model_dir": str(result.model_dir) if result.model_dir else None,
                 "ema_dir": str(result.ema_dir) if result.ema_dir else None,
                 "adapter": str(result.adapter) if result.adapter else None,
+                "weights_sha256": digests, "world_size": self.world_size,
                 "last_metrics": self.last_metrics}, indent=2) + "\n")
         if _dist_active():
             dist.barrier()
