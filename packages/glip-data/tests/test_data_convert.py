@@ -149,12 +149,47 @@ def test_errors_name_the_file(tmp_path):
     src = tmp_path / "x.jsonl"
     src.write_text(json.dumps({"filename": "a.jpg", "height": 5, "width": 5,
                                "detection": {"instances": [{"bbox": [0, 0, 1, 1], "label": 3}]}}) + "\n")
-    with pytest.raises(ReaderError, match=r"x\.jsonl: labels \[3\] have no name.*x_label_map\.json"):
+    with pytest.raises(ReaderError, match=r"x\.jsonl: line 1 instance 0: no label map was given"):
         convert(src, tmp_path / "y.json", "odvg", "coco")
     assert default_label_map_path(tmp_path / "o365_od.json") == tmp_path / "o365_od_label_map.json"
     with pytest.raises(ValueError, match="unknown destination format 'yolo'"):
         convert(src, tmp_path / "y.json", "odvg", "yolo")
     bad = dump(tmp_path / "bad.json", {"images": [{"id": 1, "file_name": "a", "width": 5, "height": 5}],
                                        "annotations": [{"id": 1, "image_id": 2, "bbox": [0, 0, 1, 1]}]})
-    with pytest.raises(ReaderError, match=r"bad\.json: annotations\[0\] \(id=1\): unknown image_id 2"):
+    with pytest.raises(ReaderError, match=r"bad\.json: annotations\[0\] \(id=1, image_id=2\): image_id 2 is not in"):
         convert(bad, tmp_path / "y.jsonl", "coco", "odvg")
+
+
+@pytest.mark.parametrize(
+    "patch, reason, needle",
+    [
+        ({"annotations": [{"id": 1, "image_id": 7, "category_id": 44, "bbox": [0, 0, 2]}]}, "bad_bbox", "bbox must be"),
+        ({"annotations": [{"id": 1, "image_id": 7, "category_id": 44, "bbox": [0, 0, 2, 2]},
+                          {"id": 1, "image_id": 7, "category_id": 44, "bbox": [0, 0, 3, 3]}]},
+         "duplicate_annotation_id", "duplicate annotation id"),
+        ({"images": [{"id": 7, "file_name": "a.jpg", "width": 0, "height": 10}], "annotations": []},
+         "bad_image_size", "width/height must be positive integers"),
+        ({"annotations": [{"id": 1, "image_id": 7, "category_id": 99, "bbox": [0, 0, 2, 2]}]},
+         "unknown_category_id", "category_id 99"),
+    ],
+)
+def test_converter_and_reader_share_the_record_checks(tmp_path, patch, reason, needle):
+    """One parser per format: what a reader drops (and counts) with errors="drop", the converter refuses."""
+    src = dump(tmp_path / "coco.json", {**COCO, **patch})
+    with pytest.raises(ReaderError, match=needle):
+        convert(src, tmp_path / "out.jsonl", "coco", "odvg")
+    assert COCODetection(src, errors="drop").stats[reason] == 1
+
+
+def test_odvg_converter_and_reader_share_the_line_checks(tmp_path):
+    both = {"filename": "a.jpg", "height": 5, "width": 5, "detection": {"instances": []},
+            "grounding": {"caption": "a cat", "regions": []}}
+    bad_region = {"filename": "b.jpg", "height": 5, "width": 5,
+                  "grounding": {"caption": "a cat", "regions": [{"bbox": [0, 0, 2, 2], "phrase": "A cat"}]}}
+    for line, reason, needle in ((both, "bad_record", "both a 'detection' and a 'grounding'"),
+                                 (bad_region, "span_outside_caption", "phrase 'A cat' is not in the caption")):
+        src = tmp_path / "x.jsonl"
+        src.write_text(json.dumps(line) + "\n")
+        with pytest.raises(ReaderError, match=needle):
+            convert(src, tmp_path / "y.json", "odvg", "coco")
+        assert ODVGReader(src, errors="drop").stats[reason] == 1

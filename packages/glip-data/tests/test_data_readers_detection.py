@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from glip_data import ImageLoadError
 from glip_data.readers import COCODetection, LVISDetection, Objects365Detection, ReaderError
 
 
@@ -150,7 +151,7 @@ def test_unreadable_image_raises_or_skips(tmp_path):
     path = coco_file(tmp_path)
     (tmp_path / "a.jpg").write_bytes(b"not an image")
     Image.new("RGB", (40, 30)).save(tmp_path / "b.jpg")
-    with pytest.raises(OSError, match=r"cannot open image .*a\.jpg.*image id 7"):
+    with pytest.raises(ImageLoadError, match=r"cannot load image .*a\.jpg.*image id 7"):
         COCODetection(path, load_image=True)[0]
     reader = COCODetection(path, load_image=True, on_bad_image="skip")
     with pytest.warns(UserWarning, match="skipping"):

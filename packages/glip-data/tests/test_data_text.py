@@ -70,6 +70,22 @@ def test_find_phrase_spans_errors_name_the_phrase():
         find_phrase_spans("a dog", "dog")
 
 
+def test_find_phrase_spans_fragments_and_case_sensitivity():
+    caption = "a red ceramic mug on a red table"
+    # ODVG phrases may be fragments: each is searched after the previous one's end
+    assert find_phrase_spans(caption, [["red", "mug"], ["red", "table"]]) == [[(2, 5), (14, 17)], [(2, 5), (27, 32)]]
+    assert find_phrase_spans(caption, [["mug", "red"]]) == [[(14, 17), (23, 26)]]
+    assert find_phrase_spans("A Mug", ["mug"]) == [[(2, 5)]]
+    with pytest.raises(ValueError, match="does not occur"):
+        find_phrase_spans("A Mug", ["mug"], ignore_case=False)
+    with pytest.raises(ValueError, match="does not occur"):
+        find_phrase_spans(caption, [["table", "red"]])  # no "red" after "table"
+    with pytest.raises(ValueError, match="empty"):
+        find_phrase_spans(caption, [[]])
+    with pytest.raises(TypeError, match=r"phrases\[0\] must be a str or a list of str"):
+        find_phrase_spans(caption, [None])
+
+
 def test_noun_phrases_roundtrip_to_spans():
     caption = "a man holding a red umbrella next to the two dogs"
     phrases = find_noun_phrases(caption)

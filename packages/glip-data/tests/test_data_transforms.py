@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from glip_data import TestTransform, get_resize_size, pad_images
-from glip_data.transforms import PIXEL_MEAN_BGR, PIXEL_STD_BGR, to_rgb_image
+from glip_data import ImageLoadError, TestTransform, get_resize_size, pad_images
+from glip_data.transforms import PIXEL_MEAN_BGR, PIXEL_STD_BGR
 
 
 @pytest.mark.parametrize(
@@ -38,6 +38,16 @@ def test_get_resize_size_no_cap_and_bad_input():
     assert get_resize_size((100, 50), 800, None) == (1600, 800)
     with pytest.raises(ValueError, match="positive"):
         get_resize_size((0, 10), 800, 1333)
+
+
+def test_get_resize_size_refuses_a_zero_side():
+    # 1 x 4000: the cap makes s = round(1333 * 1 / 4000) = round(0.33) = 0 -> a 0-pixel side
+    with pytest.raises(ValueError, match=r"\(w, h\) = \(1, 4000\).*zero side"):
+        get_resize_size((1, 4000), 800, 1333)
+    # 1 x 2665: s = round(1333 / 2665) = round(0.50019) = 1, long side int(1 * 2665): the most elongated that fits
+    assert get_resize_size((1, 2665), 800, 1333) == (1, 2665)
+    with pytest.raises(ValueError, match="zero side"):
+        get_resize_size((5332, 2), 800, 1333)  # s = round(0.5) = 0 (halves go to even)
 
 
 def _reference_tensor(pil):
@@ -81,10 +91,12 @@ def test_numpy_input_and_errors():
     # BGR order: channel 2 is red.
     assert torch.allclose(out[2], torch.full((10, 12), (255 - PIXEL_MEAN_BGR[2]) / PIXEL_STD_BGR[2]))
     assert torch.allclose(out[0], torch.full((10, 12), -PIXEL_MEAN_BGR[0] / PIXEL_STD_BGR[0]))
-    with pytest.raises(TypeError, match="uint8"):
-        to_rgb_image(arr.astype(np.float32))
-    with pytest.raises(ValueError, match="shape"):
-        to_rgb_image(np.zeros((4, 4, 2), dtype=np.uint8))
+    with pytest.raises(ImageLoadError, match=r"float images must lie in \[0, 1\]"):
+        TestTransform(10, 100)(arr.astype(np.float32))  # 0-255 data in a float array
+    with pytest.raises(ImageLoadError, match=r"<array \(4, 4, 2\) uint8>.*shape"):
+        TestTransform(10, 100)(np.zeros((4, 4, 2), dtype=np.uint8))
+    # float data in [0, 1] is scaled, as the same uint8 image
+    torch.testing.assert_close(TestTransform(10, 100)(arr.astype(np.float32) / 255), out, rtol=0, atol=0)
 
 
 @pytest.mark.parity
@@ -112,7 +124,6 @@ from glip_data import (  # noqa: E402
     RandomHorizontalFlip,
     RandomResize,
     ToModelTensor,
-    flip_boxes,
     swap_left_right,
     train_transforms,
 )
@@ -147,14 +158,6 @@ def test_random_resize_draws_from_the_sizes_reproducibly():
         for seed in range(30)
     ]
     assert sizes == again
-
-
-def test_flip_boxes_conventions():
-    boxes = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
-    assert flip_boxes(boxes, 100).tolist() == [[69, 20, 89, 40]]  # official: W - x - 1
-    assert flip_boxes(boxes, 100, legacy_plus_one=False).tolist() == [[70, 20, 90, 40]]
-    for legacy in (True, False):
-        assert torch.equal(flip_boxes(flip_boxes(boxes, 100, legacy), 100, legacy), boxes)
 
 
 def test_flip_moves_pixels_with_inclusive_box_convention():
@@ -217,3 +220,18 @@ def test_to_model_tensor_checks_image_size():
     sample.image = None
     with pytest.raises(ValueError, match="no decoded image"):
         ToModelTensor()(sample)
+
+
+def test_to_model_tensor_does_not_rotate_behind_the_boxes_back():
+    # a sample built by hand from a file that still carries EXIF orientation 6: the boxes refer to the stored
+    # pixels, so the training transforms keep them (readers load images upright in the first place)
+    import io
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, "PNG", exif=exif)
+    stored = Image.open(io.BytesIO(buf.getvalue()))
+    out = ToModelTensor()(_grounding_sample(stored, [[1, 1, 5, 5]]))
+    assert out.image.shape == (3, 30, 40)
+    assert TestTransform(30, 1000)(stored).shape == (3, 40, 30)  # inference loads it upright

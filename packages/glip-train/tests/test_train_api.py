@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from glip_data import ImageLoadError
 from glip_train import GLIP, GLIPConfig
 from glip_train.checkpoint import CheckpointError
 
@@ -152,10 +153,14 @@ def test_bad_ground_and_image_inputs(small_model, images, tmp_path):
     broken.write_bytes(b"not an image")
     with pytest.raises(OSError, match="broken.jpg"):
         small_model.detect(broken, classes=["dog"], **KW)
-    with pytest.raises(FileNotFoundError, match="nothere.png"):
+    with pytest.raises(ImageLoadError, match="nothere.png"):
         small_model.detect(tmp_path / "nothere.png", classes=["dog"], **KW)
-    with pytest.raises(ValueError, match="uint8"):
-        small_model.detect(np.zeros((10, 10, 3), dtype=np.float32), classes=["dog"], **KW)
+    with pytest.raises(ImageLoadError, match=r"\[0, 1\]"):
+        small_model.detect(np.full((10, 10, 3), 7.0, dtype=np.float32), classes=["dog"], **KW)
+    with pytest.raises(ImageLoadError, match="4000x1"):  # beyond any aspect ratio a model could use
+        small_model.detect(np.zeros((1, 4000, 3), dtype=np.uint8), classes=["dog"], **KW)
+    with pytest.raises(ImageLoadError, match="600x1"):  # its shorter side would become 0 at max_size=224
+        small_model.detect(np.zeros((1, 600, 3), dtype=np.uint8), classes=["dog"], **KW)
 
 
 def test_save_pretrained_round_trip(small_model, images, tmp_path):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from glip_train.box_ops import AnchorGenerator, BoxCoder, batched_nms_plus1, box_iou_plus1, clip_boxes
+from glip_data.boxes import batched_nms, box_iou, clip_boxes
+from glip_train.box_ops import AnchorGenerator, BoxCoder
 from glip_train.postprocess import ATSSPostProcessor, PostProcessConfig, aggregate_token_scores
 from glip_train.testing import match_detections, relative_error
 
@@ -85,11 +86,11 @@ def test_nms_plus1_matches_naive_and_keeps_candidate_order():
     boxes = torch.cat([xy, xy + 2 + torch.rand(80, 2, generator=gen) * 10], 1)
     scores = torch.rand(80, generator=gen)
     labels = torch.randint(0, 3, (80,), generator=gen)
-    keep = batched_nms_plus1(boxes, scores, labels, 0.5)
+    keep = batched_nms(boxes, scores, labels, 0.5)
     assert keep.tolist() == _naive_nms_plus1(boxes.tolist(), scores.tolist(), labels.tolist(), 0.5)
     # small boxes: the +1 convention changes the IoU noticeably
     a, b = torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([[1.0, 1.0, 2.0, 2.0]])
-    assert box_iou_plus1(a, b).item() == pytest.approx(1 / 7)
+    assert box_iou(a, b, legacy=True).item() == pytest.approx(1 / 7)
 
 
 def test_token_mean_aggregation():

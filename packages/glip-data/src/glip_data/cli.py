@@ -204,9 +204,9 @@ def inspect_data(args: argparse.Namespace, out=None) -> dict[str, Any]:
                 if hasattr(reader, "load_image"):
                     reader.load_image(s)
                 else:
-                    from glip_data.readers.base import open_image
+                    from glip_data.images import load_image
 
-                    s.image = open_image(s.image_path)
+                    s.image = load_image(s.image_path)
             dst = outdir / f"{j:03d}_{Path(s.metadata.get('file_name', s.image_path)).stem}.jpg"
             render_sample(s).save(dst, quality=90)
             written.append(str(dst))

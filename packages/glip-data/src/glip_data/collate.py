@@ -18,7 +18,7 @@ def pad_images(
     """Zero-pad images at the bottom/right to the batch's largest size, rounded up to ``size_divisibility``.
 
     This is the official ``to_image_list``: padding happens *after* normalisation, so a pad value of 0 is the mean
-    colour (glip_spec.md §2.1 step 5).
+    colour (docs/official_model.md#preprocessing).
 
     Args:
         images: ``B`` tensors ``(C, H_i, W_i)`` of one dtype and channel count.
@@ -136,7 +136,8 @@ def collate_grounding(
         max_len: the model's text length; captions are truncated to it (boxes grounded past it get empty rows and
             are reported by :func:`glip_data.build_positive_map`).
         pad_text_to: ``"max"`` pads every caption to ``max_len`` (official ``PAD_MAX``; required for exact
-            training parity because the loss's "no-object" token 255 only exists at full length, pitfall §12.9), or
+            training parity because the loss's "no-object" token 255 only exists at full length,
+            docs/official_model.md#quirks item 9), or
             ``"longest"`` to the longest caption of the batch (faster; the positive maps are cut to that length).
         size_divisibility: image padding multiple (see :func:`pad_images`).
 

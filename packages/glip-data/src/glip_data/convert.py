@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from glip_data.readers.base import ReaderError, check_spans, iter_jsonl, read_json, require
-from glip_data.readers.odvg import find_phrase_spans, load_label_map
+from glip_data.boxes import xywh_to_xyxy, xyxy_to_xywh
+from glip_data.readers.base import ReaderError, RecordChecker, iter_jsonl, read_coco_json
+from glip_data.readers.odvg import ODVGLabelMap, parse_odvg_instance, parse_odvg_line, parse_odvg_region
 
 Format = Literal["coco", "mdetr", "odvg"]
 FORMATS = ("coco", "mdetr", "odvg")
@@ -91,119 +92,99 @@ def _bar(items: Any, enabled: bool, desc: str) -> Any:
 
 
 def load_coco(path: str | os.PathLike, progress: bool = False) -> Collection:
-    """A COCO (or MDETR: COCO plus captions and spans) json as a :class:`Collection`."""
+    """A COCO (or MDETR: COCO plus captions and spans) json as a :class:`Collection`.
+
+    The records are checked by the readers' :class:`~glip_data.readers.base.RecordChecker` with the strict policy:
+    a structural problem a reader would report (a duplicate or unknown id, a bad size, box or span) raises a
+    :class:`ReaderError`; nothing is dropped, clipped or shifted.
+    """
     path = Path(path)
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise ReaderError(f"{path}: expected a JSON object")
-    for key in ("images", "annotations"):
-        if not isinstance(data.get(key), list):
-            raise ReaderError(f"{path}: missing top-level list {key!r} (present: {sorted(data)})")
+    check = RecordChecker(path)
+    data = read_coco_json(path, ("images", "annotations"))
+    categories = data.get("categories", [])
+    if not isinstance(categories, list):
+        raise ReaderError(f"{path}: 'categories' must be a list, got {type(categories).__name__}")
+    category_ids = {c["id"] for c in check.categories(categories)}
     images: list[ImageEntry] = []
-    by_id: dict[Any, ImageEntry] = {}
-    for i, img in enumerate(data["images"]):
-        require(img, ("id", "width", "height"), f"{path}: images[{i}]")
-        if img["id"] in by_id:
-            raise ReaderError(f"{path}: images[{i}]: duplicate image id {img['id']!r}")
-        file_name = img.get("file_name")
-        if file_name is None:
-            raise ReaderError(f"{path}: images[{i}] (id={img['id']!r}) has no 'file_name'")
+    index: dict[Any, int] = {}
+    for _, img, where in check.image_entries(data["images"], ("id", "width", "height"), set()):
+        check.file_name(img.get("file_name"), where)
+        if img.get("caption") is not None:
+            check.caption(img["caption"], where)
         extra = {k: v for k, v in img.items() if k not in ("id", "file_name", "width", "height", "caption")}
-        entry = ImageEntry(file_name, img["width"], img["height"], img["id"], img.get("caption"), [], extra)
-        images.append(entry)
-        by_id[img["id"]] = entry
+        index[img["id"]] = len(images)
+        images.append(ImageEntry(img["file_name"], img["width"], img["height"], img["id"], img.get("caption"), [],
+                                 extra))
+    seen: set = set()
     for j, ann in enumerate(_bar(data["annotations"], progress, f"reading {path.name}")):
-        require(ann, ("image_id", "bbox"), f"{path}: annotations[{j}]")
-        entry = by_id.get(ann["image_id"])
-        if entry is None:
-            raise ReaderError(f"{path}: annotations[{j}] (id={ann.get('id')!r}): unknown image_id {ann['image_id']!r}")
+        # the strict checker raises on every problem, so each call below either passes or raises
+        k, where = check.annotation(j, ann, ("bbox",), index, seen, set(), require_id=False)
+        check.box(ann["bbox"], where, "x, y, w, h")
+        if "categories" in data and ann.get("category_id") is not None and ann["category_id"] not in category_ids:
+            check.problem("unknown_category_id", f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
+        entry = images[k]
         spans = ann.get("tokens_positive")
         if spans is not None:
             if entry.caption is None:
-                raise ReaderError(f"{path}: annotations[{j}] has tokens_positive but image {entry.id!r} no caption")
-            spans = [list(s) for s in check_spans(spans, entry.caption, f"{path}: annotations[{j}]")]
+                check.problem("span_outside_caption", f"{where}: has tokens_positive but image {entry.id!r} has no "
+                                                      "caption")
+            spans = [list(span) for span in check.spans(spans, entry.caption, where)]
         extra = {k: v for k, v in ann.items() if k not in ("id", "image_id", "bbox", "category_id", "tokens_positive")}
         entry.annotations.append(Annotation(list(ann["bbox"]), ann.get("category_id"), spans, ann.get("id"), extra))
     top_extra = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories", "info")}
-    return Collection(images, list(data.get("categories", [])), dict(data.get("info", {})), top_extra)
+    return Collection(images, list(categories), dict(data.get("info", {})), top_extra)
 
 
 load_mdetr = load_coco
 
 
 def load_odvg(path: str | os.PathLike, label_map: Any = None, progress: bool = False) -> Collection:
-    """An ODVG jsonl (and its label map, looked up as ``<stem>_label_map.json`` when not given) as a Collection."""
+    """An ODVG jsonl (and its label map, looked up as ``<stem>_label_map.json`` when not given) as a Collection.
+
+    Lines, instances and regions are parsed by the ODVG reader's parsers with the strict policy (see
+    :func:`load_coco`); the label names come from the label map or, without one, from the instances' ``category``.
+    """
     path = Path(path)
     if label_map is None:
         guess = default_label_map_path(path)
         label_map = guess if guess.is_file() else None
-    names = load_label_map(label_map)
+    check = RecordChecker(path)
+    labels = ODVGLabelMap(check, label_map)
     images: list[ImageEntry] = []
     label_to_cid: dict[int, Any] = {}
-    seen_names: dict[int, str] = {}
     has_object_category = False
     for lineno, rec in _bar(iter_jsonl(path), progress, f"reading {path.name}"):
-        where = f"{path}:{lineno}"
-        require(rec, ("filename", "height", "width"), where)
+        line = parse_odvg_line(check, lineno, rec)
         extra = {k: v for k, v in rec.items()
                  if k not in ("filename", "height", "width", "detection", "grounding", "image_id")}
-        entry = ImageEntry(rec["filename"], rec["width"], rec["height"], rec.get("image_id"), None, [], extra)
-        if "grounding" in rec:
+        entry = ImageEntry(line.filename, rec["width"], rec["height"], rec.get("image_id"), None, [], extra)
+        if line.kind == "grounding":
+            entry.caption = line.caption
             g = rec["grounding"]
-            if not isinstance(g, dict) or not isinstance(g.get("caption"), str):
-                raise ReaderError(f"{where}: 'grounding' needs a 'caption' string")
-            entry.caption = g["caption"]
             entry.extra.update({f"grounding_{k}": v for k, v in g.items() if k not in ("caption", "regions")})
-            for r, region in enumerate(g.get("regions", [])):
-                rwhere = f"{where} region {r}"
-                if not isinstance(region, dict) or "bbox" not in region:
-                    raise ReaderError(f"{rwhere}: needs 'bbox'")
-                if "tokens_positive" in region:
-                    spans = [list(s) for s in check_spans(region["tokens_positive"], entry.caption, rwhere)]
-                else:
-                    found = find_phrase_spans(entry.caption, region.get("phrase"))
-                    if found is None:
-                        raise ReaderError(f"{rwhere}: phrase {region.get('phrase')!r} is not in the caption")
-                    spans = [list(s) for s in found]
-                boxes = region["bbox"] if region["bbox"] and isinstance(region["bbox"][0], (list, tuple)) \
-                    else [region["bbox"]]
-                extra_r = {k: v for k, v in region.items() if k not in ("bbox", "tokens_positive", "category_id",
-                                                                        "id")}
+            for r, item in enumerate(line.items):
+                region = parse_odvg_region(check, f"line {lineno} region {r}", item, line.caption)
+                spans = [list(span) for span in region.spans]
+                extra_r = {k: v for k, v in item.items() if k not in ("bbox", "tokens_positive", "category_id", "id")}
                 if extra_r.get("phrase") == " ".join(entry.caption[s:e] for s, e in spans):
                     del extra_r["phrase"]  # derivable from the spans: written again on the way out
-                for b in boxes:
-                    _check_xyxy(b, rwhere)
-                    cid = region.get("category_id")
-                    has_object_category |= cid is None
-                    entry.annotations.append(Annotation(_xyxy_to_xywh(b), cid, spans, region.get("id"),
+                cid = item.get("category_id")
+                has_object_category |= cid is None
+                for b in region.boxes:
+                    entry.annotations.append(Annotation(xyxy_to_xywh(b, legacy=False), cid, spans, item.get("id"),
                                                         dict(extra_r)))
-        elif "detection" in rec:
-            det = rec["detection"]
-            if not isinstance(det, dict) or not isinstance(det.get("instances"), list):
-                raise ReaderError(f"{where}: 'detection' must hold an 'instances' list")
-            for n, inst in enumerate(det["instances"]):
-                iwhere = f"{where} instance {n}"
-                if not isinstance(inst, dict) or "bbox" not in inst or not isinstance(inst.get("label"), int):
-                    raise ReaderError(f"{iwhere}: needs 'bbox' and an integer 'label'")
-                _check_xyxy(inst["bbox"], iwhere)
-                label = inst["label"]
-                if names is not None and label not in names:
-                    raise ReaderError(f"{iwhere}: label {label} is not in the label map")
-                if "category" in inst:
-                    seen_names.setdefault(label, inst["category"])
-                if "category_id" in inst:
-                    if label_to_cid.setdefault(label, inst["category_id"]) != inst["category_id"]:
-                        raise ReaderError(f"{iwhere}: label {label} maps to two category ids")
-                extra_i = {k: v for k, v in inst.items() if k not in ("bbox", "label", "category", "category_id", "id")}
-                entry.annotations.append(Annotation(_xyxy_to_xywh(inst["bbox"]), ("label", label), None,
-                                                    inst.get("id"), extra_i))
+        elif line.kind == "detection":
+            for n, item in enumerate(line.items):
+                where = f"line {lineno} instance {n}"
+                inst = parse_odvg_instance(check, where, item, labels)
+                if "category_id" in item and label_to_cid.setdefault(inst.label, item["category_id"]) \
+                        != item["category_id"]:
+                    raise ReaderError(f"{path}: {where}: label {inst.label} maps to two category ids")
+                extra_i = {k: v for k, v in item.items() if k not in ("bbox", "label", "category", "category_id", "id")}
+                entry.annotations.append(Annotation(xyxy_to_xywh(inst.bbox, legacy=False), ("label", inst.label),
+                                                    None, item.get("id"), extra_i))
         images.append(entry)
-    if names is None:
-        names = seen_names
-    used = {a.category_id[1] for e in images for a in e.annotations if isinstance(a.category_id, tuple)}
-    if used - set(names):
-        raise ReaderError(f"{path}: labels {sorted(used - set(names))} have no name: give the label map "
-                          f"({default_label_map_path(path).name} was not found) or 'category' fields")
+    names = labels.names
     # Category ids: the original ids carried by the instances when they are consistent, else label + 1.
     ids = {lab: label_to_cid.get(lab, lab + 1) for lab in names}
     if len(set(ids.values())) != len(ids):
@@ -227,20 +208,6 @@ def load_odvg(path: str | os.PathLike, label_map: Any = None, progress: bool = F
         if entry.id is None:
             entry.id = i + 1
     return Collection(images, categories)
-
-
-def _check_xyxy(box: Any, where: str) -> None:
-    if not (isinstance(box, (list, tuple)) and len(box) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
-        raise ReaderError(f"{where}: bbox must be [x1, y1, x2, y2] numbers, got {box!r}")
-
-
-def _xyxy_to_xywh(b: list[float]) -> list[float]:
-    return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
-
-
-def _xywh_to_xyxy(b: list[float]) -> list[float]:
-    return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
 
 
 def default_label_map_path(odvg_path: str | os.PathLike) -> Path:
@@ -357,7 +324,7 @@ def to_odvg(col: Collection, progress: bool = False) -> tuple[list[dict[str, Any
         if img.is_grounding:
             regions = []
             for a in img.annotations:
-                region: dict[str, Any] = {"bbox": _xywh_to_xyxy(a.bbox)}
+                region: dict[str, Any] = {"bbox": xywh_to_xyxy(a.bbox, legacy=False)}
                 spans = a.tokens_positive or []
                 region["phrase"] = a.extra.get("phrase", " ".join(img.caption[s:e] for s, e in spans))
                 region["tokens_positive"] = spans
@@ -377,7 +344,7 @@ def to_odvg(col: Collection, progress: bool = False) -> tuple[list[dict[str, Any
             for a in img.annotations:
                 if a.category_id not in label_of:
                     raise ReaderError(f"image {img.id!r}: category_id {a.category_id!r} is not in the categories")
-                inst: dict[str, Any] = {"bbox": _xywh_to_xyxy(a.bbox), "label": label_of[a.category_id],
+                inst: dict[str, Any] = {"bbox": xywh_to_xyxy(a.bbox, legacy=False), "label": label_of[a.category_id],
                                         "category": name_of[a.category_id], "category_id": a.category_id}
                 if a.id is not None:
                     inst["id"] = a.id

@@ -1,6 +1,7 @@
 """Detection → grounding for training: a prompt of positive and sampled negative class names per image.
 
-Reproduces the official Objects365 pipeline (``CocoDetectionTSV`` + ``od_to_grounding``; glip_spec.md §8.1):
+Reproduces the official Objects365 pipeline (``CocoDetectionTSV`` + ``od_to_grounding``;
+docs/official_model.md#detection-to-grounding):
 
 1. clip boxes to the image (legacy ``[0, W-1] x [0, H-1]``) and drop empty ones;
 2. **positive overflow check** — shuffle the image's positive labels and keep them while the running token count of
@@ -8,8 +9,8 @@ Reproduces the official Objects365 pipeline (``CocoDetectionTSV`` + ``od_to_grou
 3. **negatives** — with ``control_probabilities = (p_one_negative, p_one_positive, p_full, p_drop_positive)``
    (official ``(0.0, 0.0, 0.5, 0.0)``): with probability ``p_full`` draw ``full_negative = min(85, #candidates)``
    labels, otherwise a uniform number in ``1..full_negative``; candidates are **all** label ids, background (0,
-   named ``__background__``, cleaned to ``" background "``) included (pitfall §12.16); the draw is without
-   replacement and positives drawn are discarded, so fewer negatives may remain;
+   named ``__background__``, cleaned to ``" background "``) included (docs/official_model.md#quirks item 16);
+   the draw is without replacement and positives drawn are discarded, so fewer negatives may remain;
 4. negatives are shuffled and kept while they fit the token budget left by the positives;
 5. negatives + positives are shuffled and joined with ``". "``; each kept box grounds to its class name's span.
 
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .boxes import clip_boxes, nonempty_boxes
 from .prompts import clean_name, detection_prompt
 from .sample import GroundingSample
 
@@ -81,25 +83,6 @@ class RandomSource:
         return (self.source or random).sample(list(population), k)
 
 
-def clip_boxes_legacy(boxes: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip xyxy boxes to ``[0, W-1] x [0, H-1]`` (official ``clip_to_image``, +1 convention).
-
-    Returns:
-        ``(clipped (K, 4), keep (K,) bool)`` with ``keep`` False for boxes left empty (``x2 <= x1`` or ``y2 <= y1``).
-    """
-    clipped = torch.stack(
-        (
-            boxes[:, 0].clamp(0, width - 1),
-            boxes[:, 1].clamp(0, height - 1),
-            boxes[:, 2].clamp(0, width - 1),
-            boxes[:, 3].clamp(0, height - 1),
-        ),
-        dim=1,
-    )
-    keep = (clipped[:, 3] > clipped[:, 1]) & (clipped[:, 2] > clipped[:, 0])
-    return clipped, keep
-
-
 def _check_control_probabilities(p: Sequence[float]) -> tuple[float, float, float, float]:
     if len(p) != 4:
         raise ValueError(f"control_probabilities must have 4 values, got {p!r}")
@@ -125,7 +108,7 @@ class DetectionToGrounding:
         control_probabilities: ``(p_one_negative, p_one_positive, p_full, p_drop_positive)``; official
             ``(0.0, 0.0, 0.5, 0.0)``. ``p_drop_positive`` must be 0 (as in the official code).
         include_background: label 0 ``__background__`` is a negative candidate, giving the phrase
-            ``" background "`` (official behaviour, pitfall §12.16). False excludes it.
+            ``" background "`` (official behaviour, docs/official_model.md#quirks item 16). False excludes it.
         shuffle: True (official pre-training): sampled negatives + positives in random order. False (official
             ``DISABLE_SHUFFLE``, COCO fine-tuning): every category except the background, in id order, no sampling.
         separator: between names (``DATASETS.SEPARATION_TOKENS = ". "``).
@@ -225,7 +208,8 @@ class DetectionToGrounding:
 
         keep = torch.ones(len(boxes), dtype=torch.bool)
         if self.clip_boxes:
-            boxes, keep = clip_boxes_legacy(boxes, sample.width, sample.height)
+            boxes = clip_boxes(boxes, height=sample.height, width=sample.width, legacy=True)
+            keep = nonempty_boxes(boxes)
 
         positives = sorted({int(v) for v in labels[keep].tolist()})
         n_before = int(keep.sum())

@@ -2,7 +2,8 @@
 
 Every grounded entity (a class name in a detection prompt, a phrase in a caption) is given as character spans of
 the caption. The model scores tokens, so the spans are mapped to token indices with the fast tokenizer's
-char→token offsets. The official rule (glip_spec.md §5.1.5, §5.4) is reproduced exactly:
+char→token offsets. The official rule (docs/official_model.md#prompts, docs/official_model.md#positive-maps) is
+reproduced exactly:
 
 * ``beg = char_to_token(start)``, falling back to ``start + 1`` then ``start + 2`` when the character belongs to no
   token (a space, or an accent the uncased tokenizer stripped);
@@ -17,6 +18,7 @@ returned :class:`EntityTokens`).
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -54,6 +56,11 @@ def _require_fast(tokenizer: Any) -> None:
         )
 
 
+def _is_index(v: Any) -> bool:
+    """An integer character offset (numpy integers included, ``bool`` excluded)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _check_spans(caption: str, spans: Any) -> list[list[Span]]:
     """Validate ``spans`` (one list of ``(start, end)`` per entity) against ``caption``; return them as tuples."""
     if isinstance(spans, (str, bytes)) or not isinstance(spans, Sequence):
@@ -69,8 +76,8 @@ def _check_spans(caption: str, spans: Any) -> list[list[Span]]:
             )
         entity_spans: list[Span] = []
         for span in entity:
-            if not isinstance(span, Sequence) or len(span) != 2:
-                raise TypeError(f"spans[{i}] holds {span!r}, which is not a (start, end) pair")
+            if not isinstance(span, Sequence) or len(span) != 2 or not all(_is_index(v) for v in span):
+                raise TypeError(f"spans[{i}] holds {span!r}, which is not a (start, end) pair of integers")
             start, end = int(span[0]), int(span[1])
             if not 0 <= start < end <= len(caption):
                 raise ValueError(
@@ -137,7 +144,8 @@ def spans_to_tokens(
         max_length: tokenize with truncation to this many tokens (the model's 256), as the official training code
             does; tokens past it cannot be scored by the model, so entities cut by it are reported in
             ``truncated``. ``None`` tokenizes without truncation (the official evaluation code does that, and
-            crashes later when an index passes 255 — pitfall §12.10; chunk the classes instead).
+            crashes later when an index passes 255 — docs/official_model.md#quirks item 10; chunk the classes
+            instead).
         warn: emit a :class:`UserWarning` naming the unmapped and truncated entities.
 
     Returns:
@@ -209,10 +217,11 @@ def build_positive_map(
 ) -> torch.Tensor:
     """The training positive map: ``(K, max_len)`` bool, row ``k`` True on the tokens box ``k`` grounds to.
 
-    The caption is tokenized with truncation to ``max_len`` (official training, glip_spec.md §5.4). The official
-    dataset normalises rows to sum 1 and its collator re-binarises them (pitfall §12.9), so the targets the loss sees
-    are exactly this boolean map. A box whose spans cannot be mapped (or were truncated away) gets an all-False row
-    and is reported (see :func:`spans_to_tokens`).
+    The caption is tokenized with truncation to ``max_len`` (official training, docs/official_model.md#positive-maps).
+    The official dataset normalises rows to sum 1 and its collator re-binarises them
+    (docs/official_model.md#quirks item 9), so the targets the loss sees are exactly this boolean map. A box whose
+    spans cannot be mapped (or were truncated away) gets an all-False row and is reported (see
+    :func:`spans_to_tokens`).
 
     Args:
         tokenizer: a fast Hugging Face tokenizer.

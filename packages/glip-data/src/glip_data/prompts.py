@@ -2,8 +2,8 @@
 
 GLIP treats detection as grounding: the class vocabulary is written out as a caption such as
 ``"person. bicycle. car"`` and each class is grounded to the tokens of its name. This module builds that caption
-exactly as the official evaluation code does (reference: glip_spec.md §5.1) and splits long vocabularies into
-chunks that fit the text encoder (§5.2, pitfall §12.10).
+exactly as the official evaluation code does (docs/official_model.md#prompts) and splits long vocabularies into
+chunks that fit the text encoder (docs/official_model.md#chunking, docs/official_model.md#quirks item 10).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def detection_prompt(names: Sequence[str], separator: str = ". ") -> tuple[str, 
     """Build the detection prompt for a list of category names.
 
     Each name is cleaned with :func:`clean_name`; the cleaned names are joined by ``separator`` with no trailing
-    separator, no prefix and no background entry (the official evaluation prompt, glip_spec.md §5.1).
+    separator, no prefix and no background entry (the official evaluation prompt, docs/official_model.md#prompts).
 
     The span of a class is the character range of its *cleaned* name as it sits in the prompt, spaces left by the
     cleaning included: ``["bow_(weapon)", "arrow"]`` gives ``"bow . arrow"`` with spans ``[[(0, 4)], [(6, 11)]]``.

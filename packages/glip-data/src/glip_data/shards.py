@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from glip_data.images import load_image as _load_image
 from glip_data.sample import GroundingSample
 
 INDEX_NAME = "index.json"
@@ -290,9 +291,7 @@ def iter_shard(path: str | os.PathLike, *, load_image: bool = True, image_root: 
                     image = Path(image_root) / image
                 sample = record_to_sample(record, str(image), where)
                 if load_image:
-                    from glip_data.readers.base import open_image
-
-                    _attach(sample, open_image(image, where), where)
+                    _attach(sample, _load_image(image, where=where), where)
                 yield sample
         return
     with tarfile.open(path, mode="r|*") as tar:
@@ -335,14 +334,7 @@ def _from_group(path: Path, key: str, group: dict[str, bytes], load_image: bool)
     if load_image:
         if ext not in group:
             raise ValueError(f"{where}: the record names image {image_name!r}, which is not in the shard")
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(group[ext])) as img:
-                image = img.convert("RGB")
-        except OSError as err:
-            raise OSError(f"{where}: cannot decode {image_name}: {err}") from err
-        _attach(sample, image, where)
+        _attach(sample, _load_image(group[ext], where=f"{path}#{image_name}"), where)
     return sample
 
 

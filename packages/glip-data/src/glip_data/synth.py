@@ -631,7 +631,7 @@ def generate_world(out_dir: str | os.PathLike, seed: int | None = None, config: 
         "sizes": {s: list(SIZES[s]) for s in cfg.sizes},
         "textures": list(cfg.textures),
         "relations": list(RELATIONS),
-        "notes": "captions use left/right: a horizontal flip must swap them (glip_spec.md pitfall 17)",
+        "notes": "captions use left/right: a horizontal flip must swap them (docs/official_model.md#quirks item 17)",
         "files": files,
         "counts": counts,
     }

@@ -1,8 +1,8 @@
 """Offline noun-phrase extraction and phrase location in captions.
 
 The official demo extracts the entities of a free caption with NLTK: ``word_tokenize`` + ``pos_tag`` and the chunk
-grammar ``NP: {<DT>?<JJ.*>*<NN.*>+}`` (glip_spec.md §8.3). NLTK's tagger data cannot be downloaded here, so this
-module implements the same grammar over a small rule-based tagger:
+grammar ``NP: {<DT>?<JJ.*>*<NN.*>+}`` (docs/official_model.md#caption-data). NLTK's tagger data cannot be
+downloaded here, so this module implements the same grammar over a small rule-based tagger:
 
 1. **Tokens** — words (letters/digits, with inner hyphens and apostrophes), the possessive ``'s`` as its own
    token, and single punctuation marks; each keeps its character offsets in the caption.
@@ -298,31 +298,53 @@ def find_noun_phrases(caption: str) -> list[str]:
     return phrases
 
 
-def find_phrase_spans(caption: str, phrases: Sequence[str]) -> list[list[Span]]:
-    """Locate each phrase at its first occurrence in the caption, case-insensitively.
+def find_phrase_spans(
+    caption: str, phrases: Sequence[str | Sequence[str]], *, ignore_case: bool = True
+) -> list[list[Span]]:
+    """Locate phrases in a caption: the ``tokens_positive`` of each.
 
-    This is the official demo's "span" semantics (the first regex match of the phrase, a plain substring match:
-    ``"a man"`` also matches inside ``"a mango"``; pass a more specific phrase if that matters).
+    A phrase given as a string is found at its first occurrence (a plain substring match, as the official demo's
+    "span" semantics: ``"a man"`` also matches inside ``"a mango"``; pass a more specific phrase if that matters).
+    A phrase given as a list of fragments (ODVG's phrases, e.g. ``["red", "mug"]`` for "red ceramic mug") gets one
+    span per fragment, each fragment searched from the end of the previous one. Every phrase is searched from the
+    start of the caption, independently of the others.
+
+    Args:
+        caption: the text.
+        phrases: one entry per entity: a string, or a list of string fragments.
+        ignore_case: match case-insensitively (the demo's behaviour); ODVG files are searched case-sensitively.
 
     Returns:
-        ``spans[i] == [(start, end)]`` for phrase ``i`` (end exclusive) — the ``tokens_positive`` format.
+        ``spans[i]``: the ``(start, end)`` spans (end exclusive) of phrase ``i`` — one for a string, one per fragment
+        for a list.
 
     Raises:
-        ValueError: a phrase is empty or does not occur in the caption (both are named).
+        TypeError: ``caption`` is not a string, ``phrases`` is a single string, or a phrase is neither a string nor
+            a list of strings.
+        ValueError: a phrase or fragment is empty (or only spaces), a fragment list is empty, or a phrase does not
+            occur in the caption (the phrase and the caption are named).
     """
     if not isinstance(caption, str):
         raise TypeError(f"caption must be a str, got {type(caption).__name__}")
     if isinstance(phrases, str):
         raise TypeError(f"phrases must be a list of strings, got the single string {phrases!r}")
+    flags = re.IGNORECASE if ignore_case else 0
     spans: list[list[Span]] = []
     for i, phrase in enumerate(phrases):
-        if not isinstance(phrase, str):
-            raise TypeError(f"phrases[{i}] must be a str, got {type(phrase).__name__}: {phrase!r}")
-        if not phrase.strip():
+        fragments = [phrase] if isinstance(phrase, str) else phrase
+        if not isinstance(fragments, (list, tuple)) or not all(isinstance(f, str) for f in fragments):
+            raise TypeError(f"phrases[{i}] must be a str or a list of str fragments, got {type(phrase).__name__}: "
+                            f"{phrase!r}")
+        if not fragments or not all(f.strip() for f in fragments):
             raise ValueError(f"phrases[{i}] is empty: {phrase!r}")
-        # re with IGNORECASE keeps offsets of the original caption (str.lower() can change lengths).
-        match = re.search(re.escape(phrase), caption, flags=re.IGNORECASE)
-        if match is None:
-            raise ValueError(f"phrase {i} ({phrase!r}) does not occur in the caption {caption!r}")
-        spans.append([(match.start(), match.end())])
+        found: list[Span] = []
+        cursor = 0
+        for fragment in fragments:
+            # re keeps offsets of the original caption under IGNORECASE (str.lower() can change lengths)
+            match = re.compile(re.escape(fragment), flags).search(caption, cursor)
+            if match is None:
+                raise ValueError(f"phrase {i} ({phrase!r}) does not occur in the caption {caption!r}")
+            found.append((match.start(), match.end()))
+            cursor = match.end()
+        spans.append(found)
     return spans

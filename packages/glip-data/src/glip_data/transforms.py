@@ -1,9 +1,9 @@
 """Image transforms: the official test transform and the training augmentations.
 
-Official pre-processing (glip_spec.md §2.1): load as PIL RGB; resize the shorter side to ``min_size`` with the
-longer side capped at ``max_size`` (PIL bilinear, via torchvision); ``to_tensor``; reverse channels to **BGR**;
-multiply by 255; normalise with the BGR mean/std below. The network input is therefore BGR on a 0–255 scale; the
-official checkpoints expect exactly that.
+Official pre-processing (docs/official_model.md#preprocessing): load as PIL RGB; resize the shorter side to
+``min_size`` with the longer side capped at ``max_size`` (PIL bilinear, via torchvision); ``to_tensor``; reverse
+channels to **BGR**; multiply by 255; normalise with the BGR mean/std below. The network input is therefore BGR on
+a 0–255 scale; the official checkpoints expect exactly that. Images enter through :func:`glip_data.load_image`.
 """
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from .boxes import hflip_boxes
 from .grounding import RandomSource
+from .images import load_image
 from .sample import GroundingSample
 
 # Per-channel statistics in BGR order, 0-255 scale (cfg.INPUT.PIXEL_MEAN / PIXEL_STD of the official configs).
@@ -32,7 +33,7 @@ TRAIN_MAX_SIZE = 1333
 def get_resize_size(image_size: tuple[int, int], min_size: int, max_size: int | None) -> tuple[int, int]:
     """Output size of the official resize, as ``(new_w, new_h)``.
 
-    The rules of the official ``Resize.get_size`` (glip_spec.md §2.1), rounding included:
+    The rules of the official ``Resize.get_size`` (docs/official_model.md#preprocessing), rounding included:
 
     * the target shorter side is ``s = min_size``; if ``long / short * s > max_size`` it becomes
       ``s = int(round(max_size * short / long))`` (Python's round: halves go to even);
@@ -46,6 +47,10 @@ def get_resize_size(image_size: tuple[int, int], min_size: int, max_size: int | 
 
     Returns:
         ``(new_w, new_h)``.
+
+    Raises:
+        ValueError: a size is not positive, or the image is so elongated that a side of the result would be 0 pixels
+            (e.g. a 1x4000 image at 800/1333: the short side becomes ``round(1333 / 4000) = 0``).
     """
     if len(image_size) != 2:
         raise ValueError(f"image_size must be (w, h), got {image_size!r}")
@@ -61,27 +66,13 @@ def get_resize_size(image_size: tuple[int, int], min_size: int, max_size: int | 
             size = int(round(max_size * short / long))
     if (w <= h and w == size) or (h <= w and h == size):
         return w, h
-    if w < h:
-        return size, int(size * h / w)
-    return int(size * w / h), size
-
-
-def to_rgb_image(image: Any) -> Image.Image:
-    """Return ``image`` as a PIL RGB image.
-
-    Accepts a PIL image of any mode — grayscale (``L``, ``I;16``...), palette (``P``), ``RGBA``/``LA`` (the alpha
-    channel is dropped, not composited: PIL's ``convert("RGB")``, which is what the official loader does), ``CMYK``
-    — or a numpy ``uint8`` array ``(H, W)``, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA.
-    """
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"numpy images must be uint8 HWC, got dtype {image.dtype}")
-        if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4)):
-            return Image.fromarray(image).convert("RGB")
-        raise ValueError(f"numpy image must have shape (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
-    raise TypeError(f"expected a PIL image or a numpy uint8 array, got {type(image).__name__}")
+    new_w, new_h = (size, int(size * h / w)) if w < h else (int(size * w / h), size)
+    if new_w < 1 or new_h < 1:
+        raise ValueError(
+            f"image size (w, h) = ({w}, {h}) cannot be resized with min_size={min_size}, max_size={max_size}: the "
+            f"result {new_w}x{new_h} has a zero side (aspect ratio {max(w, h) / min(w, h):.0f}:1)"
+        )
+    return new_w, new_h
 
 
 def to_model_tensor(image: Image.Image) -> torch.Tensor:
@@ -97,8 +88,9 @@ class TestTransform:
         min_size: shorter side after resizing (official test: 800).
         max_size: cap on the longer side (official: 1333).
 
-    Call with a PIL image (any mode; converted with :func:`to_rgb_image`) or a numpy ``uint8`` HWC array. Pad a
-    batch of outputs with :func:`glip_data.collate.pad_images`.
+    Call with anything :func:`glip_data.load_image` accepts (a PIL image of any mode, a numpy array, a path,
+    encoded bytes); it is loaded with that function (EXIF orientation applied) and raises its
+    :class:`~glip_data.ImageLoadError`. Pad a batch of outputs with :func:`glip_data.collate.pad_images`.
     """
 
     __test__ = False  # not a pytest test class, despite the name
@@ -113,7 +105,7 @@ class TestTransform:
         return TF.resize(image, [new_h, new_w], interpolation=TF.InterpolationMode.BILINEAR)
 
     def __call__(self, image: Any) -> torch.Tensor:
-        return to_model_tensor(self.resize(to_rgb_image(image)))
+        return to_model_tensor(self.resize(load_image(image)))
 
     def __repr__(self) -> str:
         return f"TestTransform(min_size={self.min_size}, max_size={self.max_size})"
@@ -172,20 +164,6 @@ class RandomResize:
         metadata = dict(sample.metadata)
         metadata.setdefault("orig_size", (w, h))
         return replace(sample, image=image, boxes=sample.boxes * scale, width=new_w, height=new_h, metadata=metadata)
-
-
-def flip_boxes(boxes: torch.Tensor, width: int, legacy_plus_one: bool = True) -> torch.Tensor:
-    """Mirror xyxy boxes left-right in an image ``width`` pixels wide.
-
-    ``legacy_plus_one=True`` is the official convention (``BoxList.transpose``, +1 pixel model):
-    ``x1' = W - x2 - 1``, ``x2' = W - x1 - 1``. ``False`` is the continuous convention ``x1' = W - x2``,
-    ``x2' = W - x1``. Both are involutions (flipping twice restores the boxes).
-    """
-    offset = 1.0 if legacy_plus_one else 0.0
-    flipped = boxes.clone()
-    flipped[:, 0] = width - boxes[:, 2] - offset
-    flipped[:, 2] = width - boxes[:, 0] - offset
-    return flipped
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", flags=re.IGNORECASE)
@@ -248,20 +226,20 @@ class RandomHorizontalFlip:
         prob: flip probability.
         swap_left_right: also swap the words "left"/"right" in the caption and move the spans (see
             :func:`swap_left_right`). Off by default: the official code flips grounding data without touching the
-            caption (pitfall §12.17), which teaches the model wrong left/right groundings.
-        legacy_plus_one: box convention of :func:`flip_boxes` (official: True).
+            caption (docs/official_model.md#quirks item 17), which teaches the model wrong left/right groundings.
+        legacy: box convention of :func:`glip_data.hflip_boxes` (official: True, ``x1' = W - x2 - 1``).
         rng: random source.
 
     A computed ``positive_map`` is dropped when the caption changes (recompute it at collation).
     """
 
-    def __init__(self, prob: float = 0.5, swap_left_right: bool = False, legacy_plus_one: bool = True,
+    def __init__(self, prob: float = 0.5, swap_left_right: bool = False, legacy: bool = True,
                  rng: Any = None) -> None:
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"prob must be in [0, 1], got {prob}")
         self.prob = prob
         self.swap_left_right = swap_left_right
-        self.legacy_plus_one = legacy_plus_one
+        self.legacy = legacy
         self.rng = RandomSource(rng)
 
     def __call__(self, sample: GroundingSample) -> GroundingSample:
@@ -273,7 +251,7 @@ class RandomHorizontalFlip:
         """Flip unconditionally."""
         w, _ = _image_size(sample)
         image = TF.hflip(sample.image)  # PIL or tensor
-        boxes = flip_boxes(sample.boxes, w, self.legacy_plus_one)
+        boxes = hflip_boxes(sample.boxes, width=w, legacy=self.legacy)
         caption, spans, positive_map = sample.caption, sample.tokens_positive, sample.positive_map
         if self.swap_left_right:
             caption, spans = swap_left_right(caption, spans)
@@ -290,7 +268,9 @@ class ToModelTensor:
 
     def __call__(self, sample: GroundingSample) -> GroundingSample:
         _image_size(sample)
-        return replace(sample, image=to_model_tensor(to_rgb_image(sample.image)))
+        # the pixels stay as they are (no EXIF rotation here): the boxes refer to them
+        image = load_image(sample.image, where=sample.image_path, exif_transpose=False)
+        return replace(sample, image=to_model_tensor(image))
 
 
 class Compose:
@@ -314,7 +294,7 @@ def train_transforms(
     max_size: int | None = TRAIN_MAX_SIZE,
     flip_prob: float = 0.5,
     swap_left_right: bool = False,
-    legacy_plus_one: bool = True,
+    legacy: bool = True,
     rng: Any = None,
 ) -> Compose:
     """The official training pipeline: multi-scale resize, horizontal flip, then BGR×255 normalisation.
@@ -325,6 +305,6 @@ def train_transforms(
     source = RandomSource(rng)
     return Compose([
         RandomResize(min_sizes, max_size, rng=source),
-        RandomHorizontalFlip(flip_prob, swap_left_right=swap_left_right, legacy_plus_one=legacy_plus_one, rng=source),
+        RandomHorizontalFlip(flip_prob, swap_left_right=swap_left_right, legacy=legacy, rng=source),
         ToModelTensor(),
     ])

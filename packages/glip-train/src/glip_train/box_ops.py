@@ -1,7 +1,8 @@
-"""Anchors and box coding with GLIP's legacy ``+1`` pixel conventions (spec §2.7, §6.2, §7).
+"""Anchors and box coding with GLIP's legacy ``+1`` pixel convention.
 
 A box ``(x1, y1, x2, y2)`` covers the pixels ``x1..x2`` inclusive, so its width is ``x2 - x1 + 1``. The official
-anchors, box coder, ATSS IoU, NMS and clipping all use this convention; GIoU areas, LVIS xywh and Flickr IoU do not.
+anchors and box coder use this convention. Every other box operation (conversions, clipping, IoU, NMS, flips) lives in
+:mod:`glip_data.boxes`, which states the convention of each call.
 """
 from __future__ import annotations
 
@@ -9,15 +10,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torchvision
 
-__all__ = [
-    "AnchorGenerator",
-    "BoxCoder",
-    "clip_boxes",
-    "batched_nms_plus1",
-    "box_iou_plus1",
-]
+__all__ = ["AnchorGenerator", "BoxCoder"]
 
 
 class AnchorGenerator(torch.nn.Module):
@@ -119,28 +113,3 @@ class BoxCoder:
         w = torch.exp(dw) * aw
         h = torch.exp(dh) * ah
         return torch.stack([cx - 0.5 * (w - 1), cy - 0.5 * (h - 1), cx + 0.5 * (w - 1), cy + 0.5 * (h - 1)], dim=1)
-
-
-def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Clip xyxy boxes ``(K, 4)`` to ``[0, width - 1] x [0, height - 1]`` (inclusive pixel grid)."""
-    x = boxes[:, 0::2].clamp(min=0, max=width - 1)
-    y = boxes[:, 1::2].clamp(min=0, max=height - 1)
-    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
-
-
-def box_iou_plus1(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU ``(K1, K2)`` with ``+1`` widths (official ATSS / NMS convention)."""
-    one = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=boxes1.dtype, device=boxes1.device)
-    return torchvision.ops.box_iou(boxes1 + one, boxes2 + one)
-
-
-def batched_nms_plus1(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Per-label NMS with ``+1`` IoU, keeping indices in ascending (candidate) order as the official ``ml_nms``.
-
-    Shifting ``x2, y2`` by one turns torchvision's continuous IoU into the ``+1`` one exactly.
-    """
-    if boxes.numel() == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    one = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=boxes.dtype, device=boxes.device)
-    keep = torchvision.ops.batched_nms(boxes + one, scores, labels, iou_threshold)
-    return keep.sort().values

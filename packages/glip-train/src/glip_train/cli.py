@@ -202,7 +202,7 @@ def _run_images(args, run_batch, prompt_for, classes_for) -> int:
     """Shared loop of detect/ground: batches, unreadable images skipped and counted, outputs written."""
     from tqdm import tqdm
 
-    from .modeling_glip import load_image
+    from glip_data import load_image
 
     paths = _collect_images(args.images)
     if not paths:

@@ -24,9 +24,9 @@ from .adapters import PromptTuning, load_adapter
 from .box_ops import AnchorGenerator
 from .config import GLIPConfig
 from .head import GLIPHead, HeadOutput
-from .processing_glip import GLIPProcessor, ImageInput, load_image
+from .processing_glip import GLIPProcessor, ImageInput
 
-__all__ = ["GLIP", "GLIPOutput", "bundled_tokenizer_dir", "load_image"]
+__all__ = ["GLIP", "GLIPOutput", "bundled_tokenizer_dir"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .box_ops import BoxCoder, batched_nms_plus1, clip_boxes
+from glip_data.boxes import batched_nms, clip_boxes
+
+from .box_ops import BoxCoder
 from .config import PostProcessConfig
 
 __all__ = ["PostProcessConfig", "Detections", "aggregate_token_scores", "cap_detections", "ATSSPostProcessor"]
@@ -138,7 +140,7 @@ class ATSSPostProcessor:
         loc_cls = candidates.nonzero()[order]
         loc, cls_idx = loc_cls[:, 0], loc_cls[:, 1]
         boxes = self.box_coder.decode(deltas[loc], anchors[loc])
-        boxes = clip_boxes(boxes, h, w)
+        boxes = clip_boxes(boxes, height=h, width=w, legacy=True)
         if cfg.min_box_size > 0:
             bw = boxes[:, 2] - boxes[:, 0] + 1
             bh = boxes[:, 3] - boxes[:, 1] + 1
@@ -149,7 +151,7 @@ class ATSSPostProcessor:
     def _select(self, boxes, scores, labels, keep_pre_nms) -> Detections:
         cfg = self.config
         pre = (boxes, scores, labels) if keep_pre_nms else None
-        keep = batched_nms_plus1(boxes, scores, labels, cfg.nms_threshold)
+        keep = batched_nms(boxes, scores, labels, cfg.nms_threshold, legacy=True)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = cap_detections(scores, cfg.detections_per_image)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]

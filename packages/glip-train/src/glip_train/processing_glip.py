@@ -22,42 +22,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from glip_data import TestTransform, chunk_classes, detection_prompt, find_noun_phrases, find_phrase_spans, pad_images
-from glip_data import spans_to_tokens
+from glip_data import ImageLoadError, TestTransform, chunk_classes, detection_prompt, find_noun_phrases
+from glip_data import find_phrase_spans, get_resize_size, load_image, pad_images, spans_to_tokens
 from glip_encoders import tokenize
 
 from .config import GLIPConfig, PostProcessConfig
 from .postprocess import ATSSPostProcessor, Detections, cap_detections
 
-__all__ = ["GLIPProcessor", "ImageBatch", "TextQuery", "ImageInput", "load_image"]
+__all__ = ["GLIPProcessor", "ImageBatch", "TextQuery", "ImageInput"]
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, bytes]
-
-
-def load_image(image: ImageInput) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image (any mode) or an ``(H, W)`` / ``(H, W, 1|3|4)`` uint8 array."""
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image not found: {path}") from None
-        except OSError as exc:
-            raise OSError(f"cannot read image {path}: {exc}") from exc
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise ValueError(
-                f"numpy images must be uint8 (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA; got {image.dtype} "
-                f"{image.shape}"
-            )
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = image[:, :, 0]
-        return Image.fromarray(image).convert("RGB")
-    raise TypeError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or a uint8 array")
 
 
 @dataclass
@@ -115,12 +89,27 @@ class GLIPProcessor:
                    postprocess=config.postprocess)
 
     # ------------------------------------------------------------------------------------------------ images
+    def load_image(self, image: ImageInput, min_size: int = 800, max_size: int = 1333):
+        """One image as an upright RGB PIL image, checked to survive the test resize.
+
+        Raises:
+            glip_data.ImageLoadError: naming the image (a path, or its index in the call) when it cannot be read or
+                has a size the resize cannot handle (e.g. a 1x4000 strip).
+        """
+        pil = load_image(image)
+        try:
+            get_resize_size(pil.size, min_size, max_size)
+        except ValueError as exc:
+            name = str(image) if isinstance(image, (str, Path)) else f"<{type(image).__name__} {pil.width}x{pil.height}>"
+            raise ImageLoadError(f"{name}: {exc}") from None
+        return pil
+
     def preprocess(self, images: Sequence[ImageInput], min_size: int = 800, max_size: int = 1333) -> ImageBatch:
         """Load, resize (official test transform) and batch images."""
         transform = TestTransform(min_size=min_size, max_size=max_size)
         tensors, original_sizes = [], []
         for image in images:
-            pil = load_image(image)
+            pil = self.load_image(image, min_size, max_size)
             original_sizes.append((pil.height, pil.width))
             tensors.append(transform(pil))
         batch, sizes, _ = pad_images(tensors, size_divisibility=self.size_divisibility)

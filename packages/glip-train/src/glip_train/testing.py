@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torchvision
+
+from glip_data.boxes import box_iou
 
 __all__ = ["relative_error", "DetectionMatch", "match_detections"]
 
@@ -55,8 +56,7 @@ def match_detections(
     used = torch.zeros(len(boxes), dtype=torch.bool)
     matched = 0
     if len(boxes) and len(ref_boxes):
-        one = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
-        iou = torchvision.ops.box_iou(ref_boxes + one, boxes + one)
+        iou = box_iou(ref_boxes, boxes, legacy=True)
         for r in ref_scores.argsort(descending=True).tolist():
             ok = (labels == ref_labels[r]) & (iou[r] > iou_threshold) & ((scores - ref_scores[r]).abs() < score_tolerance) & ~used
             if ok.any():

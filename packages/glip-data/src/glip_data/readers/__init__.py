@@ -8,7 +8,7 @@
 - ``CaptionReader``: captions with pseudo-labels (jsonl), score threshold and minimum boxes.
 - ``MixtureDataset``: a seeded weighted mixture of any of the above.
 """
-from glip_data.readers.base import BOX_CONVENTIONS, GroundingReader, ReaderError, open_image
+from glip_data.readers.base import BOX_CONVENTIONS, GroundingReader, ReaderError, RecordChecker
 from glip_data.readers.captions import CaptionReader, caption_record
 from glip_data.readers.coco import COCODetection
 from glip_data.readers.lvis import LVISDetection
@@ -30,7 +30,7 @@ __all__ = [
     "Objects365Detection",
     "ODVGReader",
     "ReaderError",
+    "RecordChecker",
     "caption_record",
     "load_label_map",
-    "open_image",
 ]

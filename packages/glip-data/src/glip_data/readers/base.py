@@ -18,8 +18,13 @@ Box conventions (``box_convention``):
 
 * ``"official"`` (default, parity with the official checkpoints): boxes are *inclusive pixel* coordinates, the legacy
   ``TO_REMOVE = 1`` convention of GLIP/maskrcnn-benchmark: a COCO ``[x, y, w, h]`` becomes
-  ``(x, y, x + w - 1, y + h - 1)``, boxes are clipped to ``[0, W - 1] x [0, H - 1]`` (glip_spec.md §8.2, pitfall 12).
+  ``(x, y, x + w - 1, y + h - 1)``, boxes are clipped to ``[0, W - 1] x [0, H - 1]``
+  (docs/official_model.md#grounding-data, docs/official_model.md#box-conventions).
 * ``"exact"``: continuous coordinates, ``(x, y, x + w, y + h)``, clipped to ``[0, W] x [0, H]``.
+
+The arithmetic is :mod:`glip_data.boxes` (``legacy=True`` for ``"official"``). The structural checks of a record
+live in :class:`RecordChecker`, which the converter (:mod:`glip_data.convert`) uses too, so every format has one
+parser.
 
 Files that store ``xyxy`` (ODVG, captions) hold continuous coordinates (``x2 = x + w``, as the ecosystem's converters
 write them), so the same object gets the same box whichever format it is read from. After clipping, a box is kept
@@ -42,6 +47,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from glip_data.boxes import clip_boxes, nonempty_boxes
+from glip_data.images import load_image as _load_image
 from glip_data.sample import GroundingSample
 
 BoxConvention = Literal["official", "exact"]
@@ -149,34 +156,180 @@ def check_convention(box_convention: str) -> str:
     return box_convention
 
 
+def read_coco_json(path: str | os.PathLike, lists: tuple[str, ...]) -> dict[str, Any]:
+    """A COCO-shaped json (COCO, Objects365, LVIS, MDETR): a JSON object holding the top-level ``lists``."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ReaderError(f"{path}: expected a JSON object with {', '.join(lists)}, got {type(data).__name__}")
+    for key in lists:
+        if key not in data:
+            raise ReaderError(f"{path}: missing top-level key {key!r} (present: {sorted(data)})")
+        if not isinstance(data[key], list):
+            raise ReaderError(f"{path}: {key!r} must be a list, got {type(data[key]).__name__}")
+    return data
+
+
+def _is_id(v: Any) -> bool:
+    """A record id as files give them: an int (``bool`` excluded) or a string."""
+    return isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# record checks
+
+
+class RecordChecker:
+    """The structural checks of annotation records, shared by the readers and the converter.
+
+    A *problem* of a record (a duplicate id, an unknown image id, a bad box, a span outside its caption...) raises a
+    :class:`ReaderError` naming ``source`` and the record when ``errors="raise"``, or is counted in ``stats`` under
+    its reason when ``errors="drop"``; the check then answers ``None``/``False`` and the caller leaves the record
+    out. A record that is not an object or lacks a required key always raises. The converter uses the strict
+    policy, so a file converts only if a reader would read it without dropping a record.
+
+    Args:
+        source: the file, for messages.
+        errors: ``"raise"`` or ``"drop"``.
+        stats: the counter of dropped records (a new one by default).
+    """
+
+    def __init__(self, source: str | os.PathLike, errors: ErrorPolicy = "raise", stats: Counter | None = None) -> None:
+        if errors not in ("raise", "drop"):
+            raise ValueError(f"errors must be 'raise' or 'drop', got {errors!r}")
+        self.source = source
+        self.errors = errors
+        self.stats = stats if stats is not None else Counter()
+
+    def problem(self, reason: str, message: str) -> None:
+        """Raise ``message`` (prefixed with the file) or count it under ``reason``."""
+        if self.errors == "raise":
+            raise ReaderError(f"{self.source}: {message}")
+        self.stats[reason] += 1
+
+    def count(self, reason: str, n: Any = 1) -> None:
+        """Add ``n`` to ``stats[reason]`` (zero counts are not recorded): facts, not problems."""
+        if int(n):
+            self.stats[reason] += int(n)
+
+    def require(self, record: Any, keys: tuple[str, ...], where: str) -> None:
+        """Raise (always) unless ``record`` is a JSON object holding all ``keys``."""
+        require(record, keys, f"{self.source}: {where}")
+
+    def image_size(self, width: Any, height: Any, where: str) -> bool:
+        if _is_image_size(width, height):
+            return True
+        self.problem("bad_image_size", f"{where}: width/height must be positive integers, got {width!r}x{height!r}")
+        return False
+
+    def file_name(self, name: Any, where: str, key: str = "file_name") -> str | None:
+        """An image path as the file gives it (a non-empty string), or ``None`` (problem ``missing_file_name``)."""
+        if isinstance(name, str) and name:
+            return name
+        self.problem("missing_file_name", f"{where}: missing or empty {key!r}")
+        return None
+
+    def caption(self, caption: Any, where: str) -> bool:
+        if isinstance(caption, str):
+            return True
+        self.problem("bad_caption", f"{where}: caption must be a string, got {caption!r}")
+        return False
+
+    def box(self, box: Any, where: str, layout: str) -> bool:
+        """Four numbers (``layout`` names them in the message: ``"x, y, w, h"`` or ``"x1, y1, x2, y2"``)."""
+        if _is_box(box):
+            return True
+        self.problem("bad_bbox", f"{where}: bbox must be [{layout}] numbers, got {box!r}")
+        return False
+
+    def spans(self, spans: Any, text: str, where: str) -> list[tuple[int, int]] | None:
+        """:func:`check_spans` with the policy (problem ``span_outside_caption``)."""
+        try:
+            return check_spans(spans, text, f"{self.source}: {where}")
+        except ReaderError:
+            if self.errors == "raise":
+                raise
+            self.stats["span_outside_caption"] += 1
+            return None
+
+    # -- COCO-shaped files (COCO, Objects365, LVIS, MDETR) ------------------------------------------------------------
+
+    def categories(self, categories: list) -> list[dict]:
+        """The valid ``categories`` entries in file order: objects with ``id`` and a string ``name``; a repeated id
+        is a ``duplicate_category_id`` problem."""
+        out: list[dict] = []
+        seen: set = set()
+        for i, cat in enumerate(categories):
+            where = f"categories[{i}]"
+            self.require(cat, ("id", "name"), where)
+            if not isinstance(cat["name"], str):
+                raise ReaderError(f"{self.source}: {where}: 'name' must be a string, got {cat['name']!r}")
+            if not _is_id(cat["id"]):
+                self.problem("bad_category_id", f"{where}: id must be an integer or a string, got {cat['id']!r}")
+                continue
+            if cat["id"] in seen:
+                self.problem("duplicate_category_id", f"{where}: duplicate category id {cat['id']!r}")
+                continue
+            seen.add(cat["id"])
+            out.append(cat)
+        return out
+
+    def image_entries(self, images: list, keys: tuple[str, ...], skipped: set) -> Iterator[tuple[int, dict, str]]:
+        """Yield ``(i, entry, where)`` for the usable ``images[i]``: objects with ``keys`` (always required), a new
+        int/str ``id`` (``duplicate_image_id``, ``bad_image_id``), a positive integer size (``bad_image_size``; such
+        an id joins ``skipped``, so its boxes count as ``box_of_skipped_image``). A caller that rejects a yielded
+        entry adds its id to ``skipped`` too."""
+        seen: set = set()
+        for i, img in enumerate(images):
+            self.require(img, keys, f"images[{i}]")
+            where = f"images[{i}] (id={img['id']!r})"
+            if not _is_id(img["id"]):
+                self.problem("bad_image_id", f"{where}: id must be an integer or a string")
+                continue
+            if img["id"] in seen:
+                self.problem("duplicate_image_id", f"{where}: duplicate image id")
+                continue
+            seen.add(img["id"])
+            if not self.image_size(img["width"], img["height"], where):
+                skipped.add(img["id"])
+                continue
+            yield i, img, where
+
+    def annotation(self, j: int, ann: Any, keys: tuple[str, ...], image_index: dict, seen_ids: set,
+                   skipped_image_ids: set, *, require_id: bool = True) -> tuple[int | None, str]:
+        """Vet ``annotations[j]``: its keys (``id`` unless ``require_id=False``, ``image_id`` and ``keys``; always
+        required), a new ``id`` (``duplicate_annotation_id``; ``seen_ids`` gains it) and a known ``image_id``
+        (``unknown_image_id``; one of ``skipped_image_ids`` is counted as ``box_of_skipped_image``).
+
+        Returns:
+            ``(image_index[ann["image_id"]], where)``, or ``(None, where)`` to leave the annotation out.
+        """
+        self.require(ann, (("id",) if require_id else ()) + ("image_id", *keys), f"annotations[{j}]")
+        where = f"annotations[{j}] (id={ann.get('id')!r}, image_id={ann['image_id']!r})"
+        if "id" in ann:
+            if not _is_id(ann["id"]):
+                self.problem("bad_annotation_id", f"{where}: id must be an integer or a string")
+                return None, where
+            if ann["id"] in seen_ids:
+                self.problem("duplicate_annotation_id", f"{where}: duplicate annotation id")
+                return None, where
+            seen_ids.add(ann["id"])
+        image_id = ann["image_id"]
+        if _is_id(image_id) and image_id in image_index:
+            return image_index[image_id], where
+        if _is_id(image_id) and image_id in skipped_image_ids:
+            self.count("box_of_skipped_image")
+        else:
+            self.problem("unknown_image_id", f"{where}: image_id {image_id!r} is not in 'images'")
+        return None, where
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # boxes
 
 
-def xywh_to_xyxy(boxes: np.ndarray, box_convention: str) -> np.ndarray:
-    """``(K, 4)`` COCO ``[x, y, w, h]`` -> ``(K, 4)`` xyxy in the reader's convention (float64)."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    out = boxes.copy()
-    to_remove = 1.0 if box_convention == "official" else 0.0
-    out[:, 2] = boxes[:, 0] + boxes[:, 2] - to_remove
-    out[:, 3] = boxes[:, 1] + boxes[:, 3] - to_remove
-    return out
-
-
-def file_xyxy_to_internal(boxes: np.ndarray, box_convention: str) -> np.ndarray:
-    """``(K, 4)`` continuous xyxy from a file (ODVG, captions) -> xyxy in the reader's convention (float64)."""
-    out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
-    if box_convention == "official":
-        out[:, 2:] -= 1.0
-    return out
-
-
-def internal_to_file_xyxy(boxes: Any, box_convention: str) -> list[list[float]]:
-    """Inverse of :func:`file_xyxy_to_internal` (for writers that store continuous xyxy)."""
-    out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
-    if box_convention == "official":
-        out[:, 2:] += 1.0
-    return out.tolist()
+def is_legacy(box_convention: str) -> bool:
+    """``True`` for the ``"official"`` convention (inclusive pixels, ``legacy=True`` in :mod:`glip_data.boxes`)."""
+    return check_convention(box_convention) == "official"
 
 
 def sanitize_boxes(
@@ -206,13 +359,12 @@ def sanitize_boxes(
         input_wh = np.asarray(input_wh, dtype=np.float64).reshape(-1, 2)
         nonpositive = ~((input_wh[:, 0] > 0) & (input_wh[:, 1] > 0))
     else:
-        nonpositive = ~((xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1]))
+        nonpositive = ~nonempty_boxes(xyxy)
     nonpositive |= ~finite
-    to_remove = 1.0 if box_convention == "official" else 0.0
-    upper = np.stack([sizes_wh[:, 0], sizes_wh[:, 1], sizes_wh[:, 0], sizes_wh[:, 1]], axis=1) - to_remove
-    clipped = np.clip(np.where(finite[:, None], xyxy, 0.0), 0.0, upper)
-    changed = (clipped != np.where(finite[:, None], xyxy, 0.0)).any(axis=1) & ~nonpositive
-    nonempty = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    finite_xyxy = np.where(finite[:, None], xyxy, 0.0)
+    clipped = clip_boxes(finite_xyxy, height=sizes_wh[:, 1], width=sizes_wh[:, 0], legacy=is_legacy(box_convention))
+    changed = (clipped != finite_xyxy).any(axis=1) & ~nonpositive
+    nonempty = nonempty_boxes(clipped)
     keep = ~nonpositive & nonempty
     empty_after_clip = ~nonpositive & ~nonempty
     for reason, count in ((BOX_NONPOSITIVE, nonpositive.sum()), (BOX_EMPTY_AFTER_CLIP, empty_after_clip.sum()),
@@ -220,22 +372,6 @@ def sanitize_boxes(
         if count:
             stats[reason] += int(count)
     return clipped, keep
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# images
-
-
-def open_image(path: str | os.PathLike, where: str = "") -> Any:
-    """Decode an image file to a PIL RGB image; a failure raises an ``OSError`` naming the file and record."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
-        ctx = f" ({where})" if where else ""
-        raise OSError(f"cannot open image {path}{ctx}: {err}") from err
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -258,7 +394,8 @@ class GroundingReader(Dataset):
         box_convention: ``"official"`` (inclusive pixels, GLIP's ``+1`` convention) or ``"exact"``; see the module doc.
         errors: ``"raise"`` a :class:`ReaderError` on a structural problem of a record, or ``"drop"`` the record and
             count it.
-        on_bad_image: when an image cannot be decoded in ``__getitem__``: ``"raise"`` an ``OSError`` naming the file,
+        on_bad_image: when an image cannot be decoded in ``__getitem__``: ``"raise"`` the
+            :class:`~glip_data.ImageLoadError` (an ``OSError``) naming the file,
             or ``"skip"`` to the next index (counted as ``image_unreadable`` in this process's ``stats``).
         tokenizer: a fast Hugging Face tokenizer; when given, ``sample.positive_map`` is filled
             (:func:`glip_data.positive_map.build_positive_map`, ``max_text_len`` columns).
@@ -286,8 +423,8 @@ class GroundingReader(Dataset):
         self.image_root = Path(image_root) if image_root is not None else self.ann_file.parent
         self.load_images = bool(load_image)
         self.box_convention = check_convention(box_convention)
-        if errors not in ("raise", "drop"):
-            raise ValueError(f"errors must be 'raise' or 'drop', got {errors!r}")
+        self.stats: Counter = Counter()
+        self.check = RecordChecker(self.ann_file, errors, self.stats)  # validates ``errors``
         self.errors = errors
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
@@ -295,47 +432,21 @@ class GroundingReader(Dataset):
         self.tokenizer = tokenizer
         self.max_text_len = int(max_text_len)
         self.dataset_name = dataset_name or self.ann_file.name.split(".")[0]
-        self.stats: Counter = Counter()
+
+    @property
+    def legacy(self) -> bool:
+        """Whether the boxes use the legacy inclusive-pixel convention (``box_convention="official"``)."""
+        return is_legacy(self.box_convention)
 
     # -- error policy -------------------------------------------------------------------------------------------------
 
     def _problem(self, reason: str, message: str) -> None:
         """A structural problem: raise (``errors="raise"``) or count under ``reason`` (``errors="drop"``)."""
-        if self.errors == "raise":
-            raise ReaderError(f"{self.ann_file}: {message}")
-        self.stats[reason] += 1
+        self.check.problem(reason, message)
 
     def _count(self, reason: str, n: Any) -> None:
         """Add ``n`` to ``stats[reason]`` (zero counts are not recorded)."""
-        if int(n):
-            self.stats[reason] += int(n)
-
-    def _check_annotation(self, j: int, ann: Any, keys: tuple[str, ...], seen_ids: set, image_index: dict,
-                          skipped_image_ids: set) -> tuple[int | None, str]:
-        """Vet ``annotations[j]`` of a COCO-shaped file: its keys, ``id`` and ``image_id``.
-
-        A record that is not an object or lacks ``id``, ``image_id`` or one of ``keys`` raises a
-        :class:`ReaderError`. A repeated annotation id is a ``duplicate_annotation_id`` problem; an ``image_id`` not
-        among the kept images is counted as ``box_of_skipped_image`` when that image was left out, else an
-        ``unknown_image_id`` problem. ``seen_ids`` gains the annotation's id.
-
-        Returns:
-            ``(k, where)``: the record index of the annotation's image (``image_index[ann["image_id"]]``, ``None`` to
-            drop the annotation) and the annotation's name for messages.
-        """
-        require(ann, ("id", "image_id", *keys), f"{self.ann_file}: annotations[{j}]")
-        where = f"annotations[{j}] (id={ann['id']!r}, image_id={ann['image_id']!r})"
-        if ann["id"] in seen_ids:
-            self._problem("duplicate_annotation_id", f"{where}: duplicate annotation id")
-            return None, where
-        seen_ids.add(ann["id"])
-        if ann["image_id"] not in image_index:
-            if ann["image_id"] in skipped_image_ids:
-                self.stats["box_of_skipped_image"] += 1
-            else:
-                self._problem("unknown_image_id", f"{where}: image_id is not in 'images'")
-            return None, where
-        return image_index[ann["image_id"]], where
+        self.check.count(reason, n)
 
     # -- boxes grouped by record --------------------------------------------------------------------------------------
     # A reader holds the kept boxes of all its R records in flat (K, ...) arrays sorted by record; ``self._offsets``
@@ -435,14 +546,15 @@ class GroundingReader(Dataset):
         return sample
 
     def load_image(self, sample: GroundingSample) -> GroundingSample:
-        """Decode ``sample.image_path`` into ``sample.image`` (PIL RGB) and check it against the annotated size.
+        """Decode ``sample.image_path`` into ``sample.image`` (:func:`glip_data.load_image`: PIL RGB, upright by its
+        EXIF orientation) and check it against the annotated size.
 
         Raises:
-            OSError: the file is missing or cannot be decoded (the message names the file and the record).
+            ImageLoadError: the file is missing or cannot be decoded (an ``OSError`` naming the file and the record).
             ReaderError: the decoded size differs from the annotation's ``width``/``height``.
         """
         where = f"{self.ann_file.name}, image id {sample.metadata.get('image_id')!r}"
-        image = open_image(sample.image_path, where)
+        image = _load_image(sample.image_path, where=where)
         self._check_size(sample, image)
         sample.image = image
         return sample

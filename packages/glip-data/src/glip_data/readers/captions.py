@@ -1,4 +1,4 @@
-"""Captions with pseudo-labels (GLIP's Cap4M/Cap24M data, glip_spec.md §8.3) as JSON Lines.
+"""Captions with pseudo-labels (GLIP's Cap4M/Cap24M data, docs/official_model.md#caption-data) as JSON Lines.
 
 One image per line::
 
@@ -26,17 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from glip_data.boxes import convert_xyxy
 from glip_data.readers.base import (
     GroundingReader,
     ReaderError,
     _is_box,
-    _is_image_size,
     _is_number,
     as_boxes_tensor,
-    check_convention,
     check_spans,
-    file_xyxy_to_internal,
-    internal_to_file_xyxy,
+    is_legacy,
     iter_jsonl,
     require,
     sanitize_boxes,
@@ -63,7 +61,7 @@ def caption_record(
             back with the same convention returns the same boxes.
         **extra: more top-level fields to store (e.g. ``image_id``).
     """
-    check_convention(box_convention)
+    legacy = is_legacy(box_convention)
     out_entities = []
     for ent in entities:
         spans = check_spans([list(s) for s in ent["tokens_positive"]], caption, f"entity {ent.get('phrase')!r}")
@@ -76,7 +74,7 @@ def caption_record(
             scores = np.asarray(ent.get("scores", np.ones(len(boxes))), dtype=np.float64).reshape(-1)
             if len(scores) != len(boxes):
                 raise ValueError(f"entity {ent.get('phrase')!r}: {len(boxes)} boxes but {len(scores)} scores")
-            out["boxes"] = internal_to_file_xyxy(boxes, box_convention)
+            out["boxes"] = convert_xyxy(boxes, from_legacy=legacy, to_legacy=False).tolist()
             out["scores"] = scores.tolist()
         out_entities.append(out)
     return {"image": image, "width": int(width), "height": int(height), "caption": caption,
@@ -111,11 +109,9 @@ class CaptionReader(GroundingReader):
             where = f"{self.ann_file}: line {lineno}"
             require(rec, ("image", "width", "height", "caption"), where)
             w, h, caption = rec["width"], rec["height"], rec["caption"]
-            if not _is_image_size(w, h):
-                self._problem("bad_image_size", f"line {lineno}: width/height must be positive integers")
-                continue
-            if not isinstance(caption, str):
-                self._problem("bad_caption", f"line {lineno}: caption must be a string, got {caption!r}")
+            line = f"line {lineno}"
+            if not self.check.image_size(w, h, line) or not self.check.caption(caption, line) \
+                    or self.check.file_name(rec["image"], line, key="image") is None:
                 continue
             entities = rec.get("entities", [])
             if not isinstance(entities, list):
@@ -170,7 +166,8 @@ class CaptionReader(GroundingReader):
         raw = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         owner_arr = np.asarray(owner, dtype=np.int64)
         sizes = np.asarray([(r[2], r[3]) for r in self._records], dtype=np.float64).reshape(-1, 2)
-        clipped, keep = sanitize_boxes(file_xyxy_to_internal(raw, self.box_convention), sizes[owner_arr],
+        internal = convert_xyxy(raw, from_legacy=False, to_legacy=self.legacy)
+        clipped, keep = sanitize_boxes(internal, sizes[owner_arr],
                                        self.box_convention, self.stats, input_wh=raw[:, 2:] - raw[:, :2])
         order = np.nonzero(keep)[0]  # already grouped by line
         self._boxes = clipped[order].astype(np.float32)

@@ -3,8 +3,9 @@
 Detection is grounding with a fixed text: every sample's ``caption`` is the detection prompt over *all* categories in
 label order (:func:`glip_data.detection_prompt`, ``"person. bicycle. car"``) and each box's ``tokens_positive`` is the
 span of its category's name — the official COCO fine-tuning caption with ``DISABLE_SHUFFLE`` and the evaluation
-prompt (glip_spec.md §5.1, §8.1). Negative sampling, shuffling and token-budget screening for pre-training
-(§8.1 steps 2-4) belong to the detection→grounding step, which rebuilds the caption from ``sample.labels`` and
+prompt (docs/official_model.md#prompts, docs/official_model.md#detection-to-grounding). Negative sampling, shuffling
+and token-budget screening for pre-training belong to the detection→grounding step
+(:class:`glip_data.DetectionToGrounding`), which rebuilds the caption from ``sample.labels`` and
 ``reader.categories``.
 
 Categories get contiguous labels ``1..K`` in category-id order (``reader.categories = {label: name}``,
@@ -20,16 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from glip_data.boxes import xywh_to_xyxy
 from glip_data.readers.base import (
     GroundingReader,
     ReaderError,
-    _is_box,
-    _is_image_size,
+    _is_id,
     as_boxes_tensor,
-    read_json,
-    require,
+    read_coco_json,
     sanitize_boxes,
-    xywh_to_xyxy,
 )
 from glip_data.sample import GroundingSample
 
@@ -65,14 +64,7 @@ class COCODetection(GroundingReader):
         super().__init__(ann_file, image_root, **kwargs)
         self.include_crowd = bool(include_crowd)
         self.skip_empty = bool(skip_empty)
-        data = read_json(self.ann_file)
-        if not isinstance(data, dict):
-            raise ReaderError(f"{self.ann_file}: expected a JSON object with images/annotations/categories")
-        for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise ReaderError(f"{self.ann_file}: missing top-level key {key!r} (present: {sorted(data)})")
-            if not isinstance(data[key], list):
-                raise ReaderError(f"{self.ann_file}: {key!r} must be a list, got {type(data[key]).__name__}")
+        data = read_coco_json(self.ann_file, ("images", "annotations", "categories"))
         self._parse_categories(data["categories"])
         self._parse_images(data["images"])
         self._parse_annotations(data["annotations"])
@@ -87,12 +79,8 @@ class COCODetection(GroundingReader):
         return cat["name"]
 
     def _image_file(self, img: dict, where: str) -> str | None:
-        """The image's path relative to ``image_root``; ``None`` to report a problem."""
-        name = img.get("file_name")
-        if not isinstance(name, str) or not name:
-            self._problem("missing_file_name", f"{where}: missing or empty 'file_name'")
-            return None
-        return name
+        """The image's path relative to ``image_root``; ``None`` (after reporting the problem) to leave it out."""
+        return self.check.file_name(img.get("file_name"), where)
 
     def _skip_image(self, file_name: str) -> str | None:
         """A reason to leave a (known-bad) image out, or ``None``."""
@@ -107,14 +95,7 @@ class COCODetection(GroundingReader):
     def _parse_categories(self, cats: list) -> None:
         seen: dict[Any, dict] = {}
         self.background_cat_ids: set = set()
-        for i, cat in enumerate(cats):
-            where = f"categories[{i}]"
-            require(cat, ("id", "name"), f"{self.ann_file}: {where}")
-            if cat["id"] in seen or cat["id"] in self.background_cat_ids:
-                self._problem("duplicate_category_id", f"{where}: duplicate category id {cat['id']!r}")
-                continue
-            if not isinstance(cat["name"], str):
-                raise ReaderError(f"{self.ann_file}: {where}: 'name' must be a string, got {cat['name']!r}")
+        for cat in self.check.categories(cats):
             if cat["name"].strip().lower() in BACKGROUND_NAMES:
                 self.background_cat_ids.add(cat["id"])
                 self.stats["background_category_removed"] += 1
@@ -145,18 +126,8 @@ class COCODetection(GroundingReader):
         extras: dict[int, dict] = {}
         self._image_index: dict[Any, int] = {}
         skipped: set = set()
-        for i, img in enumerate(images):
-            where = f"images[{i}]"
-            require(img, ("id", "width", "height"), f"{self.ann_file}: {where}")
-            where = f"images[{i}] (id={img['id']!r})"
-            if img["id"] in self._image_index or img["id"] in skipped:
-                self._problem("duplicate_image_id", f"{where}: duplicate image id")
-                continue
+        for _, img, where in self.check.image_entries(images, ("id", "width", "height"), skipped):
             w, h = img["width"], img["height"]
-            if not _is_image_size(w, h):
-                self._problem("bad_image_size", f"{where}: width/height must be positive integers, got {w!r}x{h!r}")
-                skipped.add(img["id"])
-                continue
             name = self._image_file(img, where)
             if name is None:
                 skipped.add(img["id"])
@@ -189,20 +160,19 @@ class COCODetection(GroundingReader):
         ann_ids: list = []
         seen_ids: set = set()
         for j, ann in enumerate(anns):
-            k, where = self._check_annotation(j, ann, ("category_id", "bbox"), seen_ids, self._image_index,
-                                              self._skipped_image_ids)
+            k, where = self.check.annotation(j, ann, ("category_id", "bbox"), self._image_index, seen_ids,
+                                             self._skipped_image_ids)
             if k is None:
                 continue
             cid = ann["category_id"]
-            if cid in self.background_cat_ids:
+            if _is_id(cid) and cid in self.background_cat_ids:
                 self.stats["background_box_dropped"] += 1
                 continue
-            if cid not in self.cat_id_to_label:
+            if not _is_id(cid) or cid not in self.cat_id_to_label:
                 self._problem("unknown_category_id", f"{where}: category_id {cid!r} is not in 'categories'")
                 continue
             box = ann["bbox"]
-            if not _is_box(box):
-                self._problem("bad_bbox", f"{where}: bbox must be [x, y, w, h] numbers, got {box!r}")
+            if not self.check.box(box, where, "x, y, w, h"):
                 continue
             img_idx.append(k)
             labels.append(self.cat_id_to_label[cid])
@@ -212,7 +182,7 @@ class COCODetection(GroundingReader):
 
         xywh = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
         img_idx_arr = np.asarray(img_idx, dtype=np.int64)
-        xyxy = xywh_to_xyxy(xywh, self.box_convention)
+        xyxy = xywh_to_xyxy(xywh, legacy=self.legacy)
         clipped, keep = sanitize_boxes(xyxy, self._sizes[img_idx_arr], self.box_convention, self.stats,
                                        input_wh=xywh[:, 2:])
         crowd_arr = np.asarray(crowd, dtype=bool)

@@ -2,7 +2,7 @@
 
 COCO-shaped, one ``images`` entry per (image, sentence) with its ``caption``; every annotation carries
 ``tokens_positive``, the ``[start, end)`` character spans of the caption its box grounds to. The caption is used
-verbatim (no negatives, glip_spec.md §8.2) and every box gets label 1, as in the official code.
+verbatim (no negatives, docs/official_model.md#grounding-data) and every box gets label 1, as in the official code.
 
 Boxes: ``[x, y, w, h]`` -> xyxy with the official convention ``x2 = x + w - 1``, clipped to ``[0, W - 1]``
 (``box_convention="official"``, the default; ``"exact"`` gives ``x + w`` and ``[0, W]``).
@@ -18,18 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from glip_data.readers.base import (
-    GroundingReader,
-    ReaderError,
-    _is_box,
-    _is_image_size,
-    as_boxes_tensor,
-    check_spans,
-    read_json,
-    require,
-    sanitize_boxes,
-    xywh_to_xyxy,
-)
+from glip_data.boxes import xywh_to_xyxy
+from glip_data.readers.base import GroundingReader, as_boxes_tensor, read_coco_json, sanitize_boxes
 from glip_data.sample import GroundingSample
 
 #: Image-level fields copied into ``sample.metadata`` when present.
@@ -52,12 +42,7 @@ class MDETRGrounding(GroundingReader):
 
     def __init__(self, ann_file, image_root=None, *, skip_empty: bool = False, **kwargs: Any) -> None:
         super().__init__(ann_file, image_root, **kwargs)
-        data = read_json(self.ann_file)
-        if not isinstance(data, dict):
-            raise ReaderError(f"{self.ann_file}: expected a JSON object with 'images' and 'annotations'")
-        for key in ("images", "annotations"):
-            if not isinstance(data.get(key), list):
-                raise ReaderError(f"{self.ann_file}: missing top-level list {key!r} (present: {sorted(data)})")
+        data = read_coco_json(self.ann_file, ("images", "annotations"))
         self._parse_images(data["images"])
         self._parse_annotations(data["annotations"])
         # as COCO: crowd boxes are not training boxes, so an entry with only crowd boxes is empty
@@ -67,40 +52,36 @@ class MDETRGrounding(GroundingReader):
         self._entries: list[tuple] = []  # (image id, file name, width, height, caption, metadata extras)
         self._index: dict[Any, int] = {}
         skipped: set = set()
-        for i, img in enumerate(images):
-            require(img, ("id", "file_name", "width", "height", "caption"), f"{self.ann_file}: images[{i}]")
-            where = f"images[{i}] (id={img['id']!r})"
-            if img["id"] in self._index or img["id"] in skipped:
-                self._problem("duplicate_image_id", f"{where}: duplicate image id")
-                continue
+        keys = ("id", "file_name", "width", "height", "caption")
+        for _, img, where in self.check.image_entries(images, keys, skipped):
             w, h, caption = img["width"], img["height"], img["caption"]
-            if not _is_image_size(w, h):
-                self._problem("bad_image_size", f"{where}: width/height must be positive integers, got {w!r}x{h!r}")
-                skipped.add(img["id"])
-                continue
-            if not isinstance(caption, str):
-                self._problem("bad_caption", f"{where}: caption must be a string, got {caption!r}")
+            if self.check.file_name(img["file_name"], where) is None or not self.check.caption(caption, where):
                 skipped.add(img["id"])
                 continue
             extras = {k: img[k] for k in MDETR_IMAGE_FIELDS if k in img}
             if "tokens_positive_eval" in img:
-                try:
-                    phrases = img["tokens_positive_eval"]
-                    if not isinstance(phrases, list):
-                        raise ReaderError(f"{self.ann_file}: {where}: tokens_positive_eval must be a list")
-                    extras["tokens_positive_eval"] = [
-                        [list(s) for s in check_spans(p, caption, f"{self.ann_file}: {where} tokens_positive_eval")]
-                        for p in phrases
-                    ]
-                except ReaderError:
-                    if self.errors == "raise":
-                        raise
-                    self.stats["span_outside_caption"] += 1
+                phrases = self._eval_phrases(img["tokens_positive_eval"], caption, where)
+                if phrases is None:
                     skipped.add(img["id"])
                     continue
+                extras["tokens_positive_eval"] = phrases
             self._index[img["id"]] = len(self._entries)
             self._entries.append((img["id"], img["file_name"], int(w), int(h), caption, extras))
         self._skipped = skipped
+
+    def _eval_phrases(self, phrases: Any, caption: str, where: str) -> list[list[list[int]]] | None:
+        """``tokens_positive_eval``: one list of spans per phrase; ``None`` (after reporting) when invalid."""
+        where = f"{where} tokens_positive_eval"
+        if not isinstance(phrases, list):
+            self._problem("span_outside_caption", f"{where}: must be a list of span lists, got {phrases!r}")
+            return None
+        checked = []
+        for spans in phrases:
+            spans = self.check.spans(spans, caption, where)
+            if spans is None:
+                return None
+            checked.append([list(s) for s in spans])
+        return checked
 
     def _parse_annotations(self, anns: list) -> np.ndarray:
         """Read the boxes (sets the box arrays and ``self._offsets``); returns the ``(R,)`` number of kept boxes of
@@ -113,19 +94,14 @@ class MDETRGrounding(GroundingReader):
         crowd: list[bool] = []
         seen: set = set()
         for j, ann in enumerate(anns):
-            k, where = self._check_annotation(j, ann, ("bbox", "tokens_positive"), seen, self._index, self._skipped)
+            k, where = self.check.annotation(j, ann, ("bbox", "tokens_positive"), self._index, seen, self._skipped)
             if k is None:
                 continue
             box = ann["bbox"]
-            if not _is_box(box):
-                self._problem("bad_bbox", f"{where}: bbox must be [x, y, w, h] numbers, got {box!r}")
+            if not self.check.box(box, where, "x, y, w, h"):
                 continue
-            try:
-                box_spans = check_spans(ann["tokens_positive"], self._entries[k][4], f"{self.ann_file}: {where}")
-            except ReaderError:
-                if self.errors == "raise":
-                    raise
-                self.stats["span_outside_caption"] += 1
+            box_spans = self.check.spans(ann["tokens_positive"], self._entries[k][4], where)
+            if box_spans is None:
                 continue
             if not box_spans:
                 self.stats["box_without_span"] += 1
@@ -138,7 +114,7 @@ class MDETRGrounding(GroundingReader):
         xywh = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
         owner_arr = np.asarray(owner, dtype=np.int64)
         sizes = np.asarray([(e[2], e[3]) for e in self._entries], dtype=np.float64).reshape(-1, 2)
-        clipped, keep = sanitize_boxes(xywh_to_xyxy(xywh, self.box_convention), sizes[owner_arr],
+        clipped, keep = sanitize_boxes(xywh_to_xyxy(xywh, legacy=self.legacy), sizes[owner_arr],
                                        self.box_convention, self.stats, input_wh=xywh[:, 2:])
         crowd_arr = np.asarray(crowd, dtype=bool)
         if crowd_arr.any():

@@ -17,29 +17,34 @@ detection prompt of all label-map names, labels ``1..K`` in label-map key order 
 grounded to its name. Grounding lines become grounding samples (caption verbatim, label 1 per box). The label map comes
 from ``label_map`` (a file or a dict) or, when not given, from the ``category`` names of the detection instances.
 The file is read by content, not by extension (MM-GDINO names its jsonl files ``*.json``).
+
+The record parsing (:func:`parse_odvg_line`, :func:`parse_odvg_instance`, :func:`parse_odvg_region`,
+:class:`ODVGLabelMap`) is shared with the converter (:mod:`glip_data.convert`): one parser for the format.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from glip_data.boxes import convert_xyxy
 from glip_data.readers.base import (
     GroundingReader,
     ReaderError,
+    RecordChecker,
     _is_box,
-    _is_image_size,
     as_boxes_tensor,
-    check_spans,
-    file_xyxy_to_internal,
     iter_jsonl,
     read_json,
-    require,
     sanitize_boxes,
 )
 from glip_data.sample import GroundingSample
+from glip_data.text import find_phrase_spans
+
+Span = tuple[int, int]
 
 
 def load_label_map(label_map: str | os.PathLike | dict | None) -> dict[int, str] | None:
@@ -62,19 +67,161 @@ def load_label_map(label_map: str | os.PathLike | dict | None) -> dict[int, str]
     return out
 
 
-def find_phrase_spans(caption: str, phrase: str | list[str]) -> list[tuple[int, int]] | None:
-    """Spans of a phrase (or of its fragments, searched left to right) in ``caption``; ``None`` if not found."""
-    fragments = [phrase] if isinstance(phrase, str) else list(phrase)
-    spans, cursor = [], 0
-    for frag in fragments:
-        if not isinstance(frag, str) or not frag:
+# --------------------------------------------------------------------------------------------------------------------
+# record parsing, shared with the converter
+
+
+@dataclass
+class ODVGLine:
+    """One valid line: its header and its annotations, not yet checked one by one.
+
+    ``kind`` is ``"detection"``, ``"grounding"`` or ``None`` (neither block: an image without annotations);
+    ``items`` are the raw ``instances`` or ``regions``; ``record`` is the whole line (for the converter's extras).
+    """
+
+    lineno: int
+    filename: str
+    width: int
+    height: int
+    kind: str | None
+    caption: str | None
+    items: list
+    record: dict
+
+
+@dataclass
+class ODVGInstance:
+    """A checked detection instance. ``bbox`` is xyxy as in the file (continuous)."""
+
+    bbox: list
+    label: int
+    crowd: bool
+    record: dict
+
+
+@dataclass
+class ODVGRegion:
+    """A checked grounding region: its boxes (xyxy as in the file, one or more), its spans in the caption, and
+    whether they were found by searching the phrase (no ``tokens_positive`` in the file)."""
+
+    boxes: list
+    spans: list[Span]
+    searched: bool
+    phrase: Any
+    crowd: bool
+    record: dict
+
+
+def parse_odvg_line(check: RecordChecker, lineno: int, rec: Any) -> ODVGLine | None:
+    """Check a line's header (``filename``, ``height``, ``width``: always required) and the shape of its block.
+
+    Problems: ``bad_image_size``, ``missing_file_name``, ``bad_record`` (a malformed ``detection``/``grounding``
+    block, or both blocks on one line). Returns ``None`` to leave the line out.
+    """
+    where = f"line {lineno}"
+    check.require(rec, ("filename", "height", "width"), where)
+    w, h = rec["width"], rec["height"]
+    if not check.image_size(w, h, where) or check.file_name(rec["filename"], where, key="filename") is None:
+        return None
+    line = ODVGLine(lineno, rec["filename"], int(w), int(h), None, None, [], rec)
+    if "detection" in rec and "grounding" in rec:
+        check.problem("bad_record", f"{where}: has both a 'detection' and a 'grounding' block")
+        return None
+    if "detection" in rec:
+        det = rec["detection"]
+        if not isinstance(det, dict) or not isinstance(det.get("instances"), list):
+            check.problem("bad_record", f"{where}: 'detection' must be an object with an 'instances' list")
             return None
-        start = caption.find(frag, cursor)
-        if start < 0:
+        line.kind, line.items = "detection", det["instances"]
+    elif "grounding" in rec:
+        g = rec["grounding"]
+        if not isinstance(g, dict) or not isinstance(g.get("caption"), str) \
+                or not isinstance(g.get("regions", []), list):
+            check.problem("bad_record", f"{where}: 'grounding' needs a 'caption' string and a 'regions' list")
             return None
-        spans.append((start, start + len(frag)))
-        cursor = start + len(frag)
-    return spans
+        line.kind, line.caption, line.items = "grounding", g["caption"], g.get("regions", [])
+    return line
+
+
+class ODVGLabelMap:
+    """The names of a file's labels: the given label map, or the ``category`` names of its instances.
+
+    Args:
+        check: the file's checker.
+        label_map: a label map file or dict, or ``None`` to infer the names.
+    """
+
+    def __init__(self, check: RecordChecker, label_map: str | os.PathLike | dict | None = None) -> None:
+        self.check = check
+        self.given = load_label_map(label_map)
+        self.inferred: dict[int, str] = {}
+
+    @property
+    def names(self) -> dict[int, str]:
+        """``{label: name}`` (the given map, or the names seen so far)."""
+        return self.given if self.given is not None else self.inferred
+
+    def accept(self, label: int, category: Any, where: str) -> bool:
+        """Whether ``label`` is known (problem ``unknown_label`` when a map was given). Without a map the instance
+        must name its category, consistently (a ReaderError otherwise)."""
+        if self.given is not None:
+            if label in self.given:
+                return True
+            self.check.problem("unknown_label", f"{where}: label {label} is not in the label map")
+            return False
+        if not isinstance(category, str) or not category.strip():
+            raise ReaderError(f"{self.check.source}: {where}: no label map was given and the instance has no "
+                              "'category' name to infer it from; pass a label map")
+        if self.inferred.setdefault(label, category) != category:
+            raise ReaderError(f"{self.check.source}: {where}: label {label} is called both "
+                              f"{self.inferred[label]!r} and {category!r}")
+        return True
+
+
+def parse_odvg_instance(check: RecordChecker, where: str, inst: Any, labels: ODVGLabelMap) -> ODVGInstance | None:
+    """Check one detection instance: an xyxy ``bbox`` (``bad_bbox``) and an integer ``label`` (``bad_label``) that
+    ``labels`` knows. Returns ``None`` to leave it out."""
+    if not isinstance(inst, dict) or not _is_box(inst.get("bbox")):
+        check.problem("bad_bbox", f"{where}: needs 'bbox' [x1, y1, x2, y2], got {inst!r}")
+        return None
+    label = inst.get("label")
+    if not isinstance(label, int) or isinstance(label, bool):
+        check.problem("bad_label", f"{where}: 'label' must be an integer, got {label!r}")
+        return None
+    if not labels.accept(label, inst.get("category"), where):
+        return None
+    return ODVGInstance(inst["bbox"], label, bool(inst.get("iscrowd", 0)), inst)
+
+
+def parse_odvg_region(check: RecordChecker, where: str, region: Any, caption: str) -> ODVGRegion | None:
+    """Check one grounding region: ``bbox`` one xyxy box or a non-empty list of them (``bad_bbox``), and its spans:
+    ``tokens_positive`` inside the caption, or when absent the ``phrase`` (a string, or a list of fragments searched
+    left to right, case-sensitively) found in the caption (``span_outside_caption``). Returns ``None`` to leave it
+    out."""
+    if not isinstance(region, dict) or "bbox" not in region:
+        check.problem("bad_bbox", f"{where}: needs 'bbox'")
+        return None
+    boxes = [region["bbox"]] if _is_box(region["bbox"]) else region["bbox"]
+    if not isinstance(boxes, list) or not boxes or not all(_is_box(b) for b in boxes):
+        check.problem("bad_bbox", f"{where}: bbox must be xyxy or a list of xyxy boxes, got {region['bbox']!r}")
+        return None
+    phrase = region.get("phrase")
+    if "tokens_positive" in region:
+        spans = check.spans(region["tokens_positive"], caption, where)
+        if spans is None:
+            return None
+        return ODVGRegion(boxes, spans, False, phrase, bool(region.get("iscrowd", 0)), region)
+    try:
+        spans = find_phrase_spans(caption, [phrase], ignore_case=False)[0]
+    except (TypeError, ValueError):
+        check.problem("span_outside_caption",
+                      f"{where}: no tokens_positive and the phrase {phrase!r} is not in the caption {caption!r}")
+        return None
+    return ODVGRegion(boxes, spans, True, phrase, bool(region.get("iscrowd", 0)), region)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the reader
 
 
 class ODVGReader(GroundingReader):
@@ -95,7 +242,7 @@ class ODVGReader(GroundingReader):
     def __init__(self, ann_file, image_root=None, *, label_map=None, skip_empty: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(ann_file, image_root, **kwargs)
-        given_map = load_label_map(label_map)
+        labels = ODVGLabelMap(self.check, label_map)
         self._records: list[tuple] = []  # (line, filename, w, h, kind, caption|None, extras)
         owner: list[int] = []
         boxes: list = []
@@ -103,102 +250,45 @@ class ODVGReader(GroundingReader):
         spans: list = []
         phrases: list = []
         crowd: list[bool] = []
-        inferred: dict[int, str] = {}
         for lineno, rec in iter_jsonl(self.ann_file):
-            where = f"line {lineno}"
-            require(rec, ("filename", "height", "width"), f"{self.ann_file}: {where}")
-            w, h = rec["width"], rec["height"]
-            if not _is_image_size(w, h):
-                self._problem("bad_image_size", f"{where}: width/height must be positive integers, got {w!r}x{h!r}")
+            line = parse_odvg_line(self.check, lineno, rec)
+            if line is None:
                 continue
             k = len(self._records)
             extras = {key: rec[key] for key in ("image_id", "id") if key in rec}
-            if "detection" in rec:
-                det = rec["detection"]
-                if not isinstance(det, dict) or not isinstance(det.get("instances"), list):
-                    self._problem("bad_record", f"{where}: 'detection' must be an object with an 'instances' list")
-                    continue
-                self._records.append((lineno, rec["filename"], int(w), int(h), "detection", None, extras))
-                for j, inst in enumerate(det["instances"]):
-                    iwhere = f"{where} instance {j}"
-                    if not isinstance(inst, dict) or not _is_box(inst.get("bbox")):
-                        self._problem("bad_bbox", f"{iwhere}: needs 'bbox' [x1, y1, x2, y2], got {inst!r}")
-                        continue
-                    lab = inst.get("label")
-                    if not isinstance(lab, int) or isinstance(lab, bool):
-                        self._problem("bad_label", f"{iwhere}: 'label' must be an integer, got {lab!r}")
-                        continue
-                    if given_map is None:
-                        cat = inst.get("category")
-                        if not isinstance(cat, str):
-                            raise ReaderError(
-                                f"{self.ann_file}: {iwhere}: no label map was given and the instance has no "
-                                "'category' name to infer it from; pass label_map=<file>"
-                            )
-                        if inferred.setdefault(lab, cat) != cat:
-                            raise ReaderError(
-                                f"{self.ann_file}: {iwhere}: label {lab} is called both {inferred[lab]!r} and {cat!r}"
-                            )
-                    elif lab not in given_map:
-                        self._problem("unknown_label", f"{iwhere}: label {lab} is not in the label map")
+            kind = line.kind or "detection"
+            self._records.append((lineno, line.filename, line.width, line.height, kind, line.caption, extras))
+            if line.kind is None:
+                self.stats["record_without_annotations"] += 1
+            for j, item in enumerate(line.items):
+                if line.kind == "detection":
+                    inst = parse_odvg_instance(self.check, f"line {lineno} instance {j}", item, labels)
+                    if inst is None:
                         continue
                     owner.append(k)
-                    boxes.append(inst["bbox"])
-                    raw_labels.append(lab)
+                    boxes.append(inst.bbox)
+                    raw_labels.append(inst.label)
                     spans.append(None)
                     phrases.append(None)
-                    crowd.append(bool(inst.get("iscrowd", 0)))
-            elif "grounding" in rec:
-                g = rec["grounding"]
-                if not isinstance(g, dict) or not isinstance(g.get("caption"), str) \
-                        or not isinstance(g.get("regions", []), list):
-                    self._problem("bad_record", f"{where}: 'grounding' needs a 'caption' string and a 'regions' list")
+                    crowd.append(inst.crowd)
                     continue
-                caption = g["caption"]
-                self._records.append((lineno, rec["filename"], int(w), int(h), "grounding", caption, extras))
-                for j, region in enumerate(g.get("regions", [])):
-                    rwhere = f"{self.ann_file}: {where} region {j}"
-                    if not isinstance(region, dict) or "bbox" not in region:
-                        self._problem("bad_bbox", f"{where} region {j}: needs 'bbox'")
-                        continue
-                    rboxes = [region["bbox"]] if _is_box(region["bbox"]) else region["bbox"]
-                    if not isinstance(rboxes, list) or not rboxes or not all(_is_box(b) for b in rboxes):
-                        self._problem("bad_bbox", f"{where} region {j}: bbox must be xyxy or a list of xyxy boxes")
-                        continue
-                    try:
-                        if "tokens_positive" in region:
-                            rspans = check_spans(region["tokens_positive"], caption, rwhere)
-                        else:
-                            rspans = find_phrase_spans(caption, region.get("phrase"))
-                            if rspans is None:
-                                raise ReaderError(
-                                    f"{rwhere}: no tokens_positive and the phrase {region.get('phrase')!r} "
-                                    f"is not in the caption {caption!r}"
-                                )
-                            self.stats["spans_found_by_search"] += 1
-                    except ReaderError:
-                        if self.errors == "raise":
-                            raise
-                        self.stats["span_outside_caption"] += 1
-                        continue
-                    phrase = region.get("phrase")
-                    phrase = " ".join(phrase) if isinstance(phrase, list) else phrase
-                    for b in rboxes:
-                        owner.append(k)
-                        boxes.append(b)
-                        raw_labels.append(-1)
-                        spans.append(rspans)
-                        phrases.append(phrase)
-                        crowd.append(bool(region.get("iscrowd", 0)))
-            else:
-                self._records.append((lineno, rec["filename"], int(w), int(h), "detection", None, extras))
-                self.stats["record_without_annotations"] += 1
+                region = parse_odvg_region(self.check, f"line {lineno} region {j}", item, line.caption)
+                if region is None:
+                    continue
+                self._count("spans_found_by_search", region.searched)
+                phrase = " ".join(region.phrase) if isinstance(region.phrase, list) else region.phrase
+                for b in region.boxes:
+                    owner.append(k)
+                    boxes.append(b)
+                    raw_labels.append(-1)
+                    spans.append(region.spans)
+                    phrases.append(phrase)
+                    crowd.append(region.crowd)
 
-        label_map_final = given_map if given_map is not None else inferred
-        keys = sorted(label_map_final)
+        keys = sorted(labels.names)
         self.odvg_to_label = {key: i + 1 for i, key in enumerate(keys)}
         self.label_to_odvg = {i + 1: key for i, key in enumerate(keys)}
-        self.categories = {i + 1: label_map_final[key] for i, key in enumerate(keys)}
+        self.categories = {i + 1: labels.names[key] for i, key in enumerate(keys)}
         if self.categories:
             from glip_data.prompts import detection_prompt
 
@@ -209,8 +299,10 @@ class ODVGReader(GroundingReader):
         owner_arr = np.asarray(owner, dtype=np.int64)
         sizes = np.asarray([(r[2], r[3]) for r in self._records], dtype=np.float64).reshape(-1, 2)
         raw = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        clipped, keep = sanitize_boxes(file_xyxy_to_internal(raw, self.box_convention), sizes[owner_arr],
-                                       self.box_convention, self.stats, input_wh=raw[:, 2:] - raw[:, :2])
+        # files hold continuous xyxy: the official convention reads x2 - 1
+        internal = convert_xyxy(raw, from_legacy=False, to_legacy=self.legacy)
+        clipped, keep = sanitize_boxes(internal, sizes[owner_arr], self.box_convention, self.stats,
+                                       input_wh=raw[:, 2:] - raw[:, :2])
         order = np.nonzero(keep)[0]
         order = order[np.argsort(owner_arr[order], kind="stable")]
         self._boxes = clipped[order].astype(np.float32)
@@ -268,5 +360,6 @@ class ODVGReader(GroundingReader):
                 "grounding_records": kinds.count("grounding"), "categories": len(self.categories)}
 
 
-__all__ = ["ODVGReader", "load_label_map", "find_phrase_spans"]
+__all__ = ["ODVGInstance", "ODVGLabelMap", "ODVGLine", "ODVGReader", "ODVGRegion", "load_label_map",
+           "parse_odvg_instance", "parse_odvg_line", "parse_odvg_region"]
 
