@@ -270,15 +270,14 @@ class GLIPProcessor:
                    max_detections: int | None) -> dict[str, Any]:
         """Merge one image's per-prompt detections into the result dict (sorted by score, on the CPU).
 
-        The per-image cap applies again over the merged prompts (same rule as within one prompt), then the score
-        threshold.
+        The per-image cap applies over the merged prompts (the same rule as within one prompt, idempotent on a set it
+        already capped), then the score threshold.
         """
         boxes = torch.cat([p.boxes for p in parts]) if parts else torch.zeros(0, 4)
         scores = torch.cat([p.scores for p in parts]) if parts else torch.zeros(0)
         labels = torch.cat([p.labels for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-        if len(parts) > 1:
-            keep = cap_detections(scores, max_detections)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = cap_detections(scores, max_detections)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = scores >= threshold
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         order = scores.argsort(descending=True, stable=True)

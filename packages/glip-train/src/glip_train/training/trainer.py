@@ -250,9 +250,9 @@ class Trainer:
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
         self.ddp = None
         if self.world_size > 1:
+            # buffers (e.g. BatchNorm statistics of a timm backbone) follow rank 0, so the replicas stay identical
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         self.collator = Collator(self.model.tokenizer, self.model.config.max_text_len, config.data.pad_text_to,
                                  self.model.config.size_divisibility)
