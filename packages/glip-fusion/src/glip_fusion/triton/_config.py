@@ -22,12 +22,8 @@ from typing import Iterator
 import torch
 import triton
 
-#: The longest text (M) the kernels accept. The Path-B kernels would tile any M, but the design (and the tests)
-#: cover GLIP's ``MAX_QUERY_LEN = 256``; longer inputs are rejected with a clear error.
-MAX_TEXT_LEN = 256
-#: Supported head dims (inclusive). The kernels are designed for 32..256 (GLIP: 256); smaller dims and
-#: non-powers of two are zero-padded to ``block_d(D)`` inside the kernels (masked loads, exact).
-MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
+from ._envelope import MAX_HEAD_DIM, MAX_TEXT_LEN, MIN_HEAD_DIM  # noqa: F401  (the kernels' limits, defined there)
+
 #: On the autotuned path the text-direction kernels split the image axis into chunks whose length is a multiple of
 #: this granule (every candidate BLOCK_N divides it), so the split layout never depends on the autotuner's choice.
 SPLIT_GRANULE = 256
