@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._fwd import _elementwise_max, _load_tile, _philox_uniforms, _program_tile, _sum_combine
+from ._fwd import _dropout_uniforms, _elementwise_max, _load_tile, _program_tile, _sum_combine
 
 
 @triton.jit
@@ -154,7 +154,7 @@ def _bwd_rows_kernel(
         dp_v = tl.dot(dov, tl.trans(vl), input_precision=PRECISION)
         dp_l = tl.dot(vv, tl.trans(dol), input_precision=PRECISION)
         if HAS_DROPOUT:
-            u_v, u_l = _philox_uniforms(seed_lo, seed_hi, offs_n[:, None], t[None, :], bh)
+            u_v, u_l = _dropout_uniforms(seed_lo, seed_hi, offs_n, t0, bh, BLOCK_N, BLOCK_T, False)
             dp_v = tl.where(u_v >= p_drop, dp_v * keep_scale, 0.0)
             keep_l = u_l >= p_drop
             dp_l = tl.where(keep_l, dp_l * keep_scale, 0.0)
@@ -235,7 +235,7 @@ def _bwd_cols_kernel(
         dp_v = tl.dot(vl, tl.trans(dov), input_precision=PRECISION)
         dp_l = tl.dot(dol, tl.trans(vv), input_precision=PRECISION)
         if HAS_DROPOUT:
-            u_v, u_l = _philox_uniforms(seed_lo, seed_hi, n[None, :], offs_t[:, None], bh)
+            u_v, u_l = _dropout_uniforms(seed_lo, seed_hi, n, tl.program_id(0) * BLOCK_T, bh, BLOCK_N, BLOCK_T, True)
             keep_v = u_v >= p_drop
             dp_v = tl.where(keep_v, dp_v * keep_scale, 0.0)
             dp_l = tl.where(u_l >= p_drop, dp_l * keep_scale, 0.0)
