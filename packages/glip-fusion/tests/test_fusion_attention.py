@@ -438,6 +438,26 @@ def test_triton_dispatch_contract_with_a_fake_kernel(monkeypatch):
     assert not attn_mod._triton_supports(q, k, vv, vl)
 
 
+def test_auto_sends_half_precision_cuda_inputs_to_the_kernel_and_float32_to_sdpa(monkeypatch):
+    """On CUDA (simulated: the dispatcher is told the inputs are on a GPU), "auto" picks the fused kernel for fp16 and
+    bf16 inputs it supports, SDPA for float32, and the reference below the second-clamp threshold."""
+    from glip_fusion.triton import supports as real_supports
+
+    class FakeKernel:
+        supports = staticmethod(real_supports)
+
+    monkeypatch.setattr(attn_mod, "_triton_status", lambda: (FakeKernel, None))
+    q, k, vv, vl = _inputs()
+    half = [t.half() for t in (q, k, vv, vl)]
+    bf16 = [t.bfloat16() for t in (q, k, vv, vl)]
+    assert attn_mod._auto_backend(*half, 50000.0, True) == "triton"
+    assert attn_mod._auto_backend(*bf16, 50000.0, True) == "triton"
+    assert attn_mod._auto_backend(q, k, vv, vl, 50000.0, True) == "sdpa"  # float32
+    assert attn_mod._auto_backend(*half, 50000.0, False) == "sdpa"  # CPU tensors
+    assert attn_mod._auto_backend(*bf16, 2.0, True) == "reference"
+    assert torch.float32 not in attn_mod.AUTO_KERNEL_DTYPES
+
+
 def test_auto_dispatch_and_env_override(monkeypatch):
     calls = []
     for name in ("reference", "sdpa"):

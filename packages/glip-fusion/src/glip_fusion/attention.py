@@ -33,9 +33,10 @@ Backends (``backend=``):
     registers and, like ``"sdpa"``, refuses a clamp below ``second_clamp_threshold(N, dtype)``.
 ``"auto"``
     ``$GLIP_FUSION_BACKEND`` if set; else ``"reference"`` when the clamp is below the second-clamp threshold (the
-    only exact backend there); else ``"triton"`` for CUDA tensors when the kernel is available and supports the
-    inputs (dtype, M <= 256, D <= 256), else ``"sdpa"`` (memory-efficient, exact whenever the first clamp is
-    inactive, falls back to the reference otherwise). An explicit ``backend=`` argument wins over the environment
+    only exact backend there); else ``"triton"`` for float16/bfloat16 CUDA tensors when the kernel is available and
+    supports the inputs (M <= 256, D <= 256), else ``"sdpa"`` (memory-efficient, exact whenever the first clamp is
+    inactive, falls back to the reference otherwise). float32 goes to ``"sdpa"`` (``AUTO_KERNEL_DTYPES``): TF32-free
+    and exact, while the kernel's float32 path has no tensor cores and is unmeasured on a GPU. An explicit ``backend=`` argument wins over the environment
     variable.
 
 Deliberate differences from the official eager code (both documented in the README):
@@ -127,6 +128,25 @@ def _triton_supports(q: torch.Tensor, k: torch.Tensor, v_v: torch.Tensor, v_l: t
     return module is not None and bool(module.supports(q, k, v_v, v_l))
 
 
+#: Input dtypes that ``backend="auto"`` sends to the fused kernel (on CUDA, inside its envelope). float32 goes to
+#: SDPA: the kernel's float32 path uses IEEE fp32 dots on CUDA cores (no tensor cores, only its 16x16 tile compiles
+#: without register spills at head dim 256), while SDPA's float32 kernels are exact (no TF32) and mature. No GPU
+#: measurement shows the kernel faster in float32 yet (gpu_bench.py times one float32 row); revisit when one does.
+AUTO_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _auto_backend(q: torch.Tensor, k: torch.Tensor, v_v: torch.Tensor, v_l: torch.Tensor, clamp: Optional[float],
+                  on_cuda: bool) -> str:
+    """What ``"auto"`` picks: the reference where only it is exact (second clamp), the fused kernel for CUDA
+    fp16/bf16 inputs it supports, else SDPA."""
+    if _second_clamp_matters(clamp, q.shape[2], q.dtype):
+        return "reference"
+    if on_cuda and q.dtype in AUTO_KERNEL_DTYPES and _triton_status()[0] is not None \
+            and _triton_supports(q, k, v_v, v_l):
+        return "triton"
+    return "sdpa"
+
+
 def _resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v_v: torch.Tensor, v_l: torch.Tensor,
                      clamp: Optional[float] = None) -> str:
     """Map ``backend`` (possibly ``"auto"``) to a concrete backend name; raise on unknown or unusable ones.
@@ -142,12 +162,8 @@ def _resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v_v: torch.
         forced = os.environ.get(BACKEND_ENV_VAR, "").strip().lower()
         if forced and forced != "auto":
             name, source = forced, f"environment variable {BACKEND_ENV_VAR}"
-        elif _second_clamp_matters(clamp, q.shape[2], q.dtype):
-            return "reference"
-        elif q.is_cuda and _triton_status()[0] is not None and _triton_supports(q, k, v_v, v_l):
-            return "triton"
         else:
-            return "sdpa"
+            return _auto_backend(q, k, v_v, v_l, clamp, q.is_cuda)
     if name not in BACKENDS:
         raise ValueError(f"unknown bi_attention backend {name!r} (from the {source}); expected one of "
                          f"{('auto',) + BACKENDS}")
