@@ -253,10 +253,9 @@ def sdpa_backends_used(fn, args, grad: bool) -> str | None:
 def limit_autotune(max_half: int, max_fp32: int) -> dict | None:
     """Keep the first ``max_half`` (fp16/bf16) or ``max_fp32`` (fp32) of the candidates each kernel's pruner keeps.
     Returns the candidate lists per kernel (None under the interpreter, where nothing is tuned)."""
-    from glip_fusion.triton import _bwd, _config, _fwd
+    from glip_fusion.triton import _config
 
-    tuned = {_config.FWD_ROWS: _fwd.fwd_rows_tuned, _config.FWD_COLS: _fwd.fwd_cols_tuned,
-             _config.BWD_ROWS: _bwd.bwd_rows_tuned, _config.BWD_COLS: _bwd.bwd_cols_tuned}
+    tuned = _tuned_kernels()
     if any(t is None or not hasattr(t, "early_config_prune") for t in tuned.values()):
         return None
     for name, t in tuned.items():
@@ -274,15 +273,23 @@ def limit_autotune(max_half: int, max_fp32: int) -> dict | None:
             for name, t in tuned.items()}
 
 
+def _tuned_kernels() -> dict:
+    """The autotuned kernels by ``_config`` name (values None under the interpreter)."""
+    from glip_fusion.triton import _bwd, _config, _fwd
+
+    return {_config.FWD_ROWS: _fwd.fwd_rows_tuned, _config.FWD_COLS: _fwd.fwd_cols_tuned,
+            _config.BWD_ROWS_DQ: _bwd.bwd_rows_dq_tuned, _config.BWD_ROWS_DV: _bwd.bwd_rows_dv_tuned,
+            _config.BWD_COLS_DK: _bwd.bwd_cols_dk_tuned, _config.BWD_COLS_DV: _bwd.bwd_cols_dv_tuned}
+
+
 def triton_configs():
     """The configuration the autotuner chose last for each kernel."""
     try:
-        from glip_fusion.triton import _bwd, _fwd
+        tuned_kernels = _tuned_kernels()
     except Exception:  # pragma: no cover
         return None
     out = {}
-    for name, tuned in (("fwd_rows", _fwd.fwd_rows_tuned), ("fwd_cols", _fwd.fwd_cols_tuned),
-                        ("bwd_rows", _bwd.bwd_rows_tuned), ("bwd_cols", _bwd.bwd_cols_tuned)):
+    for name, tuned in tuned_kernels.items():
         cfg = getattr(tuned, "best_config", None) if tuned is not None else None
         if cfg is not None:
             out[name] = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

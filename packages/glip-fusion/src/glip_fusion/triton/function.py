@@ -219,40 +219,42 @@ def _backward(q, k, v_v, v_l, o_v, o_l, lse_v, lse_l, do_v, do_l, tmask_u8, thi,
                   HAS_CLAMP=pb.clamp is not None, HAS_DROPOUT=pb.dropout_p > 0.0, UPCAST=pb.upcast,
                   PRECISION=_precision(q.dtype, pb.precision), BLOCK_D=bd)
 
-    _launch(
-        _config.BWD_ROWS, _bwd._bwd_rows_kernel, _bwd.bwd_rows_tuned,
-        lambda bn, bt: (triton.cdiv(N, bn), BH), N, M,
-        q, k, v_v, v_l, do_v, do_l, dq, dvv,
-        lse_v, lse_l, delta_v, delta_l, tmask_u8, thi, imask_u8,
-        *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale,
-        *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l),
-        *_strides(dq), *_strides(dvv),
-        H, N, M, D, _config.n_bucket(N),
-        **common,
-    )
+    row_args = (q, k, v_v, v_l, do_v, do_l)
+    row_rest = (lse_v, lse_l, delta_v, delta_l, tmask_u8, thi, imask_u8,
+                *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale,
+                *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l))
+    # one gradient per launch: dQ, then dV_v (image tiles over the text axis)
+    for name, tuned, out, values in ((_config.BWD_ROWS_DQ, _bwd.bwd_rows_dq_tuned, dq, False),
+                                     (_config.BWD_ROWS_DV, _bwd.bwd_rows_dv_tuned, dvv, True)):
+        _launch(
+            name, _bwd._bwd_rows_kernel, tuned,
+            lambda bn, bt: (triton.cdiv(N, bn), BH), N, M,
+            *row_args, out, *row_rest, *_strides(out),
+            H, N, M, D, _config.n_bucket(N),
+            VALUES=values, **common,
+        )
 
     ns = pb.num_splits
     write_partial = ns > 1
-    if write_partial:
-        pdk = torch.empty(BH, ns, M, D, device=dev, dtype=torch.float32)
-        pdvl = torch.empty(BH, ns, M, D, device=dev, dtype=torch.float32)
-    else:
-        pdk = pdvl = delta_l  # never touched by the kernel
-    _launch(
-        _config.BWD_COLS, _bwd._bwd_cols_kernel, _bwd.bwd_cols_tuned,
-        lambda bn, bt: (triton.cdiv(M, bt), ns, BH), N, M,
-        q, k, v_v, v_l, do_v, do_l, dk, dvl, pdk, pdvl,
-        lse_v, lse_l, delta_v, delta_l, tmask_u8, imask_u8,
-        *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale, pb.split_len, ns,
-        *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l),
-        *_strides(dk), *_strides(dvl),
-        H, N, M, D, _config.n_bucket(N),
-        WRITE_PARTIAL=write_partial, **common,
-    )
-    if write_partial:
-        # fixed-order reduction over the splits (torch.sum has no atomics): deterministic
-        dk.copy_((pdk.sum(dim=1) * pb.scale).view(B, H, M, D))
-        dvl.copy_(pdvl.sum(dim=1).view(B, H, M, D))
+    # fp32 per-split partials, one buffer reused by both passes
+    part = torch.empty(BH, ns, M, D, device=dev, dtype=torch.float32) if write_partial else delta_l
+    col_rest = (lse_v, lse_l, delta_v, delta_l, tmask_u8, imask_u8,
+                *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale, pb.split_len, ns,
+                *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l))
+    # dK, then dV_l (text tiles over a split of the image axis)
+    for name, tuned, out, values in ((_config.BWD_COLS_DK, _bwd.bwd_cols_dk_tuned, dk, False),
+                                     (_config.BWD_COLS_DV, _bwd.bwd_cols_dv_tuned, dvl, True)):
+        _launch(
+            name, _bwd._bwd_cols_kernel, tuned,
+            lambda bn, bt: (triton.cdiv(M, bt), ns, BH), N, M,
+            *row_args, out, part, *col_rest, *_strides(out),
+            H, N, M, D, _config.n_bucket(N),
+            VALUES=values, WRITE_PARTIAL=write_partial, **common,
+        )
+        if write_partial:
+            # fixed-order reduction over the splits (torch.sum has no atomics): deterministic
+            total = part.sum(dim=1)
+            out.copy_((total if values else total * pb.scale).view(B, H, M, D))
     return dq, dk, dvv, dvl
 
 
