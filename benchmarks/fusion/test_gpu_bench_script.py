@@ -47,3 +47,31 @@ def test_cells_start_with_the_glip_training_cell():
     assert len(cells) == 16
     first = [(c["mode"], c["p"], c["M"], c["B"]) for c in cells[:4]]
     assert first == [("fwdbwd", 0.1, 256, 1), ("fwd", 0.0, 256, 1), ("fwdbwd", 0.1, 256, 4), ("fwd", 0.0, 256, 4)]
+
+
+def test_limit_autotune_on_the_compiled_kernels():
+    """The GPU-only path: with compiled (not interpreted) kernels, ``limit_autotune`` wraps every tuned kernel's
+    pruner (Triton's Autotuner attributes) and keeps the first candidates; fp32 gets the smallest tile only."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.util, torch\n"
+        f"spec = importlib.util.spec_from_file_location('gpu_bench', {str(Path(__file__).with_name('gpu_bench.py'))!r})\n"
+        "gb = importlib.util.module_from_spec(spec); spec.loader.exec_module(gb)\n"
+        "cands = gb.limit_autotune(2, 1)\n"
+        "from glip_fusion.triton import _config\n"
+        "assert sorted(cands) == sorted(_config.AUTOTUNE_CONFIGS), cands\n"
+        "for name, t in gb._tuned_kernels().items():\n"
+        "    args = dict(M=256, N=22400, BLOCK_D=256)\n"
+        "    half = t.early_config_prune(t.configs, {'Q': torch.empty(1, dtype=torch.bfloat16)}, **args)\n"
+        "    single = t.early_config_prune(t.configs, {'Q': torch.empty(1)}, **args)\n"
+        "    assert len(half) == 2 and len(single) == 1, (name, half, single)\n"
+        "    assert (single[0].kwargs['BLOCK_N'], single[0].kwargs['BLOCK_T']) == (16, 16)\n"
+        "    assert t.cache == {}\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
