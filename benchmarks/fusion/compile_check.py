@@ -29,9 +29,24 @@ REPO = Path(__file__).resolve().parents[2]
 DTYPES = ("bf16", "fp16", "fp32")
 
 
-def candidates(kernel: str, extra: bool, pruned_for=None) -> list[tuple[int, int, int, int, str]]:
+#: Tiles surveyed with ``--survey`` besides the autotune set (BLOCK_N, BLOCK_T, warps, stages): larger text tiles for
+#: the column kernels (BLOCK_T = 128), wide image tiles with narrow text tiles for short prompts (M <= 32), and
+#: neighbours of the autotune candidates.
+SURVEY_EXTRA = {
+    "fwd_rows": [(64, 16, 4, 1), (128, 16, 8, 1), (128, 32, 8, 1), (64, 32, 4, 1), (32, 64, 8, 1)],
+    "fwd_cols": [(64, 16, 4, 1), (128, 16, 8, 1), (128, 32, 8, 1), (32, 128, 8, 1), (64, 128, 8, 1),
+                 (16, 128, 8, 1), (32, 64, 8, 1)],
+    "bwd_rows_dq": [(64, 16, 4, 1), (64, 16, 8, 1), (32, 16, 8, 1), (16, 32, 8, 1)],
+    "bwd_rows_dv": [(64, 16, 4, 1), (128, 16, 8, 1), (128, 32, 8, 1), (32, 16, 8, 1)],
+    "bwd_cols_dk": [(64, 16, 8, 1), (32, 128, 8, 1), (16, 128, 8, 1), (16, 32, 8, 1)],
+    "bwd_cols_dv": [(64, 16, 4, 1), (32, 128, 8, 1), (64, 128, 8, 1), (16, 128, 8, 1)],
+}
+
+
+def candidates(kernel: str, extra: bool, pruned_for=None, survey: bool = False) -> list[tuple[int, int, int, int, str]]:
     """``(BLOCK_N, BLOCK_T, num_warps, num_stages, source)`` to compile for ``kernel``: the autotune set, the
-    fallback configuration, and with ``extra`` the same tiles at the other warp count.
+    fallback configuration, with ``extra`` the same tiles at the other warp count, with ``survey`` the tiles of
+    :data:`SURVEY_EXTRA`.
 
     ``pruned_for=(dtype, head_dim, smem_limit)``: only the autotune candidates that the autotuner's pruner keeps for
     that input dtype at GLIP-T's shape (M = 256, N = 22400), i.e. what a first call actually compiles.
@@ -59,6 +74,9 @@ def candidates(kernel: str, extra: bool, pruned_for=None) -> list[tuple[int, int
     if extra:
         for cfg in configs:
             add(cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_T"], 12 - cfg.num_warps, cfg.num_stages, "extra")
+    if survey:
+        for bn, bt, warps, stages in SURVEY_EXTRA.get(kernel, []):
+            add(bn, bt, warps, stages, "survey")
     return out
 
 
@@ -72,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-dropout", action="store_true", help="compile the inference variants (HAS_DROPOUT off)")
     ap.add_argument("--pruned", action="store_true", help="only the candidates the autotuner's pruner keeps for each "
                     "dtype at GLIP-T's shape (what a first call compiles), instead of the whole set")
+    ap.add_argument("--survey", action="store_true", help="also the tiles of SURVEY_EXTRA (BLOCK_T = 128 column "
+                    "tiles, short-prompt tiles, neighbours)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -88,12 +108,12 @@ def main(argv=None) -> int:
     unknown = [d for d in dtypes if d not in dtype_of]
     if unknown:
         ap.error(f"unknown dtype(s) {unknown}; choose from {DTYPES}")
-    kernels = args.kernels.split(",") if args.kernels else [_config.FWD_ROWS, _config.FWD_COLS, _config.BWD_ROWS,
-                                                             _config.BWD_COLS]
+    kernels = args.kernels.split(",") if args.kernels else list(_config.AUTOTUNE_CONFIGS)
     limit = _aot.shared_memory_limit(args.arch)
     rows = []
     jobs = [(d, k, c) for d in dtypes for k in kernels
-            for c in candidates(k, args.extra, (dtype_of[d], args.head_dim, limit) if args.pruned else None)]
+            for c in candidates(k, args.extra, (dtype_of[d], args.head_dim, limit) if args.pruned else None,
+                                args.survey)]
     print(f"compile_check: {len(jobs)} variants for sm_{args.arch} (triton {triton.__version__}, head dim "
           f"{args.head_dim}, shared-memory limit {limit // 1024} KB)", flush=True)
     for i, (dname, kernel, (bn, bt, warps, stages, source)) in enumerate(jobs, 1):
@@ -103,8 +123,12 @@ def main(argv=None) -> int:
             res = _aot.compile_kernel(kernel, dtype_of[dname], arch=args.arch, head_dim=args.head_dim,
                                       num_warps=warps, num_stages=stages, BLOCK_N=bn, BLOCK_T=bt,
                                       HAS_DROPOUT=not args.no_dropout)
+            est = _config.shared_memory_estimate(kernel, bn, bt, warps, stages, _config.block_d(args.head_dim),
+                                                 dtype_of[dname].itemsize)
             row.update(status="ok", registers=res.registers, spill_bytes=res.spill_bytes,
-                       shared_kb=round(res.shared_bytes / 1024, 1), fits=res.fits, compile_s=round(res.seconds, 1))
+                       shared_kb=round(res.shared_bytes / 1024, 1), est_shared_kb=round(est / 1024, 1),
+                       est_ratio=round(est / max(1, res.shared_bytes), 3), fits=res.fits,
+                       compile_s=round(res.seconds, 1))
         except Exception as exc:  # a variant that does not compile is a result, not a crash of the survey
             row.update(status=f"error: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
         rows.append(row)
@@ -113,6 +137,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variant = ("_nodropout" if args.no_dropout else "") + ("_" + "_".join(dtypes) + "_pruned" if args.pruned else "")
+    variant += "_triton" + ".".join(triton.__version__.split(".")[:2])
     path = out / f"triton_compile_sm{args.arch}{variant}_{_dt.date.today().isoformat()}.json"
     payload = dict(command=" ".join(["compile_check.py", *(argv if argv is not None else sys.argv[1:])]),
                    arch=args.arch, triton=triton.__version__, torch=torch.__version__, head_dim=args.head_dim,
@@ -120,16 +145,20 @@ def main(argv=None) -> int:
                    shared_memory_limit_kb=limit // 1024, rows=rows)
     path.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {path}\n")
-    print(f"{'kernel':9s} {'dtype':5s} {'BN':>4s} {'BT':>4s} {'warps':>5s} {'stg':>3s} {'regs':>4s} "
-          f"{'spill B':>7s} {'smem KB':>7s} {'fits':>4s}  source")
+    print(f"{'kernel':11s} {'dtype':5s} {'BN':>4s} {'BT':>4s} {'warps':>5s} {'stg':>3s} {'regs':>4s} "
+          f"{'spill B':>7s} {'smem KB':>7s} {'est KB':>7s} {'est/smem':>8s} {'fits':>4s}  source")
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['kernel']:9s} {r['dtype']:5s} {r['BLOCK_N']:4d} {r['BLOCK_T']:4d} {r['num_warps']:5d} "
+            print(f"{r['kernel']:11s} {r['dtype']:5s} {r['BLOCK_N']:4d} {r['BLOCK_T']:4d} {r['num_warps']:5d} "
                   f"{r['num_stages']:3d}  {r['status']}")
             continue
-        print(f"{r['kernel']:9s} {r['dtype']:5s} {r['BLOCK_N']:4d} {r['BLOCK_T']:4d} {r['num_warps']:5d} "
+        print(f"{r['kernel']:11s} {r['dtype']:5s} {r['BLOCK_N']:4d} {r['BLOCK_T']:4d} {r['num_warps']:5d} "
               f"{r['num_stages']:3d} {r['registers']:4d} {r['spill_bytes']:7d} {r['shared_kb']:7.1f} "
-              f"{'yes' if r['fits'] else 'NO':>4s}  {r['source']}")
+              f"{r['est_shared_kb']:7.1f} {r['est_ratio']:8.3f} {'yes' if r['fits'] else 'NO':>4s}  {r['source']}")
+    ratios = [r["est_ratio"] for r in rows if r["status"] == "ok"]
+    if ratios:
+        print(f"\nshared-memory estimate / compiled: min {min(ratios):.3f}, max {max(ratios):.3f} over {len(ratios)} "
+              "variants")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

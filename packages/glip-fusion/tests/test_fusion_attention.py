@@ -22,8 +22,12 @@ def _device_for(backend):
 # independent formulations (written for the tests, float64)
 
 
-def naive_bi_attention(q, k, v_v, v_l, text_mask=None, image_mask=None, scale=None, clamp=50000.0):
-    """Per-(b, h) loops with explicit exp-normalisation weights (no torch.softmax, no -inf masking)."""
+def naive_bi_attention(q, k, v_v, v_l, text_mask=None, image_mask=None, scale=None, clamp=50000.0,
+                       second_clamp=True):
+    """Per-(b, h) loops with explicit exp-normalisation weights (no torch.softmax, no -inf masking).
+
+    The text direction clamps ``S^T - colmax`` (the max over the valid image tokens) to ``[-clamp, clamp]`` again,
+    as GLIP does; ``second_clamp=False`` leaves that out (what SDPA or an online softmax computes)."""
     q, k, v_v, v_l = (t.double().cpu() for t in (q, k, v_v, v_l))
     B, H, N, D = q.shape
     M = k.shape[2]
@@ -44,23 +48,26 @@ def naive_bi_attention(q, k, v_v, v_l, text_mask=None, image_mask=None, scale=No
             if im[b].any():
                 st = s.T  # (M, N)
                 col_max = torch.where(im[b], st, torch.full_like(st, -1e300)).max(dim=1, keepdim=True).values
-                w = torch.where(im[b], torch.exp(st - col_max), torch.zeros_like(st))
+                shifted = st - col_max
+                if clamp is not None and second_clamp:
+                    shifted = shifted.clamp(-clamp, clamp)
+                w = torch.where(im[b], torch.exp(shifted), torch.zeros_like(st))
                 o_l[b, h] = (w / w.sum(dim=1, keepdim=True)) @ v_v[b, h]
     return o_v, o_l
 
 
-def official_literal(q_scaled, k, v_v, v_l, int_mask):
-    """The spec §3 steps literally: S = Q K^T, clamp (min then max), text direction = S^T - rowmax, clamp again,
+def official_literal(q_scaled, k, v_v, v_l, int_mask, clamp=50000.0):
+    """The official steps literally: S = Q K^T, clamp (min then max), text direction = S^T - rowmax, clamp again,
     softmax over N without any mask; vision direction = softmax(S + M) with M = 1 for real tokens and -9e15 for pads."""
     B, H, N, D = q_scaled.shape
     M = k.shape[2]
     s = torch.matmul(q_scaled, k.transpose(-1, -2))
-    s = torch.clamp(s, min=-50000)
-    s = torch.clamp(s, max=50000)
+    s = torch.clamp(s, min=-clamp)
+    s = torch.clamp(s, max=clamp)
     s_t = s.transpose(-1, -2)
     s_t = s_t - torch.max(s_t, dim=-1, keepdim=True)[0]
-    s_t = torch.clamp(s_t, min=-50000)
-    s_t = torch.clamp(s_t, max=50000)
+    s_t = torch.clamp(s_t, min=-clamp)
+    s_t = torch.clamp(s_t, max=clamp)
     p_l = s_t.softmax(dim=-1)
     add = int_mask[:, None, None, :].expand(B, 1, N, M).to(s.dtype)
     add = add.masked_fill(add == 0, -9e15)
@@ -178,6 +185,99 @@ def test_reference_equals_official_literal_formulation(dtype, tol):
     _close(o_l, lit_l, tol)  # padded text rows of o_l included: GLIP computes them
 
 
+@pytest.mark.parametrize("clamp", [2.0, 5.0])
+def test_reference_reproduces_the_second_clamp_at_small_clamps(clamp):
+    """At small clamps GLIP's second clamp (text direction, after the max subtraction) changes the output a lot; the
+    reference reproduces the literal official steps, forward and gradients, in float64."""
+    q, k, vv, vl = _inputs(B=2, H=2, N=13, M=9, D=16, dtype=torch.float64, seed=21, q_scale=3.0)
+    q_scaled = q * 16 ** -0.5
+    int_mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5], dtype=torch.int64)
+    xs = [t.clone().requires_grad_() for t in (q_scaled, k, vv, vl)]
+    lit = official_literal(*xs, int_mask, clamp=clamp)
+    ys = [t.clone().requires_grad_() for t in (q_scaled, k, vv, vl)]
+    got = bi_attention_reference(*ys, int_mask.bool(), scale=1.0, clamp=clamp)
+    for a, b in zip(got, lit):
+        _close(a, b, 1e-12)
+    g = torch.Generator().manual_seed(3)
+    gos = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in lit]
+    torch.autograd.backward(lit, gos)
+    torch.autograd.backward(got, gos)
+    for a, b in zip(ys, xs):
+        _close(a.grad, b.grad, 1e-10)
+    # the second clamp really matters here: without it o_l differs by far more than rounding
+    _, no_second = naive_bi_attention(q_scaled, k, vv, vl, int_mask.bool(), scale=1.0, clamp=clamp,
+                                      second_clamp=False)
+    assert (no_second - lit[1]).abs().max() > 0.05
+    # and the vision direction has no second clamp: o_v is the plain clamped softmax
+    o_v_plain, _ = naive_bi_attention(q_scaled, k, vv, vl, int_mask.bool(), scale=1.0, clamp=clamp)
+    _close(got[0], o_v_plain, 1e-12)
+
+
+@pytest.mark.parametrize("clamp", [2.0, 5.0])
+def test_reference_second_clamp_with_image_mask_uses_the_valid_max(clamp):
+    """With an image mask the max is over the valid image tokens and padded ones keep weight 0 after the clamp."""
+    q, k, vv, vl = _inputs(B=2, H=2, N=11, M=7, D=8, dtype=torch.float64, seed=22, q_scale=3.0)
+    image_mask = torch.ones(2, 11, dtype=torch.bool)
+    image_mask[0, 6:] = False
+    image_mask[1, ::3] = False
+    o_v, o_l = bi_attention_reference(q, k, vv, vl, None, image_mask, clamp=clamp)
+    r_v, r_l = naive_bi_attention(q, k, vv, vl, None, image_mask, clamp=clamp)
+    _close(o_v, r_v, 1e-12)
+    _close(o_l, r_l, 1e-12)
+    _, plain_l = naive_bi_attention(q, k, vv, vl, None, image_mask, clamp=clamp, second_clamp=False)
+    assert (plain_l - r_l).abs().max() > 0.05
+
+
+def test_second_clamp_threshold_bounds_its_effect():
+    """The worst case of the second clamp: per text token one logit at +c and N-1 at -c, so N-1 entries lie 2c below
+    the max. At c = second_clamp_threshold(N, float32) the text output moves by at most eps/2 (float32's half ulp,
+    relative to max|v_v|); 2 below the threshold it moves by more: the threshold is the derived bound, not loose."""
+    N, M = 1000, 3
+    eps = torch.finfo(torch.float32).eps
+    threshold = attn_mod.second_clamp_threshold(N, torch.float32)
+    assert threshold == pytest.approx(math.log(4 * N / eps))
+    assert 27.0 < attn_mod.second_clamp_threshold(22400, torch.float32) < 28.0  # GLIP-T: N = 22400
+    q = torch.full((1, 1, N, 1), -1e3, dtype=torch.float64)
+    q[0, 0, 0, 0] = 1e3  # S = q k: +1e3 for image token 0, -1e3 for the others; both clamps bite
+    k = torch.ones(1, 1, M, 1, dtype=torch.float64)
+    v_v = -torch.ones(1, 1, N, 1, dtype=torch.float64)
+    v_v[0, 0, 0, 0] = 1.0
+    v_l = torch.ones(1, 1, M, 1, dtype=torch.float64)
+    for clamp, within in ((threshold, True), (threshold - 2.0, False)):
+        _, exact = bi_attention_reference(q, k, v_v, v_l, scale=1.0, clamp=clamp)
+        _, without = naive_bi_attention(q, k, v_v, v_l, scale=1.0, clamp=clamp, second_clamp=False)
+        moved = (exact - without).abs().max().item()
+        assert (moved <= eps / 2) == within, (clamp, moved, eps / 2)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_backends_without_the_second_clamp_refuse_small_clamps(backend, monkeypatch):
+    q, k, vv, vl = _inputs()  # N = 11 image tokens, float32: threshold ln(44 / eps) = 19.7
+    threshold = attn_mod.second_clamp_threshold(11, torch.float32)
+    if backend == "triton" and backend not in available_backends():
+        pytest.skip("triton backend not available here")
+    dev = _device_for(backend)
+    q, k, vv, vl = (t.to(dev) for t in (q, k, vv, vl))
+    for clamp in (2.0, threshold - 0.01):
+        with pytest.raises(ValueError, match=rf"backend '{backend}' cannot reproduce GLIP's second clamp.*"
+                                             rf"clamp={clamp:g}.*N=11.*float32.*{threshold:.2f}"):
+            bi_attention(q, k, vv, vl, clamp=clamp, backend=backend)
+    # at the threshold, and without a clamp, the backend runs and matches the official formulation
+    for clamp in (threshold, None):
+        o_v, o_l = bi_attention(q, k, vv, vl, clamp=clamp, backend=backend)
+        r_v, r_l = naive_bi_attention(q, k, vv, vl, clamp=clamp)
+        _close(o_v, r_v, 2e-5)
+        _close(o_l, r_l, 2e-5)
+    # "auto" picks the reference where only it is exact (also on CUDA, where it would otherwise pick a kernel)
+    monkeypatch.delenv("GLIP_FUSION_BACKEND", raising=False)
+    assert attn_mod._resolve_backend("auto", q, k, vv, vl, 2.0) == "reference"
+    assert attn_mod._resolve_backend("auto", q, k, vv, vl, threshold) != "reference"
+    o_v, o_l = bi_attention(q, k, vv, vl, clamp=2.0)
+    r_v, r_l = naive_bi_attention(q, k, vv, vl, clamp=2.0)
+    _close(o_v, r_v, 2e-5)
+    _close(o_l, r_l, 2e-5)
+
+
 def test_all_padded_text_row_gives_zero_not_nan():
     q, k, vv, vl = _inputs()
     text_mask = torch.ones(2, 7, dtype=torch.bool)
@@ -267,16 +367,19 @@ def test_dropout_seed_reproducible_and_leaves_global_rng_alone(backend):
 # gradients
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
-@pytest.mark.parametrize("clamp", [50000.0, 0.7])
-def test_gradcheck(backend, clamp):
+@pytest.mark.parametrize("backend,clamp,q_scale", [
+    ("reference", 50000.0, 1.0), ("reference", 0.7, 1.0), ("reference", 50.0, 40.0),
+    ("sdpa", 50000.0, 1.0), ("sdpa", 50.0, 40.0),  # sdpa: the first clamp bites (reference math), the second cannot
+])
+def test_gradcheck(backend, clamp, q_scale):
     g = torch.Generator().manual_seed(11)
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()
     q, k, vv, vl = mk(2, 2, 5, 3), mk(2, 2, 4, 3), mk(2, 2, 5, 3), mk(2, 2, 4, 3)
+    q = (q.detach() * q_scale).requires_grad_()
     tm = torch.tensor([[True, True, True, False], [True, True, True, True]])
     im = torch.tensor([[True] * 5, [True, True, True, False, False]])
-    if clamp == 0.7:  # clamp active: check it is, then gradcheck (the clamped entries have zero gradient)
-        assert (q.detach() @ k.detach().transpose(-1, -2) * 3 ** -0.5).abs().max() > 0.7
+    if clamp < 1000:  # clamp active: check it is, then gradcheck (the clamped entries have zero gradient)
+        assert (q.detach() @ k.detach().transpose(-1, -2) * 3 ** -0.5).abs().max() > clamp
     fn = lambda q, k, vv, vl: bi_attention(q, k, vv, vl, tm, im, clamp=clamp, backend=backend)
     assert torch.autograd.gradcheck(fn, (q, k, vv, vl), eps=1e-6, atol=1e-5)
 
@@ -307,7 +410,11 @@ def test_triton_dispatch_contract_with_a_fake_kernel(monkeypatch):
     considers it for CUDA inputs inside the kernel's envelope."""
     seen = {}
 
+    from glip_fusion.triton import supports as real_supports  # importable without triton
+
     class FakeKernel:
+        supports = staticmethod(real_supports)
+
         @staticmethod
         def bi_attention_triton(q, k, v_v, v_l, text_mask, image_mask, **kw):
             seen.update(kw, text_mask=text_mask)
@@ -329,6 +436,26 @@ def test_triton_dispatch_contract_with_a_fake_kernel(monkeypatch):
     assert not attn_mod._triton_supports(q, big_k, vv, big_k)
     FakeKernel.supports = staticmethod(lambda *a: False)  # the kernel's own probe wins when it has one
     assert not attn_mod._triton_supports(q, k, vv, vl)
+
+
+def test_auto_sends_half_precision_cuda_inputs_to_the_kernel_and_float32_to_sdpa(monkeypatch):
+    """On CUDA (simulated: the dispatcher is told the inputs are on a GPU), "auto" picks the fused kernel for fp16 and
+    bf16 inputs it supports, SDPA for float32, and the reference below the second-clamp threshold."""
+    from glip_fusion.triton import supports as real_supports
+
+    class FakeKernel:
+        supports = staticmethod(real_supports)
+
+    monkeypatch.setattr(attn_mod, "_triton_status", lambda: (FakeKernel, None))
+    q, k, vv, vl = _inputs()
+    half = [t.half() for t in (q, k, vv, vl)]
+    bf16 = [t.bfloat16() for t in (q, k, vv, vl)]
+    assert attn_mod._auto_backend(*half, 50000.0, True) == "triton"
+    assert attn_mod._auto_backend(*bf16, 50000.0, True) == "triton"
+    assert attn_mod._auto_backend(q, k, vv, vl, 50000.0, True) == "sdpa"  # float32
+    assert attn_mod._auto_backend(*half, 50000.0, False) == "sdpa"  # CPU tensors
+    assert attn_mod._auto_backend(*bf16, 2.0, True) == "reference"
+    assert torch.float32 not in attn_mod.AUTO_KERNEL_DTYPES
 
 
 def test_auto_dispatch_and_env_override(monkeypatch):
@@ -366,15 +493,42 @@ def test_auto_dispatch_and_env_override(monkeypatch):
     (lambda a: a.update(dropout_p=1.0), ValueError, "dropout_p"),
     (lambda a: a.update(clamp=-1.0), ValueError, "clamp"),
     (lambda a: a.update(scale=float("nan")), ValueError, "scale"),
-    (lambda a: a.update(seed=1.5), ValueError, "seed"),
-    (lambda a: a.update(seed=-1), ValueError, "seed"),
+    (lambda a: a.update(seed=1.5), TypeError, "seed must be an int"),
+    (lambda a: a.update(seed=True), TypeError, "seed must be an int"),
+    (lambda a: a.update(dropout_p="0.1"), ValueError, "dropout_p"),
+    (lambda a: a.update(clamp=float("nan")), ValueError, "clamp"),
 ])
 def test_validation_errors(mutate, exc, match):
     q, k, vv, vl = _inputs()
     args = dict(q=q, k=k, v_v=vv, v_l=vl)
     mutate(args)
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match="^bi_attention: " + match):
         bi_attention(**args, backend="reference")
+
+
+def test_validation_is_shared_by_every_backend_and_the_kernel_entry():
+    """One validation: bi_attention (any backend) and bi_attention_reference raise the same error with their own
+    prefix (the fused kernel's entry point too: test_fusion_triton_kernels.py); any int is a seed."""
+    q, k, vv, vl = _inputs()
+    bad = [dict(seed=1.5), dict(dropout_p=1.0), dict(clamp=-1.0), dict(scale=float("inf")),
+           dict(text_mask=torch.ones(2, 7, dtype=torch.int64)), dict(image_mask=torch.ones(2, 3, dtype=torch.bool))]
+    for kw in bad:
+        args = dict(q=q, k=k, v_v=vv, v_l=vl)
+        args.update({key: v for key, v in kw.items() if key in ("text_mask", "image_mask")})
+        opts = {key: v for key, v in kw.items() if key not in ("text_mask", "image_mask")}
+        errors = []
+        for call, prefix in ((lambda: bi_attention(**args, **opts, backend="reference"), "bi_attention: "),
+                             (lambda: bi_attention(**args, **opts, backend="sdpa"), "bi_attention: "),
+                             (lambda: bi_attention_reference(**args, **opts), "bi_attention_reference: ")):
+            with pytest.raises((TypeError, ValueError)) as info:
+                call()
+            assert str(info.value).startswith(prefix), str(info.value)
+            errors.append((type(info.value), str(info.value)[len(prefix):]))
+        assert len(set(errors)) == 1, errors
+    for seed in (-1, 2 ** 70):
+        a = bi_attention(q, k, vv, vl, dropout_p=0.5, seed=seed, backend="reference")
+        b = bi_attention(q, k, vv, vl, dropout_p=0.5, seed=seed, backend="reference")
+        assert torch.equal(a[0], b[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -39,9 +39,10 @@ def _compile_in_subprocess(jobs: list[dict], timeout: int) -> list[dict]:
 
 
 def test_every_kernel_compiles_for_hopper_with_every_feature_on():
-    """All seven kernels lower to a cubin for sm_90 (H100/H200) in bf16 with masks, clamp, dropout, skipped padded
+    """All nine kernel launches lower to a cubin for sm_90 (H100/H200) in bf16 with masks, clamp, dropout, skipped padded
     text and split partials on, and fit its shared memory; fp32 (IEEE dots) and fp16 variants of the forward too."""
-    kernels = ["fwd_rows", "fwd_cols", "fwd_combine", "keep_mask", "bwd_pre", "bwd_rows", "bwd_cols"]
+    kernels = ["fwd_rows", "fwd_cols", "fwd_combine", "keep_mask", "bwd_pre", "bwd_rows_dq", "bwd_rows_dv",
+               "bwd_cols_dk", "bwd_cols_dv"]
     small = dict(arch=90, head_dim=64, BLOCK_N=32, BLOCK_T=32, BLOCK_L=32)
     jobs = [dict(kernel=k, dtype="bfloat16", **small) for k in kernels]
     jobs += [dict(kernel="fwd_rows", dtype="float32", **small), dict(kernel="fwd_cols", dtype="float16", **small)]
@@ -64,6 +65,6 @@ def test_fallback_configuration_fits_ampere_at_glip_head_dim():
     safe = _config.SAFE_CONFIG
     jobs = [dict(kernel=k, dtype="float32", arch=80, head_dim=256, BLOCK_N=safe["BLOCK_N"], BLOCK_T=safe["BLOCK_T"],
                  num_warps=safe["num_warps"], num_stages=safe["num_stages"])
-            for k in (_config.FWD_ROWS, _config.FWD_COLS, _config.BWD_ROWS, _config.BWD_COLS)]
+            for k in _config.AUTOTUNE_CONFIGS]
     for r in _compile_in_subprocess(jobs, timeout=900):
         assert r["fits"], f"{r['kernel']}: {r['shared']} bytes of shared memory > sm_80 limit {r['limit']}"

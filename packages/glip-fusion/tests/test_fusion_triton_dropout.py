@@ -11,7 +11,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
-pytest.importorskip("numpy")
+np = pytest.importorskip("numpy")
 
 from glip_fusion.triton import _config, bi_attention_triton, dropout_keep_masks  # noqa: E402
 
@@ -32,6 +32,48 @@ def _ref_with_masks(q, k, v_v, v_l, text_mask, image_mask, keep_v, keep_l, p, sc
     p_v = torch.softmax(s_v, -1) * keep_v / (1 - p)
     p_l = torch.softmax(s_l, -1) * keep_l.transpose(-1, -2) / (1 - p)
     return p_v @ v_l, p_l @ v_v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Philox4x32-10 in numpy (Salmon et al., SC'11), written for the test from the paper's description
+
+
+def _philox4x32_10(ctr, key):
+    """``ctr``: 4 uint64 arrays holding 32-bit words, ``key``: 2 of them. Returns the 4 output words."""
+    mask = np.uint64(0xFFFFFFFF)
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & mask for c in ctr)
+    k0, k1 = (np.asarray(k, dtype=np.uint64) & mask for k in key)
+    for _ in range(10):
+        p0 = c0 * np.uint64(0xD2511F53)  # 32 x 32 -> 64 bit products, exact in uint64
+        p1 = c2 * np.uint64(0xCD9E8D57)
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & mask)
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c0, c1, c2, c3
+
+
+def test_numpy_philox_matches_the_published_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10 (counter, key -> output)."""
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, key, want in cases:
+        assert tuple(int(w) for w in _philox4x32_10(ctr, key)) == want
+
+
+def test_keep_masks_follow_the_documented_philox_layout():
+    """Logit (n, m) of batch-head bh: word m % 4 of Philox(counter (n, m // 4, bh, 0), key = the seed's two 31-bit
+    halves); low 16 bits -> image direction, high 16 bits -> text direction; kept when bits / 2**16 >= p."""
+    B, H, N, M, p = 2, 2, 37, 13, 0.3
+    seed = 2 ** 40 + 12345  # both key words non-zero
+    keep_v, keep_l = dropout_keep_masks(seed, B, H, N, M, p, device=DEV)
+    bh, n, m = np.meshgrid(np.arange(B * H), np.arange(N), np.arange(M), indexing="ij")
+    words = _philox4x32_10((n, m // 4, bh, np.zeros_like(n)), (seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF))
+    word = np.choose(m % 4, words)
+    want_v = (word & 0xFFFF) / 65536.0 >= p
+    want_l = (word >> np.uint64(16)) / 65536.0 >= p
+    assert np.array_equal(keep_v.cpu().numpy().reshape(B * H, N, M), want_v)
+    assert np.array_equal(keep_l.cpu().numpy().reshape(B * H, N, M), want_l)
 
 
 def test_keep_masks_rate_and_independence():

@@ -7,22 +7,37 @@ One logits matrix ``S = scale * q @ k^T`` of shape ``(B, H, N, M)`` feeds two so
 * **text direction** (text queries read the image): softmax over the N image tokens of ``S^T``, optionally
   with padded image positions masked, ``o_l = P_l @ v_v`` -> ``(B, H, M, D)``.
 
+Official numerics (GLIP ``utils/fuse_helper.py``, both clamp flags on): ``S`` is clamped to ``[-clamp, clamp]``;
+the text direction then subtracts the per-row max of ``S^T`` (over the image tokens; over the valid ones when
+``image_mask`` is given) and clamps the difference to ``[-clamp, clamp]`` **a second time** before its softmax.
+The vision direction has no second clamp. After the max subtraction every value is <= 0, so the second clamp
+raises the entries below ``-clamp`` to ``-clamp``: each such weight grows by at most ``exp(-clamp)`` while the
+softmax normaliser is at least 1 (the max entry), so the output moves by at most ``2 N exp(-clamp) max|v_v|``.
+That is below half a unit of rounding of the dtype (``eps / 2`` relative) once
+``clamp >= second_clamp_threshold(N, dtype) = ln(4 N / eps)`` (about 27.3 for float32 at GLIP-T's N = 22400,
+16.3 for bfloat16, 47.5 for float64); GLIP's 50000 is far above it, a clamp of 2 changes the output completely.
+
 Backends (``backend=``):
 
 ``"reference"``
-    Eager float math with the official GLIP numerics (``utils/fuse_helper.py``): clamp S to ``[-clamp, clamp]``,
+    Eager float math with the official GLIP numerics, both clamps included (exact for any clamp),
     row-max-subtracted softmaxes, independent dropout on both probability maps. Materialises ``(B, H, N, M)``.
 ``"sdpa"``
     Two :func:`torch.nn.functional.scaled_dot_product_attention` calls sharing the projections. SDPA cannot clamp,
-    so the wrapper proves beforehand that the clamp cannot change anything (Cauchy-Schwarz:
+    so the wrapper proves beforehand that the first clamp cannot change anything (Cauchy-Schwarz:
     ``|S| <= |scale| * max||q|| * max||k||``); when that bound reaches ``clamp`` it runs the reference math instead.
-    The check costs one small reduction and, on CUDA, one host sync; pass ``clamp=None`` to skip it.
+    The check costs one small reduction and, on CUDA, one host sync; pass ``clamp=None`` to skip it. A clamp below
+    ``second_clamp_threshold(N, dtype)`` is refused (ValueError): SDPA cannot apply the second clamp.
 ``"triton"``
-    The fused kernel of :mod:`glip_fusion.triton` (optional extra, imported lazily).
+    The fused kernel of :mod:`glip_fusion.triton` (optional extra, imported lazily). It applies the first clamp in
+    registers and, like ``"sdpa"``, refuses a clamp below ``second_clamp_threshold(N, dtype)``.
 ``"auto"``
-    ``$GLIP_FUSION_BACKEND`` if set, else ``"triton"`` for CUDA tensors when the kernel is available and supports
-    the inputs (dtype, M <= 256, D <= 256), else ``"sdpa"`` (memory-efficient, exact whenever the clamp is inactive,
-    falls back to the reference otherwise). An explicit ``backend=`` argument wins over the environment variable.
+    ``$GLIP_FUSION_BACKEND`` if set; else ``"reference"`` when the clamp is below the second-clamp threshold (the
+    only exact backend there); else ``"triton"`` for float16/bfloat16 CUDA tensors when the kernel is available and
+    supports the inputs (M <= 256, D <= 256), else ``"sdpa"`` (memory-efficient, exact whenever the first clamp is
+    inactive, falls back to the reference otherwise). float32 goes to ``"sdpa"`` (``AUTO_KERNEL_DTYPES``): TF32-free
+    and exact, while the kernel's float32 path has no tensor cores and is unmeasured on a GPU. An explicit ``backend=`` argument wins over the environment
+    variable.
 
 Deliberate differences from the official eager code (both documented in the README):
 
@@ -30,6 +45,9 @@ Deliberate differences from the official eager code (both documented in the READ
   tokens uniformly, its fp16 path gives NaN); likewise an all-padded ``image_mask`` row gives ``o_l = 0``;
 * padded text tokens are masked with ``-inf`` instead of GLIP's ``+1 / -9e15`` additive mask: identical after the
   softmax (a constant shift per row), up to float rounding.
+
+Every backend shares one input validation (:func:`_validate`); the fused kernel adds only its envelope
+(:mod:`glip_fusion.triton._limits`).
 """
 
 from __future__ import annotations
@@ -37,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import numbers
 import os
 from types import ModuleType
 from typing import Iterator, Optional
@@ -44,7 +63,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bi_attention", "bi_attention_reference", "available_backends", "BACKENDS", "BACKEND_ENV_VAR"]
+__all__ = ["bi_attention", "bi_attention_reference", "available_backends", "second_clamp_threshold", "BACKENDS",
+           "BACKEND_ENV_VAR"]
 
 #: every backend name ``bi_attention`` knows (``"auto"`` picks one of them)
 BACKENDS = ("reference", "sdpa", "triton")
@@ -102,25 +122,38 @@ def available_backends() -> list[str]:
 
 
 def _triton_supports(q: torch.Tensor, k: torch.Tensor, v_v: torch.Tensor, v_l: torch.Tensor) -> bool:
-    """Whether the fused kernel handles these inputs (so ``"auto"`` never picks it for inputs it would reject).
-
-    Uses ``glip_fusion.triton.supports(q, k, v_v, v_l)`` when the kernel module provides it, else the kernel's
-    documented envelope: float16/bfloat16/float32, value widths equal to D, M <= 256, D <= 256.
-    """
+    """Whether the fused kernel handles these inputs (so ``"auto"`` never picks it for inputs it would reject):
+    ``glip_fusion.triton.supports``, the kernel's own envelope probe."""
     module = _triton_status()[0]
-    probe = getattr(module, "supports", None)
-    if callable(probe):
-        return bool(probe(q, k, v_v, v_l))
-    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and v_v.shape == q.shape
-            and v_l.shape == k.shape and k.shape[2] <= 256 and q.shape[3] <= 256)
+    return module is not None and bool(module.supports(q, k, v_v, v_l))
 
 
-def _resolve_backend(backend: str, *inputs: torch.Tensor) -> str:
+#: Input dtypes that ``backend="auto"`` sends to the fused kernel (on CUDA, inside its envelope). float32 goes to
+#: SDPA: the kernel's float32 path uses IEEE fp32 dots on CUDA cores (no tensor cores, only its 16x16 tile compiles
+#: without register spills at head dim 256), while SDPA's float32 kernels are exact (no TF32) and mature. No GPU
+#: measurement shows the kernel faster in float32 yet (gpu_bench.py times one float32 row); revisit when one does.
+AUTO_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _auto_backend(q: torch.Tensor, k: torch.Tensor, v_v: torch.Tensor, v_l: torch.Tensor, clamp: Optional[float],
+                  on_cuda: bool) -> str:
+    """What ``"auto"`` picks: the reference where only it is exact (second clamp), the fused kernel for CUDA
+    fp16/bf16 inputs it supports, else SDPA."""
+    if _second_clamp_matters(clamp, q.shape[2], q.dtype):
+        return "reference"
+    if on_cuda and q.dtype in AUTO_KERNEL_DTYPES and _triton_status()[0] is not None \
+            and _triton_supports(q, k, v_v, v_l):
+        return "triton"
+    return "sdpa"
+
+
+def _resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v_v: torch.Tensor, v_l: torch.Tensor,
+                     clamp: Optional[float] = None) -> str:
     """Map ``backend`` (possibly ``"auto"``) to a concrete backend name; raise on unknown or unusable ones.
 
-    ``inputs`` are ``(q, k, v_v, v_l)``, already validated.
+    The inputs are already validated; ``clamp`` (validated) lets ``"auto"`` pick the reference when only it can
+    apply the text direction's second clamp exactly.
     """
-    q = inputs[0]
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
     name = backend.strip().lower()
@@ -129,10 +162,8 @@ def _resolve_backend(backend: str, *inputs: torch.Tensor) -> str:
         forced = os.environ.get(BACKEND_ENV_VAR, "").strip().lower()
         if forced and forced != "auto":
             name, source = forced, f"environment variable {BACKEND_ENV_VAR}"
-        elif q.is_cuda and _triton_status()[0] is not None and _triton_supports(*inputs):
-            return "triton"
         else:
-            return "sdpa"
+            return _auto_backend(q, k, v_v, v_l, clamp, q.is_cuda)
     if name not in BACKENDS:
         raise ValueError(f"unknown bi_attention backend {name!r} (from the {source}); expected one of "
                          f"{('auto',) + BACKENDS}")
@@ -146,11 +177,43 @@ def _resolve_backend(backend: str, *inputs: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# input validation (the tensor and mask checks are shared with the Triton entry point, glip_fusion.triton.function,
-# which adds the kernel's envelope on top; ``caller`` prefixes its messages there: "bi_attention_triton: ...")
+# the second clamp of the text direction
 
 
-def _check_tensors(q, k, v_v, v_l, caller: str = "") -> None:
+def second_clamp_threshold(n_image: int, dtype: torch.dtype) -> float:
+    """The smallest ``clamp`` for which GLIP's second clamp (text direction) cannot change the result in ``dtype``.
+
+    The text direction computes ``softmax_N(clamp(S^T - rowmax, -clamp, clamp))``. Values after the max
+    subtraction are <= 0, so the clamp raises those below ``-clamp`` to ``-clamp``: each weight grows by at most
+    ``exp(-clamp)`` and the normaliser is at least 1 (the max entry has weight 1), so the probability row moves by
+    at most ``2 * n_image * exp(-clamp)`` in L1 norm, and ``o_l`` by that times ``max|v_v|``. Below half a unit of
+    rounding (``eps / 2``) that is invisible: ``clamp >= ln(4 * n_image / eps)``. For ``n_image = 22400`` (GLIP-T
+    at 800x1333): 27.3 in float32, 16.3 in bfloat16, 18.3 in float16, 47.5 in float64.
+    """
+    return math.log(4.0 * max(1, int(n_image)) / torch.finfo(dtype).eps)
+
+
+def _second_clamp_matters(clamp: Optional[float], n_image: int, dtype: torch.dtype) -> bool:
+    return clamp is not None and clamp < second_clamp_threshold(n_image, dtype)
+
+
+def _check_second_clamp(backend: str, clamp: Optional[float], n_image: int, dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` when ``backend`` (one without the second clamp: "sdpa", "triton") would be inexact."""
+    if _second_clamp_matters(clamp, n_image, dtype):
+        limit = second_clamp_threshold(n_image, dtype)
+        raise ValueError(
+            f"bi_attention backend {backend!r} cannot reproduce GLIP's second clamp of the text direction for "
+            f"clamp={clamp:g}: with N={n_image} image tokens in {str(dtype).replace('torch.', '')} it changes the "
+            f"result whenever clamp < ln(4 N / eps) = {limit:.2f}. Use backend='reference' (exact for any clamp), "
+            f"clamp >= {limit:.2f} or clamp=None")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input validation: one function for every backend. The fused kernel's entry point (glip_fusion.triton.function)
+# calls it too, then adds only its envelope; ``caller`` prefixes the messages ("bi_attention_triton: ...").
+
+
+def _check_tensors(q, k, v_v, v_l, caller: str = "bi_attention") -> None:
     """Each of ``q, k, v_v, v_l`` is a 4-D floating-point ``torch.Tensor`` with ``q``'s dtype and device."""
     pre = f"{caller}: " if caller else ""
     named = {"q": q, "k": k, "v_v": v_v, "v_l": v_l}
@@ -167,7 +230,7 @@ def _check_tensors(q, k, v_v, v_l, caller: str = "") -> None:
             raise ValueError(f"{pre}{name} is on {t.device} but q is on {q.device}; all inputs must share a device")
 
 
-def _check_shapes(q, k, v_v, v_l, caller: str = "") -> tuple[int, int, int, int, int]:
+def _check_shapes(q, k, v_v, v_l, caller: str = "bi_attention") -> tuple[int, int, int, int, int]:
     """``q (B, H, N, D)``, ``k (B, H, M, D)``, ``v_v (B, H, N, Dv)``, ``v_l (B, H, M, Dl)``, none of them empty.
 
     Call after :func:`_check_tensors`. Returns ``(B, H, N, M, D)``.
@@ -189,7 +252,7 @@ def _check_shapes(q, k, v_v, v_l, caller: str = "") -> tuple[int, int, int, int,
 
 
 def _check_mask(mask: Optional[torch.Tensor], name: str, shape: tuple[int, int], device: torch.device,
-                caller: str = "") -> None:
+                caller: str = "bi_attention") -> None:
     """``mask`` is None or a bool tensor of ``shape`` (``(B, M)`` text, ``(B, N)`` image) on ``device``."""
     if mask is None:
         return
@@ -206,20 +269,32 @@ def _check_mask(mask: Optional[torch.Tensor], name: str, shape: tuple[int, int],
         raise ValueError(f"{pre}{name} is on {mask.device} but q is on {device}")
 
 
-def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed=None) -> None:
-    """Raise a clear error for any malformed input of :func:`bi_attention`."""
-    _check_tensors(q, k, v_v, v_l)
-    B, H, N, M, D = _check_shapes(q, k, v_v, v_l)
-    _check_mask(text_mask, "text_mask", (B, M), q.device)
-    _check_mask(image_mask, "image_mask", (B, N), q.device)
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None; got {scale!r}")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
-    if clamp is not None and not (isinstance(clamp, (int, float)) and clamp > 0 and not math.isnan(clamp)):
-        raise ValueError(f"clamp must be a positive number or None; got {clamp!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
-        raise ValueError(f"seed must be an int in [0, 2**63) or None; got {seed!r}")
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, caller: str = "bi_attention"
+              ) -> tuple[float, float, Optional[float], Optional[int]]:
+    """Raise a clear error for any malformed input of :func:`bi_attention` (every backend).
+
+    Returns the options as plain Python numbers: ``(scale, dropout_p, clamp, seed)``, ``scale`` defaulting to
+    ``D ** -0.5``.
+    """
+    pre = f"{caller}: " if caller else ""
+    _check_tensors(q, k, v_v, v_l, caller)
+    B, H, N, M, D = _check_shapes(q, k, v_v, v_l, caller)
+    _check_mask(text_mask, "text_mask", (B, M), q.device, caller)
+    _check_mask(image_mask, "image_mask", (B, N), q.device, caller)
+    if scale is not None and not (_is_real(scale) and math.isfinite(scale)):
+        raise ValueError(f"{pre}scale must be a finite number or None; got {scale!r}")
+    if not (_is_real(dropout_p) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{pre}dropout_p must be a number in [0, 1); got {dropout_p!r}")
+    if clamp is not None and not (_is_real(clamp) and clamp > 0):  # also rejects NaN
+        raise ValueError(f"{pre}clamp must be a positive number or None; got {clamp!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"{pre}seed must be an int or None; got {seed!r}")
+    return (D ** -0.5 if scale is None else float(scale), float(dropout_p), None if clamp is None else float(clamp),
+            None if seed is None else int(seed))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,6 +331,11 @@ def _dropout(p: torch.Tensor, rate: float, generator: Optional[torch.Generator])
     """Inverted dropout on a probability map with an explicit (optionally seeded) generator."""
     keep = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) >= rate
     return p * keep.to(p.dtype) * (1.0 / (1.0 - rate))
+
+
+def _generator_seed(seed: int) -> int:
+    """Any int -> a ``torch.Generator.manual_seed`` value (used modulo ``2**63``)."""
+    return int(seed) % 2 ** 63
 
 
 @contextlib.contextmanager
@@ -313,15 +393,21 @@ def _reference(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, s
     s_l = s.transpose(-1, -2)  # (B, H, M, N)
     if image_keep is not None:
         s_l = torch.where(image_keep[:, None, None, :], s_l, neg_inf)
-    # GLIP subtracts the row max and clamps again before this softmax; after the subtraction every value is <= 0 and
-    # the clamp only touches values below -clamp, whose exp underflows to 0 anyway, so it is a no-op here.
+    if clamp is not None:
+        # GLIP subtracts the row max over the image tokens (the valid ones: masked entries are -inf) and clamps
+        # again. Not a no-op: entries more than `clamp` below the max get weight exp(-clamp) instead of less (see
+        # second_clamp_threshold). torch.max as in GLIP, so the gradient also flows through the max.
+        s_l = s_l - torch.max(s_l, dim=-1, keepdim=True)[0]
+        s_l = s_l.clamp(min=-clamp, max=clamp)
+        if image_keep is not None:  # the clamp lifted the masked -inf entries to -clamp: mask them again
+            s_l = torch.where(image_keep[:, None, None, :], s_l, neg_inf)
     p_l = torch.softmax(s_l, dim=-1)
 
     if dropout_p > 0.0:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=q.device)
-            generator.manual_seed(int(seed))
+            generator.manual_seed(_generator_seed(seed))
         p_v = _dropout(p_v, dropout_p, generator)  # two independent masks, drawn in this order
         p_l = _dropout(p_l, dropout_p, generator)
 
@@ -332,7 +418,9 @@ def _reference(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, s
 
 
 def _sdpa(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, skip_masked_text):
-    """Two SDPA calls; exact whenever the clamp cannot change S (checked), else the reference math."""
+    """Two SDPA calls; exact whenever the first clamp cannot change S (checked), else the reference math. Refuses a
+    clamp small enough for the text direction's second clamp to matter (SDPA cannot apply it)."""
+    _check_second_clamp("sdpa", clamp, q.shape[2], q.dtype)
     if clamp is not None and _clamp_may_bite(q, k, scale, clamp):
         return _reference(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, skip_masked_text)
     if dropout_p > 0.0 and seed is not None and q.device.type not in ("cpu", "cuda"):
@@ -344,7 +432,7 @@ def _sdpa(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, 
     text_bias = None if text_keep is None else text_keep[:, None, None, :]  # (B, 1, 1, M), True = attend
     image_bias = None if image_keep is None else image_keep[:, None, None, :]  # (B, 1, 1, N)
 
-    rng = _seeded_global_rng(q.device, int(seed)) if (dropout_p > 0.0 and seed is not None) \
+    rng = _seeded_global_rng(q.device, _generator_seed(seed)) if (dropout_p > 0.0 and seed is not None) \
         else contextlib.nullcontext()
     with rng:
         # image queries over text keys; then text queries over image keys (S^T), sharing q and k
@@ -394,10 +482,13 @@ def bi_attention(
         image_mask: ``(B, N)`` bool, True = real pixel; None = all real (official GLIP: padding is attended to).
         scale: multiplies ``q @ k^T``; default ``D ** -0.5``. GLIP pre-scales q and passes 1.0.
         dropout_p: dropout on both probability maps (independent masks). Pass 0.0 in eval.
-        clamp: S is clamped to ``[-clamp, clamp]`` (GLIP: 50000); None = no clamp.
+        clamp: S is clamped to ``[-clamp, clamp]`` (GLIP: 50000), and the text direction clamps
+            ``S^T - rowmax`` again (GLIP's second clamp); None = no clamp. "sdpa" and "triton" refuse a clamp below
+            :func:`second_clamp_threshold` (where the second clamp matters), "auto" then picks "reference".
         backend: ``"auto" | "reference" | "sdpa" | "triton"`` (see the module docstring).
-        seed: seeds the dropout masks (a ``torch.Generator`` for reference, a forked global RNG for sdpa) so equal
-            seeds give equal results; None = the global torch RNG.
+        seed: any int; seeds the dropout masks (a ``torch.Generator`` for reference and a forked global RNG for
+            sdpa, both modulo ``2**63``; Philox for triton) so equal seeds give equal results; None = the global
+            torch RNG.
         skip_masked_text: the caller promises it ignores ``o_l`` rows of padded text tokens; they are returned as
             zeros (and a backend may skip their work).
 
@@ -406,11 +497,9 @@ def bi_attention(
         False gets ``o_v = 0`` (never NaN); one whose ``image_mask`` row is all False gets ``o_l = 0``.
         Differentiable in every backend.
     """
-    _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed)
-    name = _resolve_backend(backend, q, k, v_v, v_l)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    clamp = None if clamp is None else float(clamp)
-    return _BACKEND_FNS[name](q, k, v_v, v_l, text_mask, image_mask, scale, float(dropout_p), clamp, seed,
+    scale, dropout_p, clamp, seed = _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed)
+    name = _resolve_backend(backend, q, k, v_v, v_l, clamp)
+    return _BACKEND_FNS[name](q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed,
                               bool(skip_masked_text))
 
 
@@ -431,12 +520,11 @@ def bi_attention_reference(
     """The eager reference of :func:`bi_attention` (same arguments, no ``backend``), GLIP's official numerics.
 
     ``S = clamp(scale * q @ k^T)``; ``o_v = softmax_M(S, padded text -> -inf) @ v_l``;
-    ``o_l = softmax_N(S^T, padded image -> -inf if image_mask is given) @ v_v``; dropout (if any) on both
+    ``o_l = softmax_N(clamp(S^T - rowmax_N(S^T)), padded image -> -inf if image_mask is given) @ v_v`` (the max over
+    the valid image tokens; no second clamp when ``clamp`` is None); dropout (if any) on both
     probability maps with independent masks. Materialises ``(B, H, N, M)`` logits; fp16/bf16 inputs are computed in
     float32 and the outputs cast back. Kernel authors compare against this function.
     """
-    _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    clamp = None if clamp is None else float(clamp)
-    return _reference(q, k, v_v, v_l, text_mask, image_mask, scale, float(dropout_p), clamp, seed,
-                      bool(skip_masked_text))
+    scale, dropout_p, clamp, seed = _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed,
+                                              caller="bi_attention_reference")
+    return _reference(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, bool(skip_masked_text))

@@ -17,19 +17,20 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["is_available", "supports", "bi_attention_triton", "dropout_keep_masks"]
+from ._envelope import MAX_HEAD_DIM, MAX_TEXT_LEN  # re-exported; defined once there (no triton import)
 
-#: The kernel's envelope (kept in sync with ``_config.MAX_TEXT_LEN`` / ``MAX_HEAD_DIM``; this module must not import
-#: triton, so the numbers are repeated here).
-MAX_TEXT_LEN = 256
-MAX_HEAD_DIM = 256
+__all__ = ["is_available", "supports", "bi_attention_triton", "dropout_keep_masks", "MAX_TEXT_LEN", "MAX_HEAD_DIM"]
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def is_available() -> bool:
     """True when ``triton`` is importable and kernels can run: a CUDA device is present or ``TRITON_INTERPRET=1``."""
     if importlib.util.find_spec("triton") is None:
         return False
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if _interpreter_requested():
         return importlib.util.find_spec("numpy") is not None  # the interpreter runs tiles in numpy
     import torch
 
@@ -37,25 +38,19 @@ def is_available() -> bool:
 
 
 def supports(q, k, v_v, v_l) -> bool:
-    """True when the four tensors are inside the kernel's envelope: one dtype among float16/bfloat16/float32, one
-    device (CUDA, or any under ``TRITON_INTERPRET=1``), q/v_v ``(B, H, N, D)`` and k/v_l ``(B, H, M, D)`` with
-    ``1 <= M <= 256`` and ``1 <= D <= 256``.  Used by the ``auto`` dispatcher; masks are not inspected."""
-    import torch
+    """True when the four tensors are valid ``bi_attention`` inputs inside the kernel's envelope
+    (:mod:`glip_fusion.triton._envelope`): one dtype among float16/bfloat16/float32, one device (CUDA, or any under
+    ``TRITON_INTERPRET=1``), q/v_v ``(B, H, N, D)`` and k/v_l ``(B, H, M, D)`` with ``M <= 256`` and
+    ``D <= 256``.  Used by the ``auto`` dispatcher; masks and options are not inspected."""
+    from ..attention import _check_shapes, _check_tensors
+    from ._envelope import envelope_violation
 
     try:
-        B, H, N, D = q.shape
-        M = k.shape[2]
-    except (AttributeError, ValueError, IndexError):
+        _check_tensors(q, k, v_v, v_l)
+        _check_shapes(q, k, v_v, v_l)
+    except (TypeError, ValueError):
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if any(t.dtype != q.dtype or t.device != q.device for t in (k, v_v, v_l)):
-        return False
-    if tuple(v_v.shape) != (B, H, N, D) or tuple(k.shape) != (B, H, M, D) or tuple(v_l.shape) != (B, H, M, D):
-        return False
-    if not (1 <= M <= MAX_TEXT_LEN and 1 <= D <= MAX_HEAD_DIM and min(B, H, N) >= 1):
-        return False
-    return q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return envelope_violation(q, k, v_v, v_l, _interpreter_requested()) is None
 
 
 def bi_attention_triton(q, k, v_v, v_l, text_mask=None, image_mask=None, *, scale=None, dropout_p=0.0,

@@ -31,15 +31,18 @@ from . import _bwd, _config, _fwd
 
 __all__ = ["KERNELS", "CompiledKernel", "compile_kernel", "shared_memory_limit"]
 
-#: Every kernel of the backend by name (the four tiled ones are the ``_config`` names, tuned on CUDA).
+#: Every kernel launch of the backend by name: ``(jit function, constexprs fixed by the name)``.  The tiled ones are
+#: the ``_config`` names, tuned on CUDA; the backward passes are two variants of one function each.
 KERNELS = {
-    _config.FWD_ROWS: _fwd._fwd_rows_kernel,
-    _config.FWD_COLS: _fwd._fwd_cols_kernel,
-    "fwd_combine": _fwd._fwd_combine_kernel,
-    "keep_mask": _fwd._keep_mask_kernel,
-    "bwd_pre": _bwd._bwd_pre_kernel,
-    _config.BWD_ROWS: _bwd._bwd_rows_kernel,
-    _config.BWD_COLS: _bwd._bwd_cols_kernel,
+    _config.FWD_ROWS: (_fwd._fwd_rows_kernel, {}),
+    _config.FWD_COLS: (_fwd._fwd_cols_kernel, {}),
+    "fwd_combine": (_fwd._fwd_combine_kernel, {}),
+    "keep_mask": (_fwd._keep_mask_kernel, {}),
+    "bwd_pre": (_bwd._bwd_pre_kernel, {}),
+    _config.BWD_ROWS_DQ: (_bwd._bwd_rows_kernel, {"VALUES": False}),
+    _config.BWD_ROWS_DV: (_bwd._bwd_rows_kernel, {"VALUES": True}),
+    _config.BWD_COLS_DK: (_bwd._bwd_cols_kernel, {"VALUES": False}),
+    _config.BWD_COLS_DV: (_bwd._bwd_cols_kernel, {"VALUES": True}),
 }
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -86,7 +89,7 @@ def _pointer_type(name: str, dtype: str) -> str:
         return "*u8"
     if name in ("THI", "IHI"):
         return "*i32"
-    if name.startswith(("LSE", "DELTA")) or name in ("PACC", "PM", "PL", "PDK", "PDVL"):
+    if name.startswith(("LSE", "DELTA")) or name in ("PACC", "PM", "PL", "PART"):
         return "*fp32"  # softmax statistics and split partials are fp32 whatever the inputs
     return "*" + dtype
 
@@ -128,9 +131,9 @@ def compile_kernel(kernel: str, dtype: torch.dtype = torch.bfloat16, *, arch: in
         raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(KERNELS)}")
     if dtype not in _TRITON_DTYPE:
         raise TypeError(f"dtype must be one of {list(_TRITON_DTYPE)}, got {dtype}")
-    fn = KERNELS[kernel]
+    fn, fixed = KERNELS[kernel]
     type_name = _TRITON_DTYPE[dtype]
-    wanted = {**_default_constants(dtype, head_dim), **constants}
+    wanted = {**_default_constants(dtype, head_dim), **constants, **fixed}
     constexpr_names = [p.name for p in fn.params if p.is_constexpr]
     consts = {name: wanted[name] for name in constexpr_names}
     signature = {}

@@ -12,9 +12,14 @@ Math per (b, h), natural-log units, ``Z_v``/``Z_l`` the dropout keep masks scale
     dV_v = (P_l * Z_l) @ dO_l    dV_l = (P_v * Z_v)^T @ dO_v
 
 * ``_bwd_pre_kernel`` computes ``D = rowsum(dO * O)`` for either direction;
-* ``_bwd_rows_kernel`` owns an image tile and produces dQ and dV_v (reductions over M stay in registers);
-* ``_bwd_cols_kernel`` owns a (text tile, image split) and produces dK and dV_l; with several splits it writes fp32
-  partials that the caller sums over splits in a fixed order (``torch.sum``, deterministic).
+* ``_bwd_rows_kernel`` owns an image tile and produces dQ or, with ``VALUES``, dV_v (reductions over M stay in
+  registers);
+* ``_bwd_cols_kernel`` owns a (text tile, image split) and produces dK or, with ``VALUES``, dV_l; with several splits
+  it writes fp32 partials that the caller sums over splits in a fixed order (``torch.sum``, deterministic).
+
+Each launch produces one gradient (one ``[BLOCK, head dim]`` fp32 accumulator): at head dim 256 a program holding
+two accumulators (dQ and dV_v, or dK and dV_l) spilled registers at every tile size in the sm_90 compile survey.
+The value passes recompute S (one dot) but need neither dP nor dS: 12 dot units per backward instead of 10.
 
 Both kernels hold the tokens of one side (image: q, V_v, dO_v, LSE_v, D_v; text: k, V_l, dO_l, LSE_l, D_l) resident
 and stream the other side's tokens, each read by ``_load_side``; the logits come from ``_score_tile``.
@@ -25,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from ._fwd import _elementwise_max, _load_tile, _philox_uniforms, _program_tile, _sum_combine
+from ._fwd import _dropout_uniforms, _elementwise_max, _load_tile, _program_tile, _sum_combine
 
 
 @triton.jit
@@ -97,7 +102,7 @@ def _bwd_pre_kernel(
 
 @triton.jit(do_not_specialize=_config.NO_SPECIALIZE)
 def _bwd_rows_kernel(
-    Q, K, VV, VL, DOV, DOL, DQ, DVV,
+    Q, K, VV, VL, DOV, DOL, OUT,
     LSEV, LSEL, DELTAV, DELTAL, TMASK, THI, IMASK,
     seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2, scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -106,77 +111,91 @@ def _bwd_rows_kernel(
     stride_vlb, stride_vlh, stride_vlm, stride_vld,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dlb, stride_dlh, stride_dlm, stride_dld,
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    stride_gvb, stride_gvh, stride_gvn, stride_gvd,
+    stride_ob, stride_oh, stride_on, stride_od,
     H, N, M, D, N_BUCKET,
-    HAS_TMASK: tl.constexpr, HAS_IMASK: tl.constexpr, SKIP_MASKED_TEXT: tl.constexpr,
+    VALUES: tl.constexpr, HAS_TMASK: tl.constexpr, HAS_IMASK: tl.constexpr, SKIP_MASKED_TEXT: tl.constexpr,
     HAS_CLAMP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """dQ and dV_v for one image tile.  Grid ``(cdiv(N, BLOCK_N), B*H)``.
+    """One image tile's gradient, looping over the text tiles.  Grid ``(cdiv(N, BLOCK_N), B*H)``.
 
-    Q, VV, DOV, DQ, DVV (B, H, N, D); K, VL, DOL (B, H, M, D); LSEV, DELTAV fp32 (B*H, N) and LSEL, DELTAL fp32
-    (B*H, M) (LSEs base-2); TMASK uint8 (B, M); THI int32 (B,); IMASK uint8 (B, N).
+    ``VALUES`` False: ``OUT = dQ`` (needs dS: 4 dots per step); True: ``OUT = dV_v = (P_l Z_l) @ dO_l`` (2 dots per
+    step, reads only q, k, dO_l and LSE_l).  Q, VV, DOV, OUT (B, H, N, D); K, VL, DOL (B, H, M, D); LSEV, DELTAV fp32
+    (B*H, N) and LSEL, DELTAL fp32 (B*H, M) (LSEs base-2); TMASK uint8 (B, M); THI int32 (B,); IMASK uint8 (B, N).
+    One accumulator per program: at head dim 256 the fused dQ + dV_v program spilled registers at every tile size.
     """
     bh = tl.program_id(1)
     b, h, offs_n, offs_d, n_ok, d_ok, nd_ok = _program_tile(tl.program_id(0), bh, H, N, D, BLOCK_N, BLOCK_D)
     offs_t = tl.arange(0, BLOCK_T)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    vl_base = VL + b * stride_vlb + h * stride_vlh
+    dol_base = DOL + b * stride_dlb + h * stride_dlh
 
     # image side resident
-    q, vv, dov, lse_v, delta_v, img_ok = _load_side(
-        Q + b * stride_qb + h * stride_qh, VV + b * stride_vvb + h * stride_vvh, DOV + b * stride_dvb + h * stride_dvh,
-        stride_qn, stride_qd, stride_vvn, stride_vvd, stride_dvn, stride_dvd,
-        LSEV, DELTAV, IMASK + b * N, bh, N, offs_n, n_ok, offs_d, d_ok, HAS_MASK=HAS_IMASK, UPCAST=UPCAST,
-    )
-
-    dq = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
-    dvv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    if VALUES:
+        q = _load_tile(q_base, offs_n, offs_d, stride_qn, stride_qd, nd_ok, UPCAST)
+        img_ok = n_ok
+        if HAS_IMASK:
+            img_ok = img_ok & (tl.load(IMASK + b * N + offs_n, mask=n_ok, other=0) != 0)
+    else:
+        q, vv, dov, lse_v, delta_v, img_ok = _load_side(
+            q_base, VV + b * stride_vvb + h * stride_vvh, DOV + b * stride_dvb + h * stride_dvh,
+            stride_qn, stride_qd, stride_vvn, stride_vvd, stride_dvn, stride_dvd,
+            LSEV, DELTAV, IMASK + b * N, bh, N, offs_n, n_ok, offs_d, d_ok, HAS_MASK=HAS_IMASK, UPCAST=UPCAST,
+        )
+    acc = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
 
     # Padded text tokens still own text-direction outputs (and gradients) unless SKIP_MASKED_TEXT.
     t_end = M
     if HAS_TMASK and SKIP_MASKED_TEXT:
         t_end = tl.load(THI + b)
-    k_base = K + b * stride_kb + h * stride_kh
-    vl_base = VL + b * stride_vlb + h * stride_vlh
-    dol_base = DOL + b * stride_dlb + h * stride_dlh
     for t0 in range(0, t_end, BLOCK_T):
         t = t0 + offs_t
         t_ok = t < M
-        k, vl, dol, lse_l, delta_l, txt_ok = _load_side(
-            k_base, vl_base, dol_base, stride_km, stride_kd, stride_vlm, stride_vld, stride_dlm, stride_dld,
-            LSEL, DELTAL, TMASK + b * M, bh, M, t, t_ok, offs_d, d_ok, HAS_MASK=HAS_TMASK, UPCAST=UPCAST,
-        )
-
-        s, inside = _score_tile(q, tl.trans(k), qk_scale, clamp2, HAS_CLAMP, PRECISION)  # [BLOCK_N, BLOCK_T]
-        p_v = tl.exp2(tl.where(txt_ok[None, :], s - lse_v[:, None], float("-inf")))
-        p_l = tl.exp2(tl.where(img_ok[:, None] & t_ok[None, :], s - lse_l[None, :], float("-inf")))
-        dp_v = tl.dot(dov, tl.trans(vl), input_precision=PRECISION)
-        dp_l = tl.dot(vv, tl.trans(dol), input_precision=PRECISION)
-        if HAS_DROPOUT:
-            u_v, u_l = _philox_uniforms(seed_lo, seed_hi, offs_n[:, None], t[None, :], bh)
-            dp_v = tl.where(u_v >= p_drop, dp_v * keep_scale, 0.0)
-            keep_l = u_l >= p_drop
-            dp_l = tl.where(keep_l, dp_l * keep_scale, 0.0)
-            p_l_drop = tl.where(keep_l, p_l * keep_scale, 0.0)
+        if VALUES:
+            td_ok = t_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + t[:, None] * stride_km + offs_d[None, :] * stride_kd, mask=td_ok, other=0.0)
+            dol = tl.load(dol_base + t[:, None] * stride_dlm + offs_d[None, :] * stride_dld, mask=td_ok, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                dol = dol.to(tl.float32)
+            lse_l = tl.load(LSEL + bh.to(tl.int64) * M + t, mask=t_ok, other=float("inf"))
+            s, _inside = _score_tile(q, tl.trans(k), qk_scale, clamp2, HAS_CLAMP, PRECISION)  # [BLOCK_N, BLOCK_T]
+            p_l = tl.exp2(tl.where(img_ok[:, None] & t_ok[None, :], s - lse_l[None, :], float("-inf")))
+            if HAS_DROPOUT:
+                _u_v, u_l = _dropout_uniforms(seed_lo, seed_hi, offs_n, t0, bh, BLOCK_N, BLOCK_T, False)
+                p_l = tl.where(u_l >= p_drop, p_l * keep_scale, 0.0)
+            acc += tl.dot(p_l.to(dol.dtype), dol, input_precision=PRECISION)
         else:
-            p_l_drop = p_l
-        ds = p_v * (dp_v - delta_v[:, None]) + p_l * (dp_l - delta_l[None, :])
-        if HAS_CLAMP:
-            ds = tl.where(inside, ds, 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        dvv += tl.dot(p_l_drop.to(dol.dtype), dol, input_precision=PRECISION)
+            k, vl, dol, lse_l, delta_l, txt_ok = _load_side(
+                k_base, vl_base, dol_base, stride_km, stride_kd, stride_vlm, stride_vld, stride_dlm, stride_dld,
+                LSEL, DELTAL, TMASK + b * M, bh, M, t, t_ok, offs_d, d_ok, HAS_MASK=HAS_TMASK, UPCAST=UPCAST,
+            )
+            s, inside = _score_tile(q, tl.trans(k), qk_scale, clamp2, HAS_CLAMP, PRECISION)  # [BLOCK_N, BLOCK_T]
+            p_v = tl.exp2(tl.where(txt_ok[None, :], s - lse_v[:, None], float("-inf")))
+            p_l = tl.exp2(tl.where(img_ok[:, None] & t_ok[None, :], s - lse_l[None, :], float("-inf")))
+            dp_v = tl.dot(dov, tl.trans(vl), input_precision=PRECISION)
+            dp_l = tl.dot(vv, tl.trans(dol), input_precision=PRECISION)
+            if HAS_DROPOUT:
+                u_v, u_l = _dropout_uniforms(seed_lo, seed_hi, offs_n, t0, bh, BLOCK_N, BLOCK_T, False)
+                dp_v = tl.where(u_v >= p_drop, dp_v * keep_scale, 0.0)
+                dp_l = tl.where(u_l >= p_drop, dp_l * keep_scale, 0.0)
+            ds = p_v * (dp_v - delta_v[:, None]) + p_l * (dp_l - delta_l[None, :])
+            if HAS_CLAMP:
+                ds = tl.where(inside, ds, 0.0)
+            acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=nd_ok)
-    tl.store(DVV + b * stride_gvb + h * stride_gvh + offs_n[:, None] * stride_gvn + offs_d[None, :] * stride_gvd,
-             dvv.to(DVV.dtype.element_ty), mask=nd_ok)
+    if not VALUES:
+        acc = acc * scale
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
+             acc.to(OUT.dtype.element_ty), mask=nd_ok)
 
 
 @triton.jit(do_not_specialize=_config.NO_SPECIALIZE)
 def _bwd_cols_kernel(
-    Q, K, VV, VL, DOV, DOL, DK, DVL, PDK, PDVL,
+    Q, K, VV, VL, DOV, DOL, OUT, PART,
     LSEV, LSEL, DELTAV, DELTAL, TMASK, IMASK,
     seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2, scale, split_len, num_splits,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -185,81 +204,96 @@ def _bwd_cols_kernel(
     stride_vlb, stride_vlh, stride_vlm, stride_vld,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dlb, stride_dlh, stride_dlm, stride_dld,
-    stride_dkb, stride_dkh, stride_dkm, stride_dkd,
-    stride_glb, stride_glh, stride_glm, stride_gld,
+    stride_ob, stride_oh, stride_om, stride_od,
     H, N, M, D, N_BUCKET,
-    HAS_TMASK: tl.constexpr, HAS_IMASK: tl.constexpr, SKIP_MASKED_TEXT: tl.constexpr,
+    VALUES: tl.constexpr, HAS_TMASK: tl.constexpr, HAS_IMASK: tl.constexpr, SKIP_MASKED_TEXT: tl.constexpr,
     HAS_CLAMP: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """dK and dV_l for one (text tile, image split).  Grid ``(cdiv(M, BLOCK_T), num_splits, B*H)``.
+    """One (text tile, image split)'s gradient.  Grid ``(cdiv(M, BLOCK_T), num_splits, B*H)``.
 
-    With ``WRITE_PARTIAL`` the unscaled fp32 sums go to PDK / PDVL (B*H, S, M, D); otherwise the final DK (scaled)
-    and DVL are written in their dtype.
+    ``VALUES`` False: dK (needs dS); True: ``dV_l = (P_v Z_v)^T @ dO_v`` (reads only k, q, dO_v and LSE_v; padded
+    text tokens get no image-direction weight, so tiles of padded text only are skipped).  With ``WRITE_PARTIAL`` the
+    unscaled fp32 sums go to PART (B*H, S, M, D); otherwise OUT (B, H, M, D) receives the final gradient (dK scaled).
     """
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
     b, h, offs_t, offs_d, t_ok, d_ok, td_ok = _program_tile(tl.program_id(0), bh, H, M, D, BLOCK_T, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-
-    # text side resident
-    k, vl, dol, lse_l, delta_l, txt_ok = _load_side(
-        K + b * stride_kb + h * stride_kh, VL + b * stride_vlb + h * stride_vlh, DOL + b * stride_dlb + h * stride_dlh,
-        stride_km, stride_kd, stride_vlm, stride_vld, stride_dlm, stride_dld,
-        LSEL, DELTAL, TMASK + b * M, bh, M, offs_t, t_ok, offs_d, d_ok, HAS_MASK=HAS_TMASK, UPCAST=UPCAST,
-    )
-
-    n_lo = pid_s * split_len
-    n_hi = tl.minimum(n_lo + split_len, N)
-    if HAS_TMASK and SKIP_MASKED_TEXT:
-        # padded text tokens get neither image-direction weight nor (skipped) text outputs: zero gradients
-        n_hi = tl.where(tl.reduce(txt_ok.to(tl.int32), 0, _elementwise_max) > 0, n_hi, n_lo)
-
-    dk = tl.full([BLOCK_T, BLOCK_D], 0.0, dtype=tl.float32)
-    dvl = tl.full([BLOCK_T, BLOCK_D], 0.0, dtype=tl.float32)
+    m_start = tl.program_id(0) * BLOCK_T
+    k_base = K + b * stride_kb + h * stride_kh
     q_base = Q + b * stride_qb + h * stride_qh
     vv_base = VV + b * stride_vvb + h * stride_vvh
     dov_base = DOV + b * stride_dvb + h * stride_dvh
+
+    n_lo = pid_s * split_len
+    n_hi = tl.minimum(n_lo + split_len, N)
+    # text side resident
+    if VALUES:
+        k = _load_tile(k_base, offs_t, offs_d, stride_km, stride_kd, td_ok, UPCAST)
+        txt_ok = t_ok
+        if HAS_TMASK:
+            txt_ok = txt_ok & (tl.load(TMASK + b * M + offs_t, mask=t_ok, other=0) != 0)
+            n_hi = tl.where(tl.reduce(txt_ok.to(tl.int32), 0, _elementwise_max) > 0, n_hi, n_lo)
+    else:
+        k, vl, dol, lse_l, delta_l, txt_ok = _load_side(
+            k_base, VL + b * stride_vlb + h * stride_vlh, DOL + b * stride_dlb + h * stride_dlh,
+            stride_km, stride_kd, stride_vlm, stride_vld, stride_dlm, stride_dld,
+            LSEL, DELTAL, TMASK + b * M, bh, M, offs_t, t_ok, offs_d, d_ok, HAS_MASK=HAS_TMASK, UPCAST=UPCAST,
+        )
+        if HAS_TMASK and SKIP_MASKED_TEXT:
+            # padded text tokens get neither image-direction weight nor (skipped) text outputs: zero gradients
+            n_hi = tl.where(tl.reduce(txt_ok.to(tl.int32), 0, _elementwise_max) > 0, n_hi, n_lo)
+
+    acc = tl.full([BLOCK_T, BLOCK_D], 0.0, dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         n = n0 + offs_n
         n_ok = n < n_hi
-        q, vv, dov, lse_v, delta_v, img_ok = _load_side(
-            q_base, vv_base, dov_base, stride_qn, stride_qd, stride_vvn, stride_vvd, stride_dvn, stride_dvd,
-            LSEV, DELTAV, IMASK + b * N, bh, N, n, n_ok, offs_d, d_ok, HAS_MASK=HAS_IMASK, UPCAST=UPCAST,
-        )
-
-        s, inside = _score_tile(k, tl.trans(q), qk_scale, clamp2, HAS_CLAMP, PRECISION)  # [BLOCK_T, BLOCK_N] = S^T
-        p_v = tl.exp2(tl.where(txt_ok[:, None] & n_ok[None, :], s - lse_v[None, :], float("-inf")))
-        p_l = tl.exp2(tl.where(img_ok[None, :] & t_ok[:, None], s - lse_l[:, None], float("-inf")))
-        dp_v = tl.dot(vl, tl.trans(dov), input_precision=PRECISION)
-        dp_l = tl.dot(dol, tl.trans(vv), input_precision=PRECISION)
-        if HAS_DROPOUT:
-            u_v, u_l = _philox_uniforms(seed_lo, seed_hi, n[None, :], offs_t[:, None], bh)
-            keep_v = u_v >= p_drop
-            dp_v = tl.where(keep_v, dp_v * keep_scale, 0.0)
-            dp_l = tl.where(u_l >= p_drop, dp_l * keep_scale, 0.0)
-            p_v_drop = tl.where(keep_v, p_v * keep_scale, 0.0)
+        if VALUES:
+            nd_ok = n_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + n[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=nd_ok, other=0.0)
+            dov = tl.load(dov_base + n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, mask=nd_ok, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                dov = dov.to(tl.float32)
+            lse_v = tl.load(LSEV + bh.to(tl.int64) * N + n, mask=n_ok, other=float("inf"))
+            s, _inside = _score_tile(k, tl.trans(q), qk_scale, clamp2, HAS_CLAMP, PRECISION)  # [BLOCK_T, BLOCK_N]
+            p_v = tl.exp2(tl.where(txt_ok[:, None] & n_ok[None, :], s - lse_v[None, :], float("-inf")))
+            if HAS_DROPOUT:
+                u_v, _u_l = _dropout_uniforms(seed_lo, seed_hi, n, m_start, bh, BLOCK_N, BLOCK_T, True)
+                p_v = tl.where(u_v >= p_drop, p_v * keep_scale, 0.0)
+            acc += tl.dot(p_v.to(dov.dtype), dov, input_precision=PRECISION)
         else:
-            p_v_drop = p_v
-        ds = p_v * (dp_v - delta_v[None, :]) + p_l * (dp_l - delta_l[:, None])
-        if HAS_CLAMP:
-            ds = tl.where(inside, ds, 0.0)
-        dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
-        dvl += tl.dot(p_v_drop.to(dov.dtype), dov, input_precision=PRECISION)
+            q, vv, dov, lse_v, delta_v, img_ok = _load_side(
+                q_base, vv_base, dov_base, stride_qn, stride_qd, stride_vvn, stride_vvd, stride_dvn, stride_dvd,
+                LSEV, DELTAV, IMASK + b * N, bh, N, n, n_ok, offs_d, d_ok, HAS_MASK=HAS_IMASK, UPCAST=UPCAST,
+            )
+            s, inside = _score_tile(k, tl.trans(q), qk_scale, clamp2, HAS_CLAMP, PRECISION)  # [BLOCK_T, BLOCK_N] = S^T
+            p_v = tl.exp2(tl.where(txt_ok[:, None] & n_ok[None, :], s - lse_v[None, :], float("-inf")))
+            p_l = tl.exp2(tl.where(img_ok[None, :] & t_ok[:, None], s - lse_l[:, None], float("-inf")))
+            dp_v = tl.dot(vl, tl.trans(dov), input_precision=PRECISION)
+            dp_l = tl.dot(dol, tl.trans(vv), input_precision=PRECISION)
+            if HAS_DROPOUT:
+                u_v, u_l = _dropout_uniforms(seed_lo, seed_hi, n, m_start, bh, BLOCK_N, BLOCK_T, True)
+                dp_v = tl.where(u_v >= p_drop, dp_v * keep_scale, 0.0)
+                dp_l = tl.where(u_l >= p_drop, dp_l * keep_scale, 0.0)
+            ds = p_v * (dp_v - delta_v[None, :]) + p_l * (dp_l - delta_l[:, None])
+            if HAS_CLAMP:
+                ds = tl.where(inside, ds, 0.0)
+            acc += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
 
     if WRITE_PARTIAL:
         prow = (bh.to(tl.int64) * num_splits + pid_s) * M + offs_t
-        pptr = prow[:, None] * D + offs_d[None, :]
-        tl.store(PDK + pptr, dk, mask=td_ok)
-        tl.store(PDVL + pptr, dvl, mask=td_ok)
+        tl.store(PART + prow[:, None] * D + offs_d[None, :], acc, mask=td_ok)
     else:
-        dk = dk * scale
-        tl.store(DK + b * stride_dkb + h * stride_dkh + offs_t[:, None] * stride_dkm + offs_d[None, :] * stride_dkd,
-                 dk.to(DK.dtype.element_ty), mask=td_ok)
-        tl.store(DVL + b * stride_glb + h * stride_glh + offs_t[:, None] * stride_glm + offs_d[None, :] * stride_gld,
-                 dvl.to(DVL.dtype.element_ty), mask=td_ok)
+        if not VALUES:
+            acc = acc * scale
+        tl.store(OUT + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_om + offs_d[None, :] * stride_od,
+                 acc.to(OUT.dtype.element_ty), mask=td_ok)
 
 
-bwd_rows_tuned = _config.autotuned(_config.BWD_ROWS, _bwd_rows_kernel)
-bwd_cols_tuned = _config.autotuned(_config.BWD_COLS, _bwd_cols_kernel)
+bwd_rows_dq_tuned = _config.autotuned(_config.BWD_ROWS_DQ, _bwd_rows_kernel)
+bwd_rows_dv_tuned = _config.autotuned(_config.BWD_ROWS_DV, _bwd_rows_kernel)
+bwd_cols_dk_tuned = _config.autotuned(_config.BWD_COLS_DK, _bwd_cols_kernel)
+bwd_cols_dv_tuned = _config.autotuned(_config.BWD_COLS_DV, _bwd_cols_kernel)

@@ -22,12 +22,8 @@ from typing import Iterator
 import torch
 import triton
 
-#: The longest text (M) the kernels accept. The Path-B kernels would tile any M, but the design (and the tests)
-#: cover GLIP's ``MAX_QUERY_LEN = 256``; longer inputs are rejected with a clear error.
-MAX_TEXT_LEN = 256
-#: Supported head dims (inclusive). The kernels are designed for 32..256 (GLIP: 256); smaller dims and
-#: non-powers of two are zero-padded to ``block_d(D)`` inside the kernels (masked loads, exact).
-MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
+from ._envelope import MAX_HEAD_DIM, MAX_TEXT_LEN, MIN_HEAD_DIM  # noqa: F401  (the kernels' limits, defined there)
+
 #: On the autotuned path the text-direction kernels split the image axis into chunks whose length is a multiple of
 #: this granule (every candidate BLOCK_N divides it), so the split layout never depends on the autotuner's choice.
 SPLIT_GRANULE = 256
@@ -35,8 +31,12 @@ SPLIT_GRANULE = 256
 MAX_SPLITS = 64
 
 # Kernel names used as keys below.
-FWD_ROWS, FWD_COLS, BWD_ROWS, BWD_COLS = "fwd_rows", "fwd_cols", "bwd_rows", "bwd_cols"
-_KERNELS = (FWD_ROWS, FWD_COLS, BWD_ROWS, BWD_COLS)
+FWD_ROWS, FWD_COLS = "fwd_rows", "fwd_cols"
+#: The backward passes: each launch of ``_bwd_rows_kernel`` / ``_bwd_cols_kernel`` produces one gradient.
+BWD_ROWS_DQ, BWD_ROWS_DV, BWD_COLS_DK, BWD_COLS_DV = "bwd_rows_dq", "bwd_rows_dv", "bwd_cols_dk", "bwd_cols_dv"
+_KERNELS = (FWD_ROWS, FWD_COLS, BWD_ROWS_DQ, BWD_ROWS_DV, BWD_COLS_DK, BWD_COLS_DV)
+#: The tiled kernels that sweep the image axis per text tile (their BLOCK_T tiles text, their grid splits N).
+COLUMN_KERNELS = (FWD_COLS, BWD_COLS_DK, BWD_COLS_DV)
 #: Image-axis tile under the interpreter: every program and every tile operation costs milliseconds of Python there,
 #: while numpy handles a [512, 256] tile quickly, so fewer, larger programs are much faster.
 INTERPRETER_BLOCK_N = 256
@@ -129,23 +129,23 @@ def _cfg(block_n: int, block_t: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": block_n, "BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
 
 
-#: Small candidate sets (fusion_kernel.md §3.10: 64x64 tiles as FA2 on H100 at hdim 256, 32-wide tiles for short
-#: prompts).  Chosen from the sm_90 compile survey (``benchmarks/fusion/compile_check.py --extra``, bf16, head dim 256,
-#: dropout on; results in ``benchmarks/results/triton_compile_sm90_*.json``): at head dim 256 the fp32 accumulators
-#: alone need 128+ registers per thread at 4 warps, so most 4-warp tiles spill (0.4-4 KB per thread) while the same
-#: tiles at 8 warps spill little or nothing; heavily spilling 4-warp candidates were replaced by 8-warp ones.  Not yet
-#: timed on a GPU.  The 16x16 tile is the only spill-free float32 tile at head dim 256 (32x32 spills 4-16 KB per
-#: thread there); the pruner offers it to float32 inputs and to problems smaller than 32 tokens on an axis only.
-#: If none of them compiles on a GPU, :data:`SAFE_CONFIG` is used.
+#: Candidate tiles per kernel, in order of preference (``gpu_bench.py --tune-configs K`` keeps the first K that the
+#: pruner leaves).  Chosen from the sm_90 compile survey at head dim 256, bf16, dropout on
+#: (``benchmarks/fusion/compile_check.py --survey``; ``benchmarks/results/triton_compile_sm90_triton*_2026-12-03.json``),
+#: for Triton 3.6 (the lent GPU machine's) and 3.8: 8-warp tiles of 32 rows spill least; at head dim 256 the fp32
+#: accumulator of a 64-row tile alone takes 64 registers per thread at 8 warps.  ``BLOCK_T = 16`` tiles with wide
+#: image tiles serve short prompts (M <= 16); the column kernels get ``BLOCK_T = 128`` candidates (they spill:
+#: 0.2-2.8 KB per thread).  Not yet timed on a GPU.  If none of them compiles on a GPU, :data:`SAFE_CONFIG` is used.
 AUTOTUNE_CONFIGS: dict[str, list[triton.Config]] = {
-    FWD_ROWS: [_cfg(16, 16, 4, 1), _cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2),
-               _cfg(128, 64, 8, 2)],
-    FWD_COLS: [_cfg(16, 16, 4, 1), _cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2),
-               _cfg(128, 64, 8, 2)],
-    BWD_ROWS: [_cfg(16, 16, 4, 1), _cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1),
-               _cfg(64, 64, 8, 1)],
-    BWD_COLS: [_cfg(16, 16, 4, 1), _cfg(32, 32, 4, 1), _cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1),
-               _cfg(64, 64, 8, 1)],
+    FWD_ROWS: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(32, 64, 8, 1), _cfg(64, 64, 8, 2), _cfg(128, 16, 8, 1),
+               _cfg(16, 16, 4, 1)],
+    FWD_COLS: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(32, 64, 8, 1), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 1),
+               _cfg(128, 16, 8, 1), _cfg(16, 16, 4, 1)],
+    BWD_ROWS_DQ: [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1), _cfg(64, 16, 8, 1), _cfg(16, 16, 4, 1)],
+    BWD_ROWS_DV: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(128, 16, 8, 1), _cfg(32, 16, 8, 1),
+                  _cfg(16, 16, 4, 1)],
+    BWD_COLS_DK: [_cfg(32, 32, 8, 1), _cfg(16, 32, 8, 1), _cfg(64, 16, 8, 1), _cfg(16, 16, 4, 1)],
+    BWD_COLS_DV: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(32, 128, 8, 1), _cfg(16, 16, 4, 1)],
 }
 
 #: Last resort when every autotune candidate fails with OutOfResources: 16x16 tiles fit at d = 256 in fp32
@@ -188,16 +188,46 @@ def _smem_limit() -> int:
         return _SMEM_FALLBACK
 
 
-def _operand_bytes(kernel: str, cfg: triton.Config, block_d_: int, elem: int) -> int:
-    """Rough shared-memory need of the dot operands of one program (before Triton's own scratch)."""
-    bn, bt, stages = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_T"], max(1, cfg.num_stages)
-    if kernel == FWD_ROWS:  # q resident, k_j and v_l,j streamed
-        return (bn + 2 * bt * stages) * block_d_ * elem
-    if kernel == FWD_COLS:  # k_j resident, q_t and v_v,t streamed
-        return (bt + 2 * bn * stages) * block_d_ * elem
-    if kernel == BWD_ROWS:  # q, v_v, dO_v resident; k, v_l, dO_l streamed
-        return (3 * bn + 3 * bt * stages) * block_d_ * elem
-    return (3 * bt + 3 * bn * stages) * block_d_ * elem  # BWD_COLS mirrors BWD_ROWS
+# Shared-memory model: ``(resident, streamed)`` [tile, head dim] operand tiles held in shared memory per program, for
+# programs of at least 64 rows (Hopper warp-group MMA: every dot operand is staged in shared memory) and for smaller
+# ones (register MMA: the resident side of the two-accumulator-free kernels stays in registers). Read off the sm_90
+# compile survey (benchmarks/fusion/compile_check.py --survey, Triton 3.6 and 3.8, head dim 256, bf16), where it is
+# within 10% of the compiled size for every surveyed tile; num_stages did not change the size there (the loops are
+# not multi-buffered), so it is not a term.
+_SMEM_TILES = {
+    #              rows >= 64       rows < 64
+    FWD_ROWS:    ((1, 1),          (1, 1)),   # q resident; k and v_l streamed through one buffer
+    FWD_COLS:    ((1, 1),          (1, 1)),   # k resident; q and v_v streamed through one buffer
+    BWD_ROWS_DQ: ((3, 3),          (3, 1)),   # q, v_v, dO_v resident; k, v_l, dO_l streamed
+    BWD_ROWS_DV: ((1, 2),          (1, 1)),   # q resident; k, dO_l streamed
+    BWD_COLS_DK: ((3, 3),          (3, 1)),   # k, v_l, dO_l resident; q, v_v, dO_v streamed
+    BWD_COLS_DV: ((1, 2),          (1, 1)),   # k resident; q, dO_v streamed
+}
+
+
+def shared_memory_estimate(kernel: str, block_n: int, block_t: int, num_warps: int, num_stages: int, block_d_: int,
+                           elem: int, write_partial: bool = True) -> int:
+    """Shared memory (bytes) one program of ``kernel`` needs with these tiles, for inputs of ``elem`` bytes.
+
+    ``rows`` is the program's own tile (``BLOCK_N`` for the row kernels, ``BLOCK_T`` for the column kernels) and
+    ``keys`` the streamed one. The operand tiles of :data:`_SMEM_TILES` (``rows x head dim`` / ``keys x head dim``),
+    plus, below 64 rows, a ``rows x keys`` scratch where the probabilities change layout between the two dots; the
+    column kernels' fp32 split partials (``write_partial``) are stored through a ``rows x head dim`` fp32 staging
+    buffer, and the program needs the larger of the two. ``num_warps`` and ``num_stages`` do not enter (see above).
+    """
+    column = kernel in COLUMN_KERNELS
+    rows, keys = (block_t, block_n) if column else (block_n, block_t)
+    wide = rows >= 64
+    resident, streamed = _SMEM_TILES[kernel][0 if wide else 1]
+    operands = (resident * rows + streamed * keys) * block_d_ * elem + (0 if wide else rows * keys * elem)
+    epilogue = rows * block_d_ * 4 if (column and write_partial) else 0
+    return max(operands, epilogue)
+
+
+def _operand_bytes(kernel: str, cfg: triton.Config, block_d_: int, elem: int, write_partial: bool = True) -> int:
+    """:func:`shared_memory_estimate` of an autotune candidate."""
+    return shared_memory_estimate(kernel, cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_T"], cfg.num_warps,
+                                  cfg.num_stages, block_d_, elem, write_partial)
 
 
 #: float32 inputs (IEEE dots on CUDA cores, no tensor cores) keep only tiles with
@@ -209,9 +239,10 @@ FP32_MAX_TILE_VOLUME = 32 * 32 * 256
 
 def make_pruner(kernel: str, smem_limit: int | None = None):
     """An ``early_config_prune`` hook: drop tiles larger than the problem (a tile of 128 text tokens for M = 32 only
-    wastes work), configurations whose operands cannot fit in shared memory, for float32 inputs the tiles above
-    :data:`FP32_MAX_TILE_VOLUME`, and for half inputs the 16-wide tiles unless the problem is that small.  Never
-    returns an empty list.  ``smem_limit`` (bytes per block) defaults to the current CUDA device's."""
+    wastes work), configurations that cannot fit in shared memory (:func:`shared_memory_estimate`), for float32
+    inputs the tiles above :data:`FP32_MAX_TILE_VOLUME` (the rest ordered smallest first), and for half inputs the
+    16x16 tiles unless the problem is that small.  Keeps the candidates' order; never returns an empty list.
+    ``smem_limit`` (bytes per block) defaults to the current CUDA device's."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -221,14 +252,16 @@ def make_pruner(kernel: str, smem_limit: int | None = None):
         ref = next((v for v in named_args.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
         elem = 4 if ref is None else ref.element_size()
         limit = _smem_limit() if smem_limit is None else smem_limit
-        fitting = [c for c in configs if _operand_bytes(kernel, c, bd, elem) <= limit]
-        fitting = fitting or [min(configs, key=lambda c: _operand_bytes(kernel, c, bd, elem))]
+        partial = bool(args.get("WRITE_PARTIAL", True))
+        fitting = [c for c in configs if _operand_bytes(kernel, c, bd, elem, partial) <= limit]
+        fitting = fitting or [min(configs, key=lambda c: _operand_bytes(kernel, c, bd, elem, partial))]
         if elem == 4:
+            # smallest first: at head dim 256 only 16x16 compiles without spilling in fp32
             small = [c for c in fitting if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_T"] * bd <= FP32_MAX_TILE_VOLUME]
-            fitting = small or fitting
+            fitting = sorted(small, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_T"]) or fitting
         elif m_cap >= 32 and n_cap >= 32:
             # half inputs use tensor cores: 16x16 tiles only pay off for problems that small
-            fitting = [c for c in fitting if min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_T"]) >= 32] or fitting
+            fitting = [c for c in fitting if max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_T"]) >= 32] or fitting
         sized = [c for c in fitting if c.kwargs["BLOCK_T"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
         return sized or [min(fitting, key=lambda c: (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"]))]
 

@@ -15,9 +15,11 @@ Conventions shared with the backward kernels:
   too (``lse2 = LSE * log2(e)``).  ``clamp`` is applied to ``s2`` at ``clamp * log2(e)``;
 * a row/column with no admissible key stores ``lse2 = +inf`` and a zero output, so every later ``exp2(s2 - lse2)``
   is exactly 0 (never NaN);
-* dropout keeps an element when its Philox uniform ``u >= p``; the uniform of element (n, m) of (b, h) is a pure
-  function of ``(seed, n, m, b*H + h)``: tile sizes, split counts and the forward/backward pass do not change it.
-  The image direction uses the first Philox output word, the text direction the second (independent masks);
+* dropout keeps an element when its Philox uniform ``u >= p``; the uniforms of element (n, m) of (b, h) are a pure
+  function of ``(seed, n, m, b*H + h)``: tile sizes, split counts and the forward/backward pass do not change them.
+  One Philox4x32-10 call (counter ``(n, m // 4, b*H + h, 0)``) serves 4 logits, one 32-bit word each; the image
+  direction uses the word's low 16 bits, the text direction its high 16 bits (independent masks, ``p`` resolved to
+  ``2**-16``; ``_dropout_uniforms``);
 * ``N_BUCKET`` (``bit_length(N - 1)``) is not read by the kernels: it only keys the autotuner on CUDA.
 
 Both directions run the same online-softmax loop, ``_attend``, with the roles of image and text tokens swapped.
@@ -62,22 +64,31 @@ def _philox4x32(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _philox_uniforms(seed_lo, seed_hi, n_idx, t_idx, bh):
-    """Two independent U[0, 1) blocks for the elements ``(n_idx, t_idx)`` of batch-head ``bh``.
+def _dropout_uniforms(seed_lo, seed_hi, offs_n, m_start, bh,
+                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, TEXT_ROWS: tl.constexpr):
+    """Both directions' dropout uniforms of the logits ``(offs_n[i], m_start + j)`` of batch-head ``bh``, drawn with
+    one Philox4x32-10 call per 4 logits.
 
-    ``n_idx`` (image positions) and ``t_idx`` (text positions) are int32 blocks that broadcast against each other
-    (``[R, 1]`` with ``[1, C]`` or the transpose); the counter is ``(n, m, b*H + h, 0)`` and the key the 62-bit seed
-    given as two 31-bit halves.  Returns ``(u_image_direction, u_text_direction)`` with 24-bit resolution.
+    Logit ``(n, m)`` takes word ``m % 4`` of ``Philox(counter=(n, m // 4, bh, 0), key=(seed_lo, seed_hi))``: its low
+    16 bits are the image direction's uniform, its high 16 bits the text direction's (disjoint bits of one draw, so
+    the two masks are independent).  ``offs_n`` ``[BLOCK_N]`` are image positions, ``m_start`` (a multiple of 4, as
+    every text tile start is) the first text position.  Returns ``(u_v, u_l)``, fp32 multiples of ``2**-16`` in
+    ``[0, 1)``, shaped ``[BLOCK_N, BLOCK_T]`` (rows = image tokens) or, with ``TEXT_ROWS``, ``[BLOCK_T, BLOCK_N]``.
     """
-    zero = (n_idx * 0 + t_idx * 0).to(tl.uint32)
-    c0 = n_idx.to(tl.uint32) + zero
-    c1 = t_idx.to(tl.uint32) + zero
+    g = m_start // 4 + tl.arange(0, BLOCK_T // 4)  # groups of 4 text positions
+    zero = (offs_n[:, None] * 0 + g[None, :] * 0).to(tl.uint32)
+    c0 = offs_n[:, None].to(tl.uint32) + zero
+    c1 = g[None, :].to(tl.uint32) + zero
     c2 = zero + bh.to(tl.uint32)
     k0 = zero + seed_lo.to(tl.uint32)
     k1 = zero + seed_hi.to(tl.uint32)
-    r0, r1, _r2, _r3 = _philox4x32(c0, c1, c2, zero, k0, k1)
-    inv = 1.0 / 16777216.0
-    return (r0 >> 8).to(tl.float32) * inv, (r1 >> 8).to(tl.float32) * inv
+    r0, r1, r2, r3 = _philox4x32(c0, c1, c2, zero, k0, k1)  # [BLOCK_N, BLOCK_T // 4] each
+    # interleave: position 4 g + i of a row takes r_i (join adds a minor dim: [..., 2, 2] holds r0 r1 / r2 r3)
+    w = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_N, BLOCK_T])
+    if TEXT_ROWS:
+        w = tl.trans(w)
+    inv = 1.0 / 65536.0
+    return (w & 0xFFFF).to(tl.float32) * inv, (w >> 16).to(tl.float32) * inv
 
 
 @triton.jit
@@ -88,7 +99,7 @@ def _keep_mask_kernel(KEEP_V, KEEP_L, seed_lo, seed_hi, p_drop, N, M, BLOCK_N: t
     bh = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    u_v, u_l = _philox_uniforms(seed_lo, seed_hi, offs_n[:, None], offs_t[None, :], bh)
+    u_v, u_l = _dropout_uniforms(seed_lo, seed_hi, offs_n, pid_t * BLOCK_T, bh, BLOCK_N, BLOCK_T, False)
     ok = (offs_n[:, None] < N) & (offs_t[None, :] < M)
     base = bh.to(tl.int64) * N * M
     ptrs = base + offs_n[:, None].to(tl.int64) * M + offs_t[None, :]
@@ -128,7 +139,7 @@ def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, mask, UPCAST: tl.constex
 
 @triton.jit
 def _attend(
-    a, rows, K, V, stride_kl, stride_kd, stride_vl, stride_vd, KEY_MASK, key_lo, key_hi, key_end,
+    a, rows, row_start, K, V, stride_kl, stride_kd, stride_vl, stride_vd, KEY_MASK, key_lo, key_hi, key_end,
     offs_d, d_ok, bh, seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2,
     HAS_KEY_MASK: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_DROPOUT: tl.constexpr, IMAGE_ROWS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -139,7 +150,8 @@ def _attend(
     Image direction (``IMAGE_ROWS``): rows are image tokens, ``a`` the q tile, keys/values the text tokens' k / v_l.
     Text direction: rows are text tokens, ``a`` the k tile, keys/values the image tokens' q / v_v.
 
-    ``a`` ``[BLOCK_R, BLOCK_D]`` (zero-padded), ``rows`` ``[BLOCK_R]`` its token positions (dropout counters);
+    ``a`` ``[BLOCK_R, BLOCK_D]`` (zero-padded), ``rows`` ``[BLOCK_R]`` its token positions starting at ``row_start``
+    (dropout counters);
     ``K``, ``V`` the (b, h) slices of the key operand and the values, ``(L, D)`` strided; ``KEY_MASK`` row b of the
     keys' uint8 padding mask (read with ``HAS_KEY_MASK``); keys at positions ``>= key_end`` are excluded.  Key tiles
     of ``BLOCK_K``; dropout keeps ``p`` where the direction's Philox uniform is ``>= p_drop`` (module docstring).
@@ -174,10 +186,10 @@ def _attend(
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
         if HAS_DROPOUT:
-            if IMAGE_ROWS:  # image-direction mask: first word, counter (row n, key m)
-                u, _u = _philox_uniforms(seed_lo, seed_hi, rows[:, None], key[None, :], bh)
-            else:  # text-direction mask: second word, counter (key n, row m)
-                _u, u = _philox_uniforms(seed_lo, seed_hi, key[None, :], rows[:, None], bh)
+            if IMAGE_ROWS:  # image-direction mask: rows are image tokens n, keys the text tokens from k0
+                u, _u = _dropout_uniforms(seed_lo, seed_hi, rows, k0, bh, BLOCK_R, BLOCK_K, False)
+            else:  # text-direction mask: rows are text tokens from row_start, keys the image tokens
+                _u, u = _dropout_uniforms(seed_lo, seed_hi, key, row_start, bh, BLOCK_K, BLOCK_R, True)
             p = tl.where(u >= p_drop, p * keep_scale, 0.0)
 
         v = tl.load(V + key[:, None] * stride_vl + offs_d[None, :] * stride_vd,
@@ -225,7 +237,7 @@ def _fwd_rows_kernel(
         t_hi = M
     # online softmax over the text tiles [0, t_hi)
     acc, m_i, l_i = _attend(
-        q, offs_n, K + b * stride_kb + h * stride_kh, VL + b * stride_vb + h * stride_vh,
+        q, offs_n, tl.program_id(0) * BLOCK_N, K + b * stride_kb + h * stride_kh, VL + b * stride_vb + h * stride_vh,
         stride_km, stride_kd, stride_vm, stride_vd, TMASK + b * M, 0, t_hi, M,
         offs_d, d_ok, bh, seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2,
         HAS_KEY_MASK=HAS_TMASK, HAS_CLAMP=HAS_CLAMP, HAS_DROPOUT=HAS_DROPOUT, IMAGE_ROWS=True,
@@ -276,7 +288,7 @@ def _fwd_cols_kernel(
 
     # online softmax over the image tiles [n_lo, n_hi) of this split
     acc, m_i, l_i = _attend(
-        k, offs_t, Q + b * stride_qb + h * stride_qh, VV + b * stride_vb + h * stride_vh,
+        k, offs_t, tl.program_id(0) * BLOCK_T, Q + b * stride_qb + h * stride_qh, VV + b * stride_vb + h * stride_vh,
         stride_qn, stride_qd, stride_vn, stride_vd, IMASK + b * N, n_lo, n_hi, n_hi,
         offs_d, d_ok, bh, seed_lo, seed_hi, p_drop, keep_scale, qk_scale, clamp2,
         HAS_KEY_MASK=HAS_IMASK, HAS_CLAMP=HAS_CLAMP, HAS_DROPOUT=HAS_DROPOUT, IMAGE_ROWS=False,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -11,10 +10,12 @@ import torch
 import triton
 import triton.runtime.errors
 
-from ..attention import _check_mask, _check_shapes, _check_tensors  # glip_fusion.attention never imports triton
+# glip_fusion.attention never imports triton: the shared validation lives there
+from ..attention import _check_second_clamp
+from ..attention import _validate as _validate_inputs
 from . import _bwd, _config, _fwd
+from ._envelope import envelope_violation
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 _CALLER = "bi_attention_triton"  # prefix of every validation message
 
@@ -42,59 +43,22 @@ class _Problem:
     upcast: bool
 
 
-def _check_bool_mask(mask, name: str) -> None:
-    """A mask given as a tensor must be bool (the kernels read it as bytes, True = real)."""
-    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
-        raise TypeError(
-            f"{_CALLER}: {name} must have dtype torch.bool (True = real token), got {mask.dtype}; "
-            f"convert a 0/1 mask with `{name}.bool()`"
-        )
-
-
 def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, fp32_precision):
-    """The checks of :func:`glip_fusion.bi_attention` (shared code) plus the kernels' envelope.
+    """:func:`glip_fusion.bi_attention`'s validation (the shared function, messages prefixed with the caller), then
+    the kernels' envelope (:mod:`._envelope`), the second-clamp limit and ``fp32_precision``.
 
-    Returns ``(text_mask, image_mask, scale, dropout_p, clamp)`` with the numbers as Python floats.
+    Returns ``(scale, dropout_p, clamp, seed)`` as Python numbers (``scale`` defaulting to ``D ** -0.5``).
     """
-    _check_tensors(q, k, v_v, v_l, _CALLER)
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"{_CALLER}: q has dtype {q.dtype}; supported: float16, bfloat16, float32")
-    # One head dim for all four inputs (bi_attention's other backends allow value dims of their own).
-    B, H, N, D = q.shape
-    M = k.shape[2]
-    if tuple(v_v.shape) != (B, H, N, D):
-        raise ValueError(f"{_CALLER}: v_v must have the shape of q {(B, H, N, D)}, got {tuple(v_v.shape)}")
-    if tuple(v_l.shape) != (B, H, M, D):
-        raise ValueError(f"{_CALLER}: v_l must have the shape of k {(B, H, M, D)}, got {tuple(v_l.shape)}")
-    _check_shapes(q, k, v_v, v_l, _CALLER)
-    if M > _config.MAX_TEXT_LEN:
-        raise ValueError(f"{_CALLER}: text length M = {M} > {_config.MAX_TEXT_LEN} is not supported by the "
-                         "triton backend; use backend='sdpa' or 'reference'")
-    if not _config.MIN_HEAD_DIM <= D <= _config.MAX_HEAD_DIM:
-        raise ValueError(f"{_CALLER}: head dim D = {D} outside the supported range "
-                         f"[{_config.MIN_HEAD_DIM}, {_config.MAX_HEAD_DIM}]")
-    if not _config.interpreting():
-        if q.device.type != "cuda":
-            raise ValueError(f"{_CALLER}: inputs must be CUDA tensors, got device {q.device} (CPU tensors "
-                             "are only accepted under the Triton interpreter, TRITON_INTERPRET=1)")
-    for mask, name, shape in ((text_mask, "text_mask", (B, M)), (image_mask, "image_mask", (B, N))):
-        _check_bool_mask(mask, name)
-        _check_mask(mask, name, shape, q.device, _CALLER)
-    scale = D ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{_CALLER}: scale must be finite, got {scale}")
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{_CALLER}: dropout_p must be in [0, 1), got {dropout_p}")
-    if clamp is not None:
-        clamp = float(clamp)
-        if not clamp > 0:
-            raise ValueError(f"{_CALLER}: clamp must be positive or None, got {clamp}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"{_CALLER}: seed must be an int or None, got {seed!r}")
+    scale, dropout_p, clamp, seed = _validate_inputs(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp,
+                                                     seed, caller=_CALLER)
+    problem = envelope_violation(q, k, v_v, v_l, _config.interpreting())
+    if problem is not None:
+        exc, message = problem
+        raise exc(f"{_CALLER}: {message}")
+    _check_second_clamp("triton", clamp, q.shape[2], q.dtype)
     if fp32_precision not in _FP32_PRECISIONS:
         raise ValueError(f"{_CALLER}: fp32_precision must be one of {_FP32_PRECISIONS}, got {fp32_precision!r}")
-    return text_mask, image_mask, scale, dropout_p, clamp
+    return scale, dropout_p, clamp, seed
 
 
 def _unit_last_dim(t: torch.Tensor) -> torch.Tensor:
@@ -255,40 +219,42 @@ def _backward(q, k, v_v, v_l, o_v, o_l, lse_v, lse_l, do_v, do_l, tmask_u8, thi,
                   HAS_CLAMP=pb.clamp is not None, HAS_DROPOUT=pb.dropout_p > 0.0, UPCAST=pb.upcast,
                   PRECISION=_precision(q.dtype, pb.precision), BLOCK_D=bd)
 
-    _launch(
-        _config.BWD_ROWS, _bwd._bwd_rows_kernel, _bwd.bwd_rows_tuned,
-        lambda bn, bt: (triton.cdiv(N, bn), BH), N, M,
-        q, k, v_v, v_l, do_v, do_l, dq, dvv,
-        lse_v, lse_l, delta_v, delta_l, tmask_u8, thi, imask_u8,
-        *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale,
-        *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l),
-        *_strides(dq), *_strides(dvv),
-        H, N, M, D, _config.n_bucket(N),
-        **common,
-    )
+    row_args = (q, k, v_v, v_l, do_v, do_l)
+    row_rest = (lse_v, lse_l, delta_v, delta_l, tmask_u8, thi, imask_u8,
+                *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale,
+                *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l))
+    # one gradient per launch: dQ, then dV_v (image tiles over the text axis)
+    for name, tuned, out, values in ((_config.BWD_ROWS_DQ, _bwd.bwd_rows_dq_tuned, dq, False),
+                                     (_config.BWD_ROWS_DV, _bwd.bwd_rows_dv_tuned, dvv, True)):
+        _launch(
+            name, _bwd._bwd_rows_kernel, tuned,
+            lambda bn, bt: (triton.cdiv(N, bn), BH), N, M,
+            *row_args, out, *row_rest, *_strides(out),
+            H, N, M, D, _config.n_bucket(N),
+            VALUES=values, **common,
+        )
 
     ns = pb.num_splits
     write_partial = ns > 1
-    if write_partial:
-        pdk = torch.empty(BH, ns, M, D, device=dev, dtype=torch.float32)
-        pdvl = torch.empty(BH, ns, M, D, device=dev, dtype=torch.float32)
-    else:
-        pdk = pdvl = delta_l  # never touched by the kernel
-    _launch(
-        _config.BWD_COLS, _bwd._bwd_cols_kernel, _bwd.bwd_cols_tuned,
-        lambda bn, bt: (triton.cdiv(M, bt), ns, BH), N, M,
-        q, k, v_v, v_l, do_v, do_l, dk, dvl, pdk, pdvl,
-        lse_v, lse_l, delta_v, delta_l, tmask_u8, imask_u8,
-        *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale, pb.split_len, ns,
-        *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l),
-        *_strides(dk), *_strides(dvl),
-        H, N, M, D, _config.n_bucket(N),
-        WRITE_PARTIAL=write_partial, **common,
-    )
-    if write_partial:
-        # fixed-order reduction over the splits (torch.sum has no atomics): deterministic
-        dk.copy_((pdk.sum(dim=1) * pb.scale).view(B, H, M, D))
-        dvl.copy_(pdvl.sum(dim=1).view(B, H, M, D))
+    # fp32 per-split partials, one buffer reused by both passes
+    part = torch.empty(BH, ns, M, D, device=dev, dtype=torch.float32) if write_partial else delta_l
+    col_rest = (lse_v, lse_l, delta_v, delta_l, tmask_u8, imask_u8,
+                *_seed_words(pb.seed), pb.dropout_p, keep_scale, qk_scale, clamp2, pb.scale, pb.split_len, ns,
+                *_strides(q), *_strides(k), *_strides(v_v), *_strides(v_l), *_strides(do_v), *_strides(do_l))
+    # dK, then dV_l (text tiles over a split of the image axis)
+    for name, tuned, out, values in ((_config.BWD_COLS_DK, _bwd.bwd_cols_dk_tuned, dk, False),
+                                     (_config.BWD_COLS_DV, _bwd.bwd_cols_dv_tuned, dvl, True)):
+        _launch(
+            name, _bwd._bwd_cols_kernel, tuned,
+            lambda bn, bt: (triton.cdiv(M, bt), ns, BH), N, M,
+            *row_args, out, part, *col_rest, *_strides(out),
+            H, N, M, D, _config.n_bucket(N),
+            VALUES=values, WRITE_PARTIAL=write_partial, **common,
+        )
+        if write_partial:
+            # fixed-order reduction over the splits (torch.sum has no atomics): deterministic
+            total = part.sum(dim=1)
+            out.copy_((total if values else total * pb.scale).view(B, H, M, D))
     return dq, dk, dvv, dvl
 
 
@@ -341,7 +307,10 @@ def bi_attention_triton(q, k, v_v, v_l, text_mask=None, image_mask=None, *, scal
         image_mask: ``(B, N)`` bool, True = real pixel; None = all real (official GLIP).
         scale: logit scale, default ``D ** -0.5``; ``S = scale * q @ k^T`` (fp32 accumulation).
         dropout_p: dropout on both probability maps (independent Philox masks, scaled by ``1/(1-p)``).
-        clamp: ``S`` is clamped to ``[-clamp, clamp]`` (GLIP's ±50000); None disables it.
+        clamp: ``S`` is clamped to ``[-clamp, clamp]`` (GLIP's ±50000); None disables it.  GLIP's second clamp of
+            the text direction is not applied, so a clamp below
+            :func:`glip_fusion.attention.second_clamp_threshold` ``(N, dtype)`` (where it would matter) raises
+            ``ValueError``.
         seed: Philox seed (any int; used modulo ``2**62``); the same seed gives the same masks.  None draws one from
             ``torch``'s default CPU generator (so ``torch.manual_seed`` makes runs reproducible).
         skip_masked_text: the caller promises that ``o_l`` rows of padded text tokens are unused: they are returned
@@ -357,8 +326,8 @@ def bi_attention_triton(q, k, v_v, v_l, text_mask=None, image_mask=None, *, scal
         ``o_v = 0`` (never NaN); one whose image is all padding gets ``o_l = 0``.  Deterministic: run-to-run
         bitwise identical for the same inputs and seed (no atomics).
     """
-    text_mask, image_mask, scale, dropout_p, clamp = _validate(
-        q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, fp32_precision)
+    scale, dropout_p, clamp, seed = _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed,
+                                              fp32_precision)
     B, H, N, D = q.shape
     M = k.shape[2]
     if dropout_p > 0.0 and seed is None:
