@@ -303,10 +303,11 @@ class GLIP(nn.Module):
         classes: Sequence[str] | Sequence[Sequence[str]] | None = None,
         prompt: str | Sequence[str] | None = None,
         threshold: float = 0.5,
-        max_detections: int = 100,
+        max_detections: int | None = 100,
         min_size: int = 800,
         max_size: int = 1333,
         *,
+        max_detections_per_prompt: int | None = None,
         batch_size: int = 1,
         classes_per_prompt: int | None = 40,
         pad_text_to_max: bool = False,
@@ -322,8 +323,10 @@ class GLIP(nn.Module):
                 for all images, or one per image); its ``.``-separated phrases are the classes.
             threshold: keep detections whose final score is at least this (0.0 keeps every post-processed one).
             max_detections: per image, after merging prompts (official rule: scores >= the k-th best; ties may keep
-                a few more).
+                a few more); ``None``: no cap.
             min_size, max_size: test-time resize (shorter side, longer-side cap).
+            max_detections_per_prompt: cap applied to each prompt's post-processed output (the official
+                ``DETECTIONS_PER_IMG``, 300 for LVIS); ``None``: ``max_detections``.
             batch_size: images per forward pass.
             classes_per_prompt: chunk size for long vocabularies (official LVIS protocol: 40). ``None`` or 0: no class
                 limit, only the 256-token limit (the official COCO protocol runs its 80 classes as one prompt).
@@ -340,8 +343,8 @@ class GLIP(nn.Module):
         for i, names in enumerate(per_image_classes):
             queries += self._detection_queries(i, names, prompt=None if prompt is None else _nth(prompt, i),
                                                classes_per_prompt=classes_per_prompt)
-        detections = self._run(images, queries, min_size, max_size, batch_size, pad_text_to_max, dtype,
-                               max_detections)
+        per_prompt = max_detections if max_detections_per_prompt is None else max_detections_per_prompt
+        detections = self._run(images, queries, min_size, max_size, batch_size, pad_text_to_max, dtype, per_prompt)
         return [self._finish(det, names, threshold, max_detections) for det, names in zip(detections, per_image_classes)]
 
     @torch.no_grad()
@@ -351,7 +354,7 @@ class GLIP(nn.Module):
         captions: str | Sequence[str],
         phrases: Sequence[str] | Sequence[Sequence[str]] | None = None,
         threshold: float = 0.5,
-        max_detections: int = 100,
+        max_detections: int | None = 100,
         min_size: int = 800,
         max_size: int = 1333,
         *,
@@ -464,10 +467,11 @@ class GLIP(nn.Module):
 
     def _run(self, images, queries: list[_TextQuery], min_size, max_size, batch_size, pad_text_to_max, dtype,
              max_detections):
-        """Run every query; the image encoder runs once per image batch, the text side once per prompt."""
+        """Run every query; the image encoder runs once per image batch, the text side once per prompt.
+        ``max_detections`` caps each prompt's output (``None`` or 0: no cap)."""
         per_image: list[list[Detections]] = [[] for _ in images]
         postprocessor = ATSSPostProcessor(
-            dataclasses.replace(self.postprocessor.config, detections_per_image=max_detections),
+            dataclasses.replace(self.postprocessor.config, detections_per_image=max_detections or 0),
             self.postprocessor.box_coder,
         )
         by_image: dict[int, list[_TextQuery]] = {}
@@ -505,12 +509,12 @@ class GLIP(nn.Module):
                     per_image[idx[j]].append(Detections(det.boxes * scale, det.scores, labels))
         return per_image
 
-    def _finish(self, parts: list[Detections], names: list[str], threshold: float, max_detections: int) -> dict:
+    def _finish(self, parts: list[Detections], names: list[str], threshold: float, max_detections: int | None) -> dict:
         boxes = torch.cat([p.boxes for p in parts]) if parts else torch.zeros(0, 4)
         scores = torch.cat([p.scores for p in parts]) if parts else torch.zeros(0)
         labels = torch.cat([p.labels for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-        if len(parts) > 1 and max_detections > 0 and scores.numel() > max_detections:
-            # merged prompts: apply the per-image cap once more over all of them (same rule as one prompt)
+        if max_detections and max_detections > 0 and scores.numel() > max_detections:
+            # the per-image cap over all prompts (same rule as one prompt; a no-op when one prompt was capped alike)
             kth = torch.kthvalue(scores.cpu(), scores.numel() - max_detections + 1).values.item()
             keep = scores >= kth
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
