@@ -154,3 +154,14 @@ def test_odinw_protocol_per_dataset_and_mean(tmp_path, odinw, scripted_detector)
     names.write_text(json.dumps({"Nope": {}}))
     with pytest.raises(EvaluationError, match="unknown datasets"):
         evaluate(model2, "odinw", root, progress=False, verbose=False, class_names=str(names))
+
+
+def test_model_refusal_names_the_entry(flickr, scripted_detector):
+    ann, images, _ = flickr
+
+    class Refusing(scripted_detector):
+        def ground(self, *args, **kwargs):
+            raise ValueError("these phrases map to no tokens")
+
+    with pytest.raises(EvaluationError, match=r"separateGT_val\.json \(entry ids \[10\]\).*map to no tokens"):
+        evaluate(Refusing({}), "flickr30k", ann, images, progress=False, verbose=False)

@@ -161,8 +161,9 @@ def predict_detections(model: Any, protocol: DetectionProtocol, dataset: Detecti
             else:
                 loaded.append((i, image))
         if loaded:
+            where = f"{dataset.ann_file} (image ids {[dataset.image_ids[i] for i, _ in loaded]})"
             results = _call_model(
-                model.detect, str(dataset.ann_file), images=[img for _, img in loaded], classes=dataset.class_names,
+                model.detect, where, images=[img for _, img in loaded], classes=dataset.class_names,
                 threshold=protocol.threshold, max_detections=protocol.max_detections,
                 max_detections_per_prompt=protocol.max_detections_per_prompt,
                 classes_per_prompt=protocol.classes_per_prompt, batch_size=len(loaded), min_size=protocol.min_size,
@@ -198,7 +199,8 @@ def predict_grounding(model: Any, protocol: FlickrProtocol, dataset: FlickrDatas
         if loaded:
             entries = [dataset.entries[i] for i, _ in loaded]
             results = _call_model(
-                model.ground, str(dataset.ann_file), images=[img for _, img in loaded],
+                model.ground, f"{dataset.ann_file} (entry ids {[e.entry_id for e in entries]})",
+                images=[img for _, img in loaded],
                 captions=[e.caption for e in entries], phrases=[e.phrases for e in entries],
                 threshold=protocol.threshold, max_detections=protocol.max_detections, batch_size=len(loaded),
                 min_size=protocol.min_size, max_size=protocol.max_size)
