@@ -26,8 +26,8 @@ def _optional_int(text: str) -> int | None:
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``glip eval`` (for the ``glip`` command line to mount as a sub-command)."""
     p.add_argument("--protocol", required=True, choices=sorted(PROTOCOLS),
-                   help="coco | lvis-minival, lvis-val-fixed (Fixed AP) | lvis-val (300 per image) | flickr30k | odinw | "
-                        "custom")
+                   help="coco | lvis-minival, lvis-val-fixed (Fixed AP) | lvis-val (300 per image) | flickr30k | "
+                        "odinw | custom")
     p.add_argument("--weights", default=os.environ.get("GLIP_WEIGHTS"), metavar="PATH",
                    help="official .pth, a save_pretrained directory or a weights-recipe .json [$GLIP_WEIGHTS]")
     p.add_argument("--annotations", required=True, metavar="FILE",
