@@ -1,0 +1,4 @@
+"""``python -m glip_train.evaluation ...``: the same as ``glip eval ...``."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,524 @@
+"""The evaluation runner: images through the model (sharded over ranks), predictions gathered on rank 0, scored,
+written (``detections.json``, ``metrics.json``) and printed.
+
+The model is reached only through :class:`~glip_train.evaluation.model_api.Detector` (``detect`` / ``ground``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glip_data import load_image
+
+from .datasets import (
+    DetectionDataset,
+    EvaluationError,
+    FlickrDataset,
+    discover_odinw,
+    load_class_names,
+    load_detection_dataset,
+    load_flickr_dataset,
+)
+from .detections import ImagePredictions, ResultColumns, collect_results, load_results, top_k_per_group, write_results
+from .distributed import barrier, dist_info, gather_to_main, shard_indices
+from .metrics import coco_box_metrics, grounding_recall, lvis_box_metrics
+from .protocols import DetectionProtocol, EvalProtocol, FlickrProtocol, LVISProtocol, ODinWProtocol, get_protocol
+from .report import counts_lines, metrics_table
+
+__all__ = [
+    "EvalResult",
+    "evaluate",
+    "evaluate_detections",
+    "predict_detections",
+    "predict_grounding",
+    "score_detections",
+    "score_grounding",
+]
+
+
+@dataclass
+class EvalResult:
+    """The outcome of one evaluation (on rank 0).
+
+    Attributes:
+        protocol: every parameter of the protocol.
+        metrics: the metrics (fractions in [0, 1]; -1 where a group has no ground truth).
+        report: counts of images, detections, and everything skipped, filled or relocated.
+        table: the printed table.
+        out_dir: where ``detections.json`` and ``metrics.json`` were written (None: not written).
+    """
+
+    protocol: dict[str, Any]
+    metrics: dict[str, Any]
+    report: dict[str, Any]
+    table: str
+    out_dir: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# prediction (every rank)
+
+
+def _batches(indices: Sequence[int], size: int) -> list[list[int]]:
+    return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+
+
+def _read(path: Path, where: str, on_bad_image: str, counts: Counter) -> Any | None:
+    """The image as PIL RGB, or None (counted) when it cannot be read and ``on_bad_image="skip"``."""
+    try:
+        # annotations refer to the stored pixels, as the official loader reads them (it ignores EXIF orientation)
+        return load_image(path, where=where, exif_transpose=False)
+    except OSError as exc:
+        if on_bad_image == "raise":
+            raise EvaluationError(f"{exc} (pass on_bad_image='skip' to evaluate it as an image without "
+                                  "detections)") from None
+        counts["images_unreadable_skipped"] += 1
+        warnings.warn(f"skipped: {exc}", stacklevel=3)
+        return None
+
+
+def _scale(image: Any, annotated: tuple[int, int], counts: Counter) -> tuple[float, float]:
+    """Boxes of the decoded image -> the annotated frame (the official evaluation rescales to the annotated size)."""
+    w, h = annotated
+    if image.width == w and image.height == h:
+        return 1.0, 1.0
+    counts["images_size_differs_from_annotation"] += 1
+    return w / image.width, h / image.height
+
+
+def _call_model(fn, where: str, **kwargs) -> list[dict[str, Any]]:
+    try:
+        return fn(**kwargs)
+    except ValueError as exc:  # e.g. a class name or phrase that maps to no token
+        raise EvaluationError(f"{where}: the model refused the input: {exc}") from exc
+
+
+def check_class_tokens(model: Any, dataset: DetectionDataset, classes_per_prompt: int) -> int | None:
+    """Check every class name of ``dataset`` maps to tokens within the model's text limit (when the model exposes
+    its ``tokenizer``) and return the number of prompts per image (None when it cannot be known).
+
+    Raises:
+        EvaluationError: a name that maps to no token or does not fit alone in a prompt (file, id and name).
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    from glip_data import chunk_classes, detection_prompt, spans_to_tokens
+
+    max_tokens = int(getattr(getattr(model, "config", None), "max_text_len", 256))
+    names = dataset.class_names
+    try:
+        chunks = chunk_classes(names, tokenizer, max_classes=classes_per_prompt or None, max_tokens=max_tokens)
+    except ValueError as exc:
+        raise EvaluationError(f"{dataset.ann_file}: {exc}") from None
+    for chunk in chunks:
+        prompt, spans = detection_prompt([names[i] for i in chunk])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported below, with the file and the category
+            tokens = spans_to_tokens(tokenizer, prompt, spans)
+        empty = [chunk[j] for j, t in enumerate(tokens) if not t]
+        if empty:
+            bad = ", ".join(f"id {dataset.category_ids[i]!r} ({names[i]!r})" for i in empty)
+            raise EvaluationError(f"{dataset.ann_file}: category name(s) that map to no token: {bad}; give them a "
+                                  "usable name with a class-name override file")
+    return len(chunks)
+
+
+def predict_detections(model: Any, protocol: DetectionProtocol, dataset: DetectionDataset, indices: Sequence[int],
+                       *, on_bad_image: str = "raise", progress: bool = False) -> tuple[dict[int, ImagePredictions],
+                                                                                         Counter]:
+    """Run ``model.detect`` on the images at ``indices`` (one shard) with the dataset's classes.
+
+    Returns:
+        ``({image position: predictions in the annotated frame}, counts)``.
+    """
+    counts: Counter = Counter()
+    out: dict[int, ImagePredictions] = {}
+    bar = _progress(len(indices), f"{protocol.name} {dataset.name}", progress)
+    for batch in _batches(indices, protocol.batch_size):
+        loaded = []
+        for i in batch:
+            image = _read(dataset.image_paths[i], f"{dataset.ann_file.name}, image id {dataset.image_ids[i]!r}",
+                          on_bad_image, counts)
+            if image is None:
+                out[i] = ImagePredictions.empty(unreadable=True)
+            else:
+                loaded.append((i, image))
+        if loaded:
+            where = f"{dataset.ann_file} (image ids {[dataset.image_ids[i] for i, _ in loaded]})"
+            results = _call_model(
+                model.detect, where, images=[img for _, img in loaded], classes=dataset.class_names,
+                threshold=protocol.threshold, max_detections=protocol.max_detections,
+                max_detections_per_prompt=protocol.max_detections_per_prompt,
+                classes_per_prompt=protocol.classes_per_prompt, batch_size=len(loaded), min_size=protocol.min_size,
+                max_size=protocol.max_size)
+            if len(results) != len(loaded):
+                raise RuntimeError(f"the model returned {len(results)} results for {len(loaded)} images")
+            for (i, image), res in zip(loaded, results):
+                out[i] = ImagePredictions.from_model(res, _scale(image, dataset.image_sizes[i], counts))
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return out, counts
+
+
+def predict_grounding(model: Any, protocol: FlickrProtocol, dataset: FlickrDataset, indices: Sequence[int],
+                      *, on_bad_image: str = "raise", progress: bool = False) -> tuple[dict[int, ImagePredictions],
+                                                                                        Counter]:
+    """Run ``model.ground`` on the sentences at ``indices``; labels of the predictions index the entry's phrases."""
+    counts: Counter = Counter()
+    out: dict[int, ImagePredictions] = {}
+    bar = _progress(len(indices), f"{protocol.name} {dataset.name}", progress)
+    for batch in _batches(indices, protocol.batch_size):
+        loaded = []
+        for i in batch:
+            entry = dataset.entries[i]
+            image = _read(entry.image_path, f"{dataset.ann_file.name}, entry id {entry.entry_id!r}", on_bad_image,
+                          counts)
+            if image is None:
+                out[i] = ImagePredictions.empty(unreadable=True)
+            else:
+                loaded.append((i, image))
+        if loaded:
+            entries = [dataset.entries[i] for i, _ in loaded]
+            results = _call_model(
+                model.ground, f"{dataset.ann_file} (entry ids {[e.entry_id for e in entries]})",
+                images=[img for _, img in loaded],
+                captions=[e.caption for e in entries], phrases=[e.phrases for e in entries],
+                threshold=protocol.threshold, max_detections=protocol.max_detections, batch_size=len(loaded),
+                min_size=protocol.min_size, max_size=protocol.max_size)
+            if len(results) != len(loaded):
+                raise RuntimeError(f"the model returned {len(results)} results for {len(loaded)} images")
+            for (i, image), res in zip(loaded, results):
+                out[i] = ImagePredictions.from_model(res, _scale(image, dataset.entries[i].image_size, counts))
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return out, counts
+
+
+def _gather(predictions: dict[int, ImagePredictions], counts: Counter, n: int):
+    """All ranks' predictions on rank 0 as a list in dataset order, with the summed counts; (None, None) elsewhere."""
+    gathered = gather_to_main((predictions, counts))
+    if gathered is None:
+        return None, None
+    merged: dict[int, ImagePredictions] = {}
+    total: Counter = Counter()
+    for preds, c in gathered:
+        merged.update(preds)
+        total.update(c)
+    missing = [i for i in range(n) if i not in merged]
+    if missing:
+        raise RuntimeError(f"no predictions gathered for {len(missing)} items (first: position {missing[0]})")
+    return [merged[i] for i in range(n)], total
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scoring (rank 0)
+
+
+def _select(protocol: DetectionProtocol, columns: ResultColumns, counts: Counter) -> ResultColumns:
+    """The detections the protocol scores: Fixed AP's best per category, or the per-image cap of standard LVIS."""
+    if isinstance(protocol, LVISProtocol):
+        if protocol.fixed_ap:
+            k = protocol.max_detections_per_category
+            per_cat = np.bincount(columns.label) if len(columns) else np.zeros(0, np.int64)
+            counts["categories_over_budget"] = int((per_cat > k).sum())
+            counts["categories_below_budget"] = int(((per_cat > 0) & (per_cat < k)).sum())
+            rows = top_k_per_group(columns.label, columns.score, k)
+        else:
+            rows = top_k_per_group(columns.image_index, columns.score, protocol.max_detections)
+        counts["detections_dropped_by_selection"] = len(columns) - len(rows)
+        return columns.take(rows)
+    return columns
+
+
+def score_detections(protocol: DetectionProtocol, dataset: DetectionDataset, columns: ResultColumns,
+                     out_dir: Path | None = None, counts: Counter | None = None) -> dict[str, Any]:
+    """Select (per the protocol), write ``detections.json`` and score with COCOeval / LVISEval.
+
+    Args:
+        columns: every detection, ``bbox`` already in COCO ``[x, y, w, h]``.
+    """
+    counts = counts if counts is not None else Counter()
+    selected = _select(protocol, columns, counts)
+    records = list(selected.records(dataset))
+    counts["detections_scored"] = len(records)
+    counts["images_without_detections"] = len(dataset) - len(np.unique(selected.image_index))
+    if out_dir is not None:
+        write_results(out_dir / "detections.json", records)
+    if dataset.kind == "lvis":
+        from .lvis_compat import lvis_from_dict
+
+        fixed = isinstance(protocol, LVISProtocol) and protocol.fixed_ap
+        max_dets = -1 if fixed or protocol.max_detections is None else protocol.max_detections
+        return lvis_box_metrics(lvis_from_dict(dataset.gt), records, max_dets, copy=False)
+    return coco_box_metrics(dataset.gt, records, dataset.category_ids, copy=False)  # records are written already
+
+
+def _phrase_relocations(dataset: FlickrDataset) -> int:
+    """Phrases whose text first occurs in the caption before the annotated span (the model grounds the first
+    occurrence; the official code uses the annotated span)."""
+    n = 0
+    for e in dataset.entries:
+        for text, spans in zip(e.phrases, e.phrase_spans):
+            m = re.search(re.escape(text), e.caption, flags=re.IGNORECASE)
+            n += int(m is not None and m.start() != spans[0][0])
+    return n
+
+
+def score_grounding(protocol: FlickrProtocol, dataset: FlickrDataset, predictions: Sequence[ImagePredictions],
+                    out_dir: Path | None = None, counts: Counter | None = None) -> dict[str, Any]:
+    """Rank each phrase's boxes, write ``detections.json`` (per sentence, per phrase: xyxy boxes best first, as the
+    official Flickr predictions) and compute Recall@k under the any-box and merged-box protocols."""
+    counts = counts if counts is not None else Counter()
+    ranked, gts, types, records = [], [], [], []
+    for entry, pred in zip(dataset.entries, predictions):
+        per_phrase_boxes, per_phrase_scores = [], []
+        for k in range(len(entry.phrases)):
+            rows = np.nonzero(pred.labels == k)[0]
+            rows = rows[np.argsort(-pred.scores[rows].astype(np.float64), kind="stable")]
+            ranked.append(pred.boxes[rows])
+            per_phrase_boxes.append(pred.boxes[rows].astype(np.float64).tolist())
+            per_phrase_scores.append(pred.scores[rows].astype(np.float64).tolist())
+        gts += entry.gt_boxes
+        types += entry.phrase_types
+        records.append({"image_id": entry.original_img_id, "sentence_id": entry.sentence_id,
+                        "entry_id": entry.entry_id, "phrases": entry.phrases, "boxes": per_phrase_boxes,
+                        "scores": per_phrase_scores})
+    counts["phrases"] = len(gts)
+    counts["phrases_grounded_at_an_earlier_occurrence"] = _phrase_relocations(dataset)
+    if out_dir is not None:
+        write_results(out_dir / "detections.json", records)
+    kw = dict(recall_at=protocol.recall_at, iou_threshold=protocol.iou_threshold)
+    return {"any_box": grounding_recall(ranked, gts, types, merge_gt=False, **kw),
+            "merged_box": grounding_recall(ranked, gts, types, merge_gt=True, **kw)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the entry points
+
+
+def _software() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("glip-train", "glip-data", "torch", "numpy", "pycocotools", "lvis"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _finish(protocol: EvalProtocol, metrics: dict[str, Any], counts: Counter, out_dir: Path | None,
+            sources: dict[str, Any], verbose: bool) -> EvalResult:
+    report = dict(sorted(counts.items()))
+    table = metrics_table(protocol.kind, metrics)
+    text = f"glip eval: {protocol.name}\n{table}\nreport:\n{counts_lines(report)}"
+    if out_dir is not None:
+        payload = {"protocol": protocol.to_dict(), "metrics": metrics, "report": report, **sources,
+                   "world_size": dist_info().world_size, "software": _software()}
+        (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    if verbose:
+        print(text)
+    return EvalResult(protocol.to_dict(), metrics, report, text, out_dir)
+
+
+def _prepare_out(out_dir: str | Path | None, is_main: bool) -> Path | None:
+    if out_dir is None:
+        return None
+    out = Path(out_dir)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _check_model(model: Any, method: str) -> None:
+    if not callable(getattr(model, method, None)):
+        raise TypeError(f"the model has no {method}() method (see glip_train.evaluation.Detector)")
+    if getattr(model, "training", False):
+        warnings.warn("the model is in training mode; call model.eval() for evaluation", stacklevel=3)
+
+
+def evaluate(
+    model: Any,
+    protocol: str | EvalProtocol,
+    annotations: str | Path | Sequence[Any],
+    images: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    on_bad_image: str = "raise",
+    progress: bool = True,
+    verbose: bool = True,
+    **overrides: Any,
+) -> EvalResult | None:
+    """Evaluate a model with one of the official protocols (or ``custom``).
+
+    Under ``torchrun`` (an initialised process group) every rank predicts its shard of the images; rank 0 gathers,
+    scores, writes and prints, and returns the result (the other ranks return None).
+
+    Args:
+        model: anything with the :class:`~glip_train.evaluation.Detector` methods (a ``glip_train.GLIP`` in eval
+            mode).
+        protocol: a name of :data:`~glip_train.evaluation.PROTOCOLS` or a protocol instance.
+        annotations: the annotation file (COCO / LVIS / MDETR format); for ``odinw`` a folder, a manifest or a list.
+        images: the image folder (default: the annotation file's folder).
+        out_dir: where to write ``detections.json`` and ``metrics.json`` (None: nothing is written).
+        on_bad_image: ``"raise"`` (an error naming the file and the record) or ``"skip"`` (counted; the image is
+            scored as one without detections).
+        progress: show a progress bar (rank 0).
+        verbose: print the table and the report.
+        overrides: protocol parameters to change (``classes_per_prompt=...``, ``max_detections=...``, ...).
+
+    Raises:
+        EvaluationError: bad input (the file and the record are named).
+    """
+    protocol = get_protocol(protocol, **overrides)
+    if on_bad_image not in ("raise", "skip"):
+        raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
+    info = dist_info()
+    out = _prepare_out(out_dir, info.is_main)
+    show = progress and info.is_main
+    sources = {"annotations": str(annotations) if isinstance(annotations, (str, Path)) else annotations,
+               "images": None if images is None else str(images)}
+    if isinstance(protocol, FlickrProtocol):
+        _check_model(model, "ground")
+        dataset = load_flickr_dataset(annotations, images, sentences_dir=protocol.sentences_dir)
+        preds, counts = predict_grounding(model, protocol, dataset, shard_indices(len(dataset), *info),
+                                          on_bad_image=on_bad_image, progress=show)
+        preds, counts = _gather(preds, counts, len(dataset))
+        if preds is None:
+            barrier()
+            return None
+        counts.update(dataset.notes)
+        counts["sentences"] = len(dataset)
+        metrics = score_grounding(protocol, dataset, preds, out, counts)
+        result = _finish(protocol, metrics, counts, out, sources, verbose)
+        barrier()
+        return result
+    _check_model(model, "detect")
+    if isinstance(protocol, ODinWProtocol):
+        return _evaluate_odinw(model, protocol, annotations, images, out, on_bad_image, show, verbose, sources)
+    kind = "lvis" if isinstance(protocol, LVISProtocol) else "coco"
+    dataset = load_detection_dataset(annotations, images, kind=kind, class_names=protocol.class_names)
+    metrics, counts = _run_detection(model, protocol, dataset, out, on_bad_image, show)
+    if metrics is None:
+        return None
+    return _finish(protocol, metrics, counts, out, sources, verbose)
+
+
+def _run_detection(model, protocol, dataset, out, on_bad_image, show):
+    info = dist_info()
+    prompts = check_class_tokens(model, dataset, protocol.classes_per_prompt)
+    preds, counts = predict_detections(model, protocol, dataset, shard_indices(len(dataset), *info),
+                                       on_bad_image=on_bad_image, progress=show)
+    preds, counts = _gather(preds, counts, len(dataset))
+    if preds is None:
+        barrier()
+        return None, None
+    counts.update(dataset.notes)
+    counts["images"] = len(dataset)
+    counts["classes"] = len(dataset.class_names)
+    if prompts is not None:
+        counts["prompts_per_image"] = prompts
+    counts["detections_predicted"] = sum(len(p.scores) for p in preds)
+    columns = collect_results(dataset, preds, protocol.box_convention)
+    metrics = score_detections(protocol, dataset, columns, out, counts)
+    barrier()
+    return metrics, counts
+
+
+def _evaluate_odinw(model, protocol: ODinWProtocol, annotations, images, out, on_bad_image, show, verbose, sources):
+    entries = discover_odinw(annotations, images, protocol.dataset_glob)
+    overrides: dict[str, Any] = {}
+    if protocol.class_names is not None:
+        from glip_data.readers.base import read_json
+
+        overrides = read_json(protocol.class_names)
+        known = {e.name for e in entries}
+        if not isinstance(overrides, dict) or not set(overrides) <= known:
+            extra = sorted(set(overrides) - known) if isinstance(overrides, dict) else overrides
+            raise EvaluationError(f"{protocol.class_names}: ODinW class names are {{dataset name: overrides}}; "
+                                  f"unknown datasets {extra}; known: {sorted(known)}")
+    per_dataset: dict[str, Any] = {}
+    counts: Counter = Counter()
+    all_records: dict[str, Any] = {}
+    for entry in entries:
+        dataset = load_detection_dataset(entry.ann_file, entry.image_root, kind="coco", name=entry.name)
+        if entry.name in overrides:
+            dataset.class_names = load_class_names(overrides[entry.name], dataset.category_ids, dataset.class_names,
+                                                   where=f"{entry.ann_file} ({entry.name})")
+        sub_out = None
+        if out is not None and dist_info().is_main:
+            sub_out = out / "datasets" / entry.name
+            sub_out.mkdir(parents=True, exist_ok=True)
+        metrics, sub_counts = _run_detection(model, protocol, dataset, sub_out, on_bad_image, show)
+        if metrics is None:
+            continue
+        per_dataset[entry.name] = metrics
+        counts.update({f"{entry.name}: {k}": v for k, v in sub_counts.items()})
+        if sub_out is not None:
+            all_records[entry.name] = json.loads((sub_out / "detections.json").read_text(encoding="utf-8"))
+    if not dist_info().is_main:
+        return None
+    metrics = {"AP": float(np.mean([m["AP"] for m in per_dataset.values()])),
+               "AP50": float(np.mean([m["AP50"] for m in per_dataset.values()])),
+               "datasets": per_dataset}
+    if out is not None:
+        (out / "detections.json").write_text(json.dumps(all_records) + "\n", encoding="utf-8")
+    return _finish(protocol, metrics, counts, out, {**sources, "datasets": [dataclasses.asdict(e) for e in entries]},
+                   verbose)
+
+
+def evaluate_detections(
+    protocol: str | EvalProtocol,
+    annotations: str | Path,
+    detections: str | Path | list,
+    out_dir: str | Path | None = None,
+    *,
+    verbose: bool = False,
+    **overrides: Any,
+) -> EvalResult:
+    """Score existing COCO-format detections (a ``detections.json`` or the list) with a detection protocol.
+
+    The protocol's selection applies (Fixed AP keeps each category's best ``max_detections_per_category``; the
+    standard LVIS AP keeps each image's best ``max_detections``); boxes are taken as written (``[x, y, w, h]``).
+
+    Raises:
+        EvaluationError: a detection with an image id or category id that the annotations do not have (named).
+    """
+    protocol = get_protocol(protocol, **overrides)
+    if not isinstance(protocol, DetectionProtocol) or isinstance(protocol, ODinWProtocol):
+        raise ValueError(f"evaluate_detections scores one COCO-format dataset; {protocol.name} is not such a "
+                         "protocol")
+    kind = "lvis" if isinstance(protocol, LVISProtocol) else "coco"
+    dataset = load_detection_dataset(annotations, None, kind=kind)
+    columns = load_results(detections, dataset)
+    counts: Counter = Counter(dataset.notes)
+    counts["images"] = len(dataset)
+    counts["detections_read"] = len(columns)
+    out = _prepare_out(out_dir, True)
+    metrics = score_detections(protocol, dataset, columns, out, counts)
+    sources = {"annotations": str(annotations),
+               "detections": str(detections) if isinstance(detections, (str, Path)) else "<list>"}
+    return _finish(protocol, metrics, counts, out, sources, verbose)
