@@ -33,7 +33,7 @@ from .readers import (
 from .sample import GroundingSample
 from .sampling import few_shot_indices
 from .shards import MixedStream, ShardedStream, write_shards
-from .synth import SynthConfig, SynthWorld, generate_world
+from .synth import SynthConfig, SynthWorld, generate_world, world_image_root
 from .text import find_noun_phrases, find_phrase_spans
 from .transforms import (
     RandomHorizontalFlip,
@@ -109,5 +109,6 @@ __all__ = [
     "SynthWorld",
     "convert",
     "generate_world",
+    "world_image_root",
     "write_shards",
 ]

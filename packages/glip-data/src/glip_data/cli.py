@@ -56,16 +56,10 @@ def detect_format(path: str | Path) -> str:
 
 
 def _synth_image_root(path: str | Path) -> str | None:
-    """For a file of a synthetic world (``world.json`` beside it), the world's image folder; else None (the
-    readers' default: the annotation file's folder)."""
-    manifest = Path(path).parent / "world.json"
-    if Path(path).is_file() and manifest.is_file():
-        try:
-            root = json.loads(manifest.read_text())["files"]["image_root"]
-        except (ValueError, KeyError, TypeError):
-            return None
-        return str(Path(path).parent / root)
-    return None
+    from glip_data.synth import world_image_root
+
+    root = world_image_root(path)
+    return None if root is None else str(root)
 
 
 def make_reader(path: str | Path, fmt: str = "auto", *, images: str | None = None, label_map: str | None = None,

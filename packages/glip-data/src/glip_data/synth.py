@@ -192,6 +192,20 @@ class SynthWorld:
         return cls(root=root, manifest=root / "world.json", counts=manifest["counts"], **files)
 
 
+def world_image_root(path: str | os.PathLike) -> Path | None:
+    """The image folder of a synthetic world that holds the file ``path`` (``world.json`` beside it), else None
+    (readers then default to the annotation file's own folder)."""
+    path = Path(path)
+    manifest = path.parent / "world.json"
+    if not (path.is_file() and manifest.is_file()):
+        return None
+    try:
+        root = json.loads(manifest.read_text())["files"]["image_root"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return path.parent / root
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # drawing
 
@@ -640,4 +654,4 @@ def generate_world(out_dir: str | os.PathLike, seed: int | None = None, config: 
 
 
 __all__ = ["COLORS", "RELATIONS", "SHAPES", "SIZES", "TEXTURES", "SynthConfig", "SynthObject", "SynthWorld",
-           "generate_world", "make_caption", "true_relations"]
+           "generate_world", "make_caption", "true_relations", "world_image_root"]

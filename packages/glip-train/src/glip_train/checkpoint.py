@@ -24,6 +24,7 @@ from .config import GLIPConfig, fusion_for_text
 __all__ = [
     "CheckpointError",
     "LoadReport",
+    "load_checkpoint_file",
     "read_official_checkpoint",
     "infer_official_config",
     "map_official_state_dict",
@@ -83,19 +84,7 @@ def read_official_checkpoint(
             containers are unpickled.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
-    except RuntimeError:  # mmap needs the zip format; older files are read fully
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
-        if trust_pickle:
-            raise
-        raise CheckpointError(
-            f"{path}: could not be read with weights_only=True ({exc}). If you trust this file, load it with "
-            "trust_pickle=True (CLI: --trust-pickle)."
-        ) from exc
+    obj = load_checkpoint_file(path, trust_pickle=trust_pickle)
     report = LoadReport(source=str(path))
     if isinstance(obj, Mapping) and ("model" in obj or "model_ema" in obj):
         entry = "model_ema" if use_ema else "model"
@@ -116,6 +105,60 @@ def read_official_checkpoint(
     if not isinstance(weights, Mapping):
         raise CheckpointError(f"{path}: entry {report.used_entry!r} is a {type(weights).__name__}, not a state dict")
     return _strip_module(weights), report
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _global_kind(dotted: str) -> str:
+    """"object" when ``module.attr`` exists, "missing module" when the module is not installed, "cut" when the module
+    exists but not the attribute (a truncated file cuts names in half)."""
+    import importlib
+
+    module, _, attr = dotted.rpartition(".")
+    try:
+        found = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - not installed (or failing): the file refers to code we do not have
+        return "missing module"
+    return "object" if hasattr(found, attr) else "cut"
+
+
+def load_checkpoint_file(path: str | Path, *, trust_pickle: bool = False):
+    """``torch.load`` a checkpoint file on the CPU with one clear :class:`CheckpointError` per way it can be wrong.
+
+    By default only tensors and plain containers are unpickled (``weights_only``); a file holding other Python objects
+    is refused with a hint to ``trust_pickle`` (``--trust-pickle``), which is given only where it would help — never
+    for a truncated or damaged file, or for a file that is not a checkpoint at all (an image, a text file).
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    is_zip = head == _ZIP_MAGIC
+    if not is_zip and not head.startswith(b"\x80"):  # neither a zip archive nor a pickle (protocol >= 2)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (it starts with {head!r}; expected a zip archive "
+                              "or a pickle, as torch.save writes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        found = _UNSUPPORTED_GLOBAL.search(str(exc))
+        kind = _global_kind(found.group(1)) if found else None
+        if kind in ("object", "missing module") and not trust_pickle:
+            extra = " (its module is not installed here)" if kind == "missing module" else ""
+            raise CheckpointError(f"{path}: holds Python objects besides tensors ({found.group(1)}{extra}); if you "
+                                  "trust the file, load it with trust_pickle=True (CLI: --trust-pickle)") from None
+        if not found and not trust_pickle and "Unsupported operand" in str(exc):
+            raise CheckpointError(f"{path}: is a plain pickle, not a file torch.save wrote with tensors only; if it "
+                                  "is a checkpoint you trust, load it with trust_pickle=True (CLI: --trust-pickle)") \
+                from None
+        raise CheckpointError(f"{path}: cannot be read: the file is truncated or damaged") from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot be read: the file is truncated or damaged ({first[:120]})") from None
 
 
 def _describe_prefixes(keys) -> str:

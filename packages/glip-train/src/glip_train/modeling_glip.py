@@ -167,6 +167,7 @@ class GLIP(nn.Module):
                 raise FileNotFoundError(f"{path}: missing {WEIGHTS_NAME}")
             if tokenizer is None and (path / TOKENIZER_DIR).is_dir():
                 tokenizer = load_tokenizer(path / TOKENIZER_DIR)
+            _check_weights_file(weights_file, config, tokenizer)  # before allocating or reading any weight
             model = cls(config, tokenizer=tokenizer)
             from safetensors.torch import load_file
 
@@ -346,17 +347,41 @@ class GLIP(nn.Module):
                       min_size=min_size, max_size=max_size, **options)
 
 
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def _check_weights_file(weights_file: Path, config: GLIPConfig, tokenizer: Any) -> None:
+    """Compare a safetensors file's header (names and shapes) with the model ``config`` describes, reading no tensor.
+
+    Raises:
+        CheckpointError: the file is not valid safetensors, or its tensors do not match the config (listing them).
+    """
+    from safetensors import safe_open
+
     from .checkpoint import CheckpointError
 
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                    for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    try:
+        with safe_open(str(weights_file), framework="pt") as fh:
+            shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{weights_file}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})") \
+            from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GLIP(config, tokenizer=tokenizer or "meta").state_dict().items()}
+    _raise_mismatch(str(weights_file), expected, shapes)
+
+
+def _raise_mismatch(source: str, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
+    from .checkpoint import CheckpointError
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(f"{k}: {found[k]} vs {expected[k]}" for k in set(found) & set(expected) if found[k] != expected[k])
     if missing or unexpected or shapes:
-        raise CheckpointError(f"{source}: weights do not match the model: missing {missing[:20]}, unexpected "
-                              f"{unexpected[:20]}, shape mismatches {shapes[:20]}")
+        raise CheckpointError(f"{source}: weights do not match the model its config.json describes: missing "
+                              f"{missing[:20]}, unexpected {unexpected[:20]}, shape mismatches {shapes[:20]}")
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    _raise_mismatch(source, {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                    {k: tuple(v.shape) for k, v in state.items()})
     model.load_state_dict(state, strict=True)
     # keep the frozen cls_logits frozen after loading
     model.head.cls_logits.requires_grad_(False)

@@ -11,22 +11,28 @@ Every run writes ``detections.json`` and ``metrics.json`` (the metrics and every
 table; see docs/evaluation.md for the protocols, the box conventions and the commands that reproduce the published
 numbers.
 """
-from .datasets import EvaluationError, load_detection_dataset, load_flickr_dataset
-from .detections import xyxy_to_xywh
-from .distributed import gather_to_main, init_distributed_from_env, shard_indices
-from .lvis_compat import numpy_float_alias
-from .metrics import coco_box_metrics, grounding_recall, lvis_box_metrics
-from .model_api import Detector
-from .protocols import (
-    PROTOCOLS,
-    DetectionProtocol,
-    FlickrProtocol,
-    LVISProtocol,
-    ODinWProtocol,
-    get_protocol,
-    parse_overrides,
-)
-from .runner import EvalResult, evaluate, evaluate_detections
+import importlib
+
+# names resolve lazily, so that ``glip --help`` and the argument parser of ``glip eval`` import no torch
+_LAZY = {
+    "EvaluationError": "datasets", "load_detection_dataset": "datasets", "load_flickr_dataset": "datasets",
+    "xyxy_to_xywh": "detections",
+    "gather_to_main": "distributed", "init_distributed_from_env": "distributed", "shard_indices": "distributed",
+    "numpy_float_alias": "lvis_compat",
+    "coco_box_metrics": "metrics", "grounding_recall": "metrics", "lvis_box_metrics": "metrics",
+    "Detector": "model_api",
+    "PROTOCOLS": "protocols", "DetectionProtocol": "protocols", "FlickrProtocol": "protocols",
+    "LVISProtocol": "protocols", "ODinWProtocol": "protocols", "get_protocol": "protocols",
+    "parse_overrides": "protocols",
+    "EvalResult": "runner", "evaluate": "runner", "evaluate_detections": "runner",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'glip_train.evaluation' has no attribute {name!r}")
+
 
 __all__ = [
     "PROTOCOLS",

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .datasets import EvaluationError
 from .protocols import PROTOCOLS, get_protocol, parse_overrides
 
 __all__ = ["add_eval_arguments", "build_parser", "protocol_from_args", "load_model", "run", "main"]
@@ -72,6 +71,8 @@ _FLAGS = {"batch_size": "batch_size", "min_size": "min_size", "max_size": "max_s
 
 def protocol_from_args(args: argparse.Namespace) -> Any:
     """The protocol of the parsed options: the preset, then the explicit flags, then ``--set``."""
+    from .datasets import EvaluationError
+
     base = get_protocol(args.protocol)
     fields = set(base.to_dict())
     overrides: dict[str, Any] = {}
@@ -93,6 +94,8 @@ def load_model(args: argparse.Namespace) -> Any:
 
     from glip_train import GLIP
 
+    from .datasets import EvaluationError
+
     if not args.weights:
         raise EvaluationError("no weights: pass --weights PATH or set GLIP_WEIGHTS")
     device = args.device
@@ -107,6 +110,7 @@ def load_model(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``glip eval`` for parsed options; returns the exit code."""
+    from .datasets import EvaluationError
     from .distributed import init_distributed_from_env
     from .runner import evaluate
 

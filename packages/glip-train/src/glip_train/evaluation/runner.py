@@ -382,7 +382,8 @@ def evaluate(
             mode).
         protocol: a name of :data:`~glip_train.evaluation.PROTOCOLS` or a protocol instance.
         annotations: the annotation file (COCO / LVIS / MDETR format); for ``odinw`` a folder, a manifest or a list.
-        images: the image folder (default: the annotation file's folder).
+        images: the image folder (default: the annotation file's folder; for a synthetic world's file, the world's
+            image folder).
         out_dir: where to write ``detections.json`` and ``metrics.json`` (None: nothing is written).
         on_bad_image: ``"raise"`` (an error naming the file and the record) or ``"skip"`` (counted; the image is
             scored as one without detections).
@@ -394,6 +395,10 @@ def evaluate(
         EvaluationError: bad input (the file and the record are named).
     """
     protocol = get_protocol(protocol, **overrides)
+    if images is None and isinstance(annotations, (str, Path)):  # a synthetic world's file finds its images
+        from glip_data import world_image_root
+
+        images = world_image_root(annotations)
     if on_bad_image not in ("raise", "skip"):
         raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
     info = dist_info()

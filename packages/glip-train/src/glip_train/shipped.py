@@ -1,0 +1,19 @@
+"""The model shipped with glip-train: what ``glip detect`` / ``glip ground`` / ``GLIP.from_pretrained()`` use when no
+weights are given.
+
+It is a small GLIP trained on glip-data's synthetic grounding world (coloured shapes), so it detects that world's
+shapes and colours only; for real photographs use an official checkpoint (``--weights``). How it was trained, its
+metrics and the command to reproduce it are in ``assets/default_model/README.md`` of this package.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["DEFAULT_MODEL_DIR", "default_model_dir"]
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
+
+
+def default_model_dir() -> Path | None:
+    """The shipped model's directory, or None when this installation has none."""
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "model.safetensors").is_file() else None
