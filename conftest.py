@@ -10,6 +10,15 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent
 
 
+def pytest_configure(config):
+    """Without a GPU, Triton kernels run in Triton's CPU interpreter. ``@triton.jit`` reads TRITON_INTERPRET when a
+    kernel is defined, so it is set here, before anything is collected or imported, whatever tests are selected."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 #: the golden fixtures of the official implementation, copied into the repository (see tests/fixtures/README.md)
 DEFAULT_PARITY_DIR = REPO_ROOT / "tests" / "fixtures" / "parity"
 

@@ -1,9 +1,11 @@
 """Run the benchmarks: ``hatch run bench`` (or ``python benchmarks/run.py``).
 
 * CPU part, everywhere: every ``benchmarks/*/test_bench_*.py`` under pytest-benchmark; the JSON report goes to
-  ``benchmarks/results/bench_cpu_<date>.json``.
-* GPU part, when CUDA is present: every ``benchmarks/*/gpu_bench.py`` (each writes its own JSON under
-  ``benchmarks/results/``).
+  ``<out>/bench_cpu_<date>.json``.
+* GPU part, when CUDA is present: every ``benchmarks/*/gpu_bench.py`` (each writes its own JSON into ``<out>``).
+
+Results go to ``--out`` (default ``bench-results/`` in the current folder, never the source tree); the results the
+project publishes are copied into ``benchmarks/results/`` deliberately, with the device and the date.
 
 * With ``--detect``: ``benchmarks/detect/bench_detect_cpu.py`` (GLIP-T CPU detection time per image, text padded to
   256 vs to the longest prompt; several minutes on 2 cores).
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     group.add_argument("--cpu-only", action="store_true")
     group.add_argument("--gpu-only", action="store_true")
     ap.add_argument("--detect", action="store_true", help="also time GLIP-T detection on the CPU (minutes)")
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default="bench-results", help="folder for the result files [bench-results]")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
