@@ -6,6 +6,7 @@ torch and torchvision; the Triton kernel (``glip_fusion.triton``) is imported la
 """
 
 from .attention import available_backends, bi_attention, bi_attention_reference
+from .deform import deform_conv2d, set_dcn_impl
 from .modules import (
     BertEncoderLayer,
     BiAttentionBlock,
@@ -25,6 +26,8 @@ __all__ = [
     "bi_attention",
     "available_backends",
     "bi_attention_reference",
+    "deform_conv2d",
+    "set_dcn_impl",
     "BiMultiHeadAttention",
     "BiAttentionBlock",
     "VLFuse",
