@@ -485,7 +485,8 @@ class DyReLU(nn.Module):
         a2 = (a2 - 0.5) * 2.0
         b1 = b1 - 0.5
         b2 = b2 - 0.5
-        return torch.max(x * a1 + b1, x * a2 + b2)
+        # x * a + b with the add in place: the same rounding as the plain expression, one map-sized pass less
+        return torch.maximum((x * a1).add_(b1), (x * a2).add_(b2))
 
 
 OFFSET_MODES = ("official", "per_level")
@@ -597,11 +598,13 @@ class DyConv(nn.Module):
         for level in range(len(features)):
             terms = self._conv_terms(features, level, offsets)
             if self.AttnConv is not None:
-                weights = _h_sigmoid(torch.stack([self.AttnConv(t) for t in terms]))  # (T, B, 1, 1, 1)
-                fused = torch.mean(torch.stack(terms) * weights, dim=0)
-            else:
-                fused = torch.mean(torch.stack(terms), dim=0)
-            outs.append(fused)
+                terms = [t * _h_sigmoid(self.AttnConv(t)) for t in terms]  # (B, C, H, W) * (B, 1, 1, 1)
+            # the mean over the terms, summed in order and divided: bitwise equal to torch.mean(torch.stack(terms), 0)
+            # without the stacked copy (the weighted terms are fresh tensors, the plain ones are not)
+            fused = terms[0] if self.AttnConv is not None else terms[0].clone()
+            for t in terms[1:]:
+                fused.add_(t)
+            outs.append(fused.div_(len(terms)))
         return [self.relu(y) for y in outs]
 
 
