@@ -191,6 +191,17 @@ def test_bfloat16_inputs_compute_coordinates_in_float32():
     assert ((got.double() - want).abs() <= (4 * 9 * 4 + 1) * eps * abs_terms).all()
 
 
+def test_functional_op_ignores_autocast():
+    """Like torchvision's CPU op, the functional computes in its inputs' dtype under autocast (forward and backward)."""
+    x, off, mask, weight, bias, g = _case(1, 4, 6, 5, 3, 1, seed=4, dtype=torch.float32)
+    want = _forward_backward(deform_conv2d, x, off, mask, weight, bias, g, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _forward_backward(deform_conv2d, x, off, mask, weight, bias, g, 1)
+    assert got[0].dtype == torch.float32
+    for a, b in zip((got[0], *got[1]), (want[0], *want[1])):
+        assert torch.equal(a, b)
+
+
 def test_input_errors_name_the_argument():
     x, off, mask, weight, bias, _ = _case(1, 4, 5, 5, 3, 1, seed=0)
     with pytest.raises(ValueError, match="offset must have shape"):

@@ -195,6 +195,11 @@ class _GatherDeformConv(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _GatherDeformConv._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, offset, mask, weight = ctx.saved_tensors
         stride, padding, dilation, chunk_elements, has_bias = ctx.conf
         need_x, need_offset, need_mask, need_weight, need_bias = ctx.needs_input_grad[:5]
@@ -218,7 +223,8 @@ class _GatherDeformConv(torch.autograd.Function):
         grad_w_rows = torch.zeros_like(w_rows) if need_weight else None
         grad_table = x.new_zeros(B * H * W, C) if need_x else None
         grad_corner = corner_w.new_empty(corner_w.shape) if need_corner else None
-        for b, p0, p1 in _chunks(B, P, K * C, chunk_elements):
+        chunks = _chunks(B, P, K * C, chunk_elements) if (need_x or need_corner or need_weight) else ()
+        for b, p0, p1 in chunks:
             r0, r1 = (b * P + p0) * K, (b * P + p1) * K
             g_rows = g[b * P + p0:b * P + p1] if grad_cl else g[b, :, p0:p1].t()  # (n, O)
             if need_x:
@@ -289,7 +295,11 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     _check_inputs(input, offset, weight, bias, mask, stride, padding, dilation)
     if chunk_elements < 1:
         raise ValueError(f"deform_conv2d: chunk_elements must be >= 1; got {chunk_elements}")
-    return _GatherDeformConv.apply(input, offset, mask, weight, bias, stride, padding, dilation, int(chunk_elements))
+    # the op computes in the inputs' dtype; autocast would turn its GEMMs into half precision (and clash with
+    # their out= buffers)
+    with torch.autocast(device_type=input.device.type, enabled=False):
+        return _GatherDeformConv.apply(input, offset, mask, weight, bias, stride, padding, dilation,
+                                       int(chunk_elements))
 
 
 def _check_inputs(x, offset, weight, bias, mask, stride, padding, dilation) -> None:
