@@ -134,9 +134,9 @@ def naive_dyconv(sd, feats, mode):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _model_and_inputs(mode, seed=0):
+def _model_and_inputs(mode, seed=0, dcn_impl="auto"):
     torch.manual_seed(seed)
-    m = DyConv(C, C, offset_mode=mode).double().eval()
+    m = DyConv(C, C, offset_mode=mode, dcn_impl=dcn_impl).double().eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -150,9 +150,10 @@ def _model_and_inputs(mode, seed=0):
     return m, feats
 
 
+@pytest.mark.parametrize("dcn_impl", ["gather", "torchvision"])
 @pytest.mark.parametrize("mode", ["official", "per_level"])
-def test_dyconv_matches_naive_restatement(mode):
-    m, feats = _model_and_inputs(mode)
+def test_dyconv_matches_naive_restatement(mode, dcn_impl):
+    m, feats = _model_and_inputs(mode, dcn_impl=dcn_impl)
     with torch.no_grad():
         got = m(feats)
     want = naive_dyconv({k: v.detach() for k, v in m.state_dict().items()}, feats, mode)

@@ -7,6 +7,7 @@ torch and torchvision; the Triton kernel (``glip_fusion.triton``) is imported la
 
 from .attention import available_backends, bi_attention, bi_attention_reference
 from .config import FusionConfig
+from .deform import deform_conv2d, set_dcn_impl
 from .modules import (
     BertEncoderLayer,
     BiAttentionBlock,
@@ -27,6 +28,8 @@ __all__ = [
     "available_backends",
     "bi_attention_reference",
     "FusionConfig",
+    "deform_conv2d",
+    "set_dcn_impl",
     "BiMultiHeadAttention",
     "BiAttentionBlock",
     "VLFuse",

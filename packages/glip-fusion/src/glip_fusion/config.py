@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .attention import BACKENDS
+from .deform import DCN_IMPLS
 
 __all__ = ["FusionConfig", "OFFSET_MODES", "FUSION_BACKENDS"]
 
@@ -19,6 +20,8 @@ __all__ = ["FusionConfig", "OFFSET_MODES", "FUSION_BACKENDS"]
 OFFSET_MODES = ("official", "per_level")
 #: what ``FusionConfig.backend`` accepts (``glip_fusion.bi_attention`` backends plus "auto")
 FUSION_BACKENDS = ("auto", *BACKENDS)
+#: what ``FusionConfig.dcn_impl`` accepts
+DCN_SETTINGS = ("auto", *DCN_IMPLS)
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -51,6 +54,8 @@ class FusionConfig:
         use_gn, use_deform, use_dyfuse, use_dyrelu: DyConv's GroupNorm, deformable convs, scale-aware attention and
             dynamic ReLU.
         offset_mode: "official" (coarser-level offsets reinterpreted in memory, quirk 3) or "per_level" (clean).
+        dcn_impl: DyConv's deformable convolutions: "auto" (the gather + GEMM kernel on CPU, torchvision elsewhere;
+            ``$GLIP_DCN_IMPL``), "gather" or "torchvision" (:func:`glip_fusion.deform_conv2d`).
         clamp: the ±50000 clamps of X-MHA logits, head BERT scores/FFN (None = off).
         backend: ``glip_fusion.bi_attention`` backend ("auto", "reference", "sdpa", "triton").
         gradient_checkpointing: checkpoint every X-MHA block in training (official ``DYHEAD.USE_CHECKPOINT``).
@@ -75,6 +80,7 @@ class FusionConfig:
     use_dyfuse: bool = True
     use_dyrelu: bool = True
     offset_mode: str = "official"
+    dcn_impl: str = "auto"
     clamp: Optional[float] = 50000.0
     backend: str = "auto"
     gradient_checkpointing: bool = False
@@ -88,6 +94,8 @@ class FusionConfig:
             _positive_int("in_channels", self.in_channels)
         if self.offset_mode not in OFFSET_MODES:
             raise ValueError(f"FusionConfig.offset_mode must be one of {OFFSET_MODES}; got {self.offset_mode!r}")
+        if self.dcn_impl not in DCN_SETTINGS:
+            raise ValueError(f"FusionConfig.dcn_impl must be one of {DCN_SETTINGS}; got {self.dcn_impl!r}")
         if self.backend not in FUSION_BACKENDS:
             raise ValueError(f"FusionConfig.backend must be one of {FUSION_BACKENDS}; got {self.backend!r}")
         if self.embed_dim % self.num_heads:

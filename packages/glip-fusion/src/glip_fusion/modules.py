@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import deform_conv2d
+from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
 from .attention import bi_attention
 from .config import OFFSET_MODES, FusionConfig
+from .deform import DCN_IMPLS, deform_conv2d, resolve_dcn_impl
 
 __all__ = [
     "BiMultiHeadAttention",
@@ -414,16 +415,24 @@ class BertEncoderLayer(nn.Module):
 
 
 class ModulatedDeformConv3x3(nn.Module):
-    """3x3 modulated deformable convolution (DCNv2) through :func:`torchvision.ops.deform_conv2d`.
+    """3x3 modulated deformable convolution (DCNv2), the spatial attention of :class:`DyConv`.
 
     ``weight (C_out, C_in, 3, 3)``, ``bias (C_out,)``, padding 1, one deformable group. Offsets ``(B, 18, Ho, Wo)``
     are (dy, dx) per tap, taps row-major; ``mask (B, 9, Ho, Wo)`` in [0, 1]. Like the official op (which is
     ``custom_fwd(cast_inputs=float32)``) it runs in float32 under autocast. Init: uniform(±1/sqrt(C_in*9)), bias 0.
+
+    ``impl`` (an attribute, also settable on a whole model with :func:`glip_fusion.set_dcn_impl`):
+    ``"gather"`` (:func:`glip_fusion.deform_conv2d`: row gather + GEMM, several times faster on CPU, forward and
+    backward), ``"torchvision"`` (:func:`torchvision.ops.deform_conv2d`) or ``"auto"`` (default: ``$GLIP_DCN_IMPL``
+    if set, else ``"gather"`` on CPU and ``"torchvision"`` on other devices). Both compute the same function.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, impl: str = "auto"):
         super().__init__()
+        if impl != "auto" and impl not in DCN_IMPLS:
+            raise ValueError(f"impl must be 'auto' or one of {DCN_IMPLS}; got {impl!r}")
         self.stride = stride
+        self.impl = impl
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.empty(out_channels))
         self.reset_parameters()
@@ -433,12 +442,17 @@ class ModulatedDeformConv3x3(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.zeros_(self.bias)
 
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel_size=3, stride={self.stride}, padding=1, "
+                f"impl={self.impl!r}")
+
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        op = tv_deform_conv2d if resolve_dcn_impl(self.impl, x.device) == "torchvision" else deform_conv2d
         if _autocast_enabled(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
-                return deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(),
-                                     stride=self.stride, padding=1, mask=mask.float())
-        return deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=1, mask=mask)
+                return op(x.float(), offset.float(), self.weight.float(), self.bias.float(),
+                          stride=self.stride, padding=1, mask=mask.float())
+        return op(x, offset, self.weight, self.bias, stride=self.stride, padding=1, mask=mask)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -452,11 +466,12 @@ def _autocast_enabled(device_type: str) -> bool:
 class _Conv3x3Norm(nn.Module):
     """``DyConv.{i}``: ``conv`` (deformable or plain 3x3) followed by ``bn`` (GroupNorm, or absent)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, deformable: bool, gn_groups: Optional[int]):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, deformable: bool, gn_groups: Optional[int],
+                 dcn_impl: str = "auto"):
         super().__init__()
         self.deformable = deformable
         if deformable:
-            self.conv = ModulatedDeformConv3x3(in_channels, out_channels, stride)
+            self.conv = ModulatedDeformConv3x3(in_channels, out_channels, stride, impl=dcn_impl)
         else:
             self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
             nn.init.normal_(self.conv.weight, 0.0, 0.01)  # official DyConv.init_weights (plain convs only)
@@ -490,7 +505,8 @@ class DyReLU(nn.Module):
         a2 = (a2 - 0.5) * 2.0
         b1 = b1 - 0.5
         b2 = b2 - 0.5
-        return torch.max(x * a1 + b1, x * a2 + b2)
+        # x * a + b with the add in place: the same rounding as the plain expression, one map-sized pass less
+        return torch.maximum((x * a1).add_(b1), (x * a2).add_(b2))
 
 
 
@@ -515,11 +531,12 @@ class DyConv(nn.Module):
 
     Flags (``use_deform``, ``use_dyfuse``, ``use_dyrelu``) switch the three attentions; off means a plain 3x3 conv
     (init N(0, 0.01)), a plain mean of the terms, and a ReLU. The attentions need ``in_channels == out_channels``.
+    ``dcn_impl``: the deformable convolutions' implementation (:class:`ModulatedDeformConv3x3`'s ``impl``).
     """
 
     def __init__(self, in_channels: int = 256, out_channels: int = 256, *, use_gn: bool = True, gn_groups: int = 16,
                  use_deform: bool = True, use_dyfuse: bool = True, use_dyrelu: bool = True,
-                 offset_mode: str = "official"):
+                 offset_mode: str = "official", dcn_impl: str = "auto"):
         super().__init__()
         if offset_mode not in OFFSET_MODES:
             raise ValueError(f"offset_mode must be one of {OFFSET_MODES}; got {offset_mode!r}")
@@ -529,7 +546,7 @@ class DyConv(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.offset_mode = offset_mode
         groups = gn_groups if use_gn else None
-        self.DyConv = nn.ModuleList([_Conv3x3Norm(in_channels, out_channels, s, use_deform, groups)
+        self.DyConv = nn.ModuleList([_Conv3x3Norm(in_channels, out_channels, s, use_deform, groups, dcn_impl)
                                      for s in (1, 1, 2)])
         if use_dyfuse:
             self.AttnConv = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, 1, kernel_size=1),
@@ -599,11 +616,13 @@ class DyConv(nn.Module):
         for level in range(len(features)):
             terms = self._conv_terms(features, level, offsets)
             if self.AttnConv is not None:
-                weights = _h_sigmoid(torch.stack([self.AttnConv(t) for t in terms]))  # (T, B, 1, 1, 1)
-                fused = torch.mean(torch.stack(terms) * weights, dim=0)
-            else:
-                fused = torch.mean(torch.stack(terms), dim=0)
-            outs.append(fused)
+                terms = [t * _h_sigmoid(self.AttnConv(t)) for t in terms]  # (B, C, H, W) * (B, 1, 1, 1)
+            # the mean over the terms, summed in order and divided: bitwise equal to torch.mean(torch.stack(terms), 0)
+            # without the stacked copy (the weighted terms are fresh tensors, the plain ones are not)
+            fused = terms[0] if self.AttnConv is not None else terms[0].clone()
+            for t in terms[1:]:
+                fused.add_(t)
+            outs.append(fused.div_(len(terms)))
         return [self.relu(y) for y in outs]
 
 
@@ -656,7 +675,7 @@ class FusionEncoder(nn.ModuleList):
             same = c_in == config.channels
             modules.append(DyConv(c_in, config.channels, use_gn=config.use_gn, use_deform=config.use_deform and same,
                                   use_dyfuse=config.use_dyfuse and same, use_dyrelu=config.use_dyrelu and same,
-                                  offset_mode=config.offset_mode))
+                                  offset_mode=config.offset_mode, dcn_impl=config.dcn_impl))
         super().__init__(modules)
         self.config = config
         self.num_blocks = config.num_blocks

@@ -1,0 +1,77 @@
+"""factored_bi_mha (the X-MHA with image projections folded into the text side) against BiMultiHeadAttention with
+the eager reference backend, in float64: outputs and gradients, masks, an active clamp, skip_masked_text."""
+
+import pytest
+import torch
+
+from glip_fusion.factored_attention import factored_bi_mha, factored_pays
+from glip_fusion.modules import BiMultiHeadAttention
+
+F64 = dict(atol=1e-11, rtol=1e-11)
+
+
+def _module(clamp=50000.0, skip=False, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    m = BiMultiHeadAttention(12, 10, 32, 4, dropout=dropout, clamp=clamp, backend="reference",
+                             skip_masked_text=skip).double()
+    with torch.no_grad():
+        for p in m.parameters():  # nonzero biases: the bias terms of the factored form are exercised
+            p.copy_(0.4 * torch.randn(p.shape, dtype=p.dtype))
+    return m.eval()
+
+
+def _inputs(B=3, N=23, M=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, N, 12, generator=g, dtype=torch.float64)
+    l = torch.randn(B, M, 10, generator=g, dtype=torch.float64)
+    text_mask = torch.ones(B, M, dtype=torch.bool)
+    text_mask[1, 4:] = False
+    text_mask[2] = False  # no valid token: the image update is 0 (the reference zeroes it too)
+    image_mask = torch.ones(B, N, dtype=torch.bool)
+    image_mask[1, 15:] = False
+    image_mask[2] = False
+    return v, l, text_mask, image_mask
+
+
+@pytest.mark.parametrize("use_image_mask", [False, True])
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("clamp", [50000.0, 2.0])  # 2.0: the clamp changes many logits
+def test_outputs_equal_the_reference(use_image_mask, skip, clamp):
+    m = _module(clamp=clamp, skip=skip)
+    v, l, tm, im = _inputs()
+    im = im if use_image_mask else None
+    with torch.no_grad():
+        want = m(v, l, tm, im)
+        got = factored_bi_mha(m, v, l, tm, im)
+        if clamp == 2.0:  # the test must exercise the clamp
+            q = m.v_proj(v) * m.scale
+            k = m.l_proj(l)
+            assert (q.view(3, 23, 4, 8).transpose(1, 2) @ k.view(3, 6, 4, 8).permute(0, 2, 3, 1)).abs().max() > 2.0
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, **F64)
+
+
+def test_gradients_equal_the_reference_without_dropout():
+    m = _module(clamp=3.0).train()
+    m.dropout = 0.0
+    v, l, tm, im = _inputs()
+    results = []
+    for fn in (m, lambda *a: factored_bi_mha(m, *a)):
+        vv, ll = v.clone().requires_grad_(), l.clone().requires_grad_()
+        dv, dl = fn(vv, ll, tm, im)
+        loss = (dv * torch.linspace(-1, 1, dv.numel(), dtype=dv.dtype).view_as(dv)).sum() + dl.square().sum()
+        results.append(torch.autograd.grad(loss, [vv, ll, *m.parameters()]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **F64)
+
+
+def test_refuses_dropout_in_training_and_bad_shapes():
+    m = _module(dropout=0.1).train()
+    v, l, tm, _ = _inputs()
+    with pytest.raises(ValueError, match="dropout"):
+        factored_bi_mha(m, v, l, tm)
+    m.eval()
+    with pytest.raises(ValueError, match="v must have shape"):
+        factored_bi_mha(m, v[..., :5], l, tm)
+    assert factored_pays(11, 256) and not factored_pays(256, 256)
