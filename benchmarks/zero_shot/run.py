@@ -52,7 +52,7 @@ METHODS = ("full", "prompt_tuning", "linear_probe")
 WORLD = dict(seed=0, num_detection=600, num_grounding=600, num_captions=600, num_val=200, min_size=96, max_size=160)
 DOWNSTREAM_WORLD = dict(seed=1, num_detection=160, num_grounding=0, num_captions=0, num_val=120, min_size=96,
                         max_size=160, detection_shapes=tuple(NEW_NAMES))
-TRAIN_STEPS = 2000
+TRAIN_STEPS = 2500
 PSEUDO_THRESHOLD = 0.5  # official CAPTION_CONF
 DOWNSTREAM_STEPS = 200
 EVAL_SIZE = ["--min-size", "160", "--max-size", "240"]
@@ -152,7 +152,9 @@ def row_config(paths: Paths, row: str, seed: int) -> dict:
         "model": model_config(paths.text, early_fusion=row != "A"),
         "data": {"train": train, "batch_size": 4, "min_sizes": [128, 160], "max_size": 240,
                  "pad_text_to": "longest", "num_workers": 0},
-        "optim": {"lr": 2e-4, "language_lr": 2e-5},
+        # the image side starts from scratch (no downloads here): 1e-3 learned ~1.5x faster than the official 1e-4
+        # ... 2e-4 in a 400-step pilot of row C (AP 7.2 vs 4.8); the pre-trained text tower gets a tenth
+        "optim": {"lr": 1e-3, "language_lr": 1e-4},
         "schedule": {"max_iter": TRAIN_STEPS, "warmup_iters": 100, "kind": "multistep", "steps": [0.67, 0.89]},
         "ema": None,
         "checkpoint_every": 250,

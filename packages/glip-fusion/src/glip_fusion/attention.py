@@ -497,27 +497,24 @@ def bi_attention(
         False gets ``o_v = 0`` (never NaN); one whose ``image_mask`` row is all False gets ``o_l = 0``.
         Differentiable in every backend.
     """
-    scale, dropout_p, clamp, seed = _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed)
+    return _dispatch("bi_attention", q, k, v_v, v_l, text_mask, image_mask, scale=scale, dropout_p=dropout_p,
+                     clamp=clamp, backend=backend, seed=seed, skip_masked_text=skip_masked_text)
+
+
+def _dispatch(caller: str, q, k, v_v, v_l, text_mask=None, image_mask=None, *, scale=None, dropout_p=0.0,
+              clamp=50000.0, backend="auto", seed=None, skip_masked_text=False):
+    """Validate (errors prefixed with ``caller``), pick the backend, run it."""
+    scale, dropout_p, clamp, seed = _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed,
+                                              caller=caller)
     name = _resolve_backend(backend, q, k, v_v, v_l, clamp)
     return _BACKEND_FNS[name](q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed,
                               bool(skip_masked_text))
 
 
-def bi_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v_v: torch.Tensor,
-    v_l: torch.Tensor,
-    text_mask: Optional[torch.Tensor] = None,
-    image_mask: Optional[torch.Tensor] = None,
-    *,
-    scale: Optional[float] = None,
-    dropout_p: float = 0.0,
-    clamp: Optional[float] = 50000.0,
-    seed: Optional[int] = None,
-    skip_masked_text: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eager reference of :func:`bi_attention` (same arguments, no ``backend``), GLIP's official numerics.
+def bi_attention_reference(q: torch.Tensor, k: torch.Tensor, v_v: torch.Tensor, v_l: torch.Tensor,
+                           text_mask: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
+                           **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager reference of :func:`bi_attention` (its keyword options but ``backend``), GLIP's official numerics.
 
     ``S = clamp(scale * q @ k^T)``; ``o_v = softmax_M(S, padded text -> -inf) @ v_l``;
     ``o_l = softmax_N(clamp(S^T - rowmax_N(S^T)), padded image -> -inf if image_mask is given) @ v_v`` (the max over
@@ -525,6 +522,6 @@ def bi_attention_reference(
     probability maps with independent masks. Materialises ``(B, H, N, M)`` logits; fp16/bf16 inputs are computed in
     float32 and the outputs cast back. Kernel authors compare against this function.
     """
-    scale, dropout_p, clamp, seed = _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed,
-                                              caller="bi_attention_reference")
-    return _reference(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, bool(skip_masked_text))
+    if "backend" in options:
+        raise TypeError("bi_attention_reference() takes no backend (it is the reference backend)")
+    return _dispatch("bi_attention_reference", q, k, v_v, v_l, text_mask, image_mask, backend="reference", **options)

@@ -402,17 +402,10 @@ class GLIPLoss(torch.nn.Module):
         self.reduce_over_ranks = reduce_over_ranks if reduce_over_ranks is not None else mean_over_ranks
         self.box_coder = BoxCoder()
 
-    def forward(
-        self,
-        box_regression: Sequence[torch.Tensor],
-        centerness: Sequence[torch.Tensor],
-        token_logits: Sequence[torch.Tensor],
-        anchors: Sequence[torch.Tensor],
-        targets: Sequence[Mapping[str, torch.Tensor] | object],
-        text_mask: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """The loss dict ``{"loss_reg", "loss_centerness", "loss_dot_product_token"}`` (see the class docstring)."""
-        return self.compute(box_regression, centerness, token_logits, anchors, targets, text_mask).losses
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The loss dict ``{"loss_reg", "loss_centerness", "loss_dot_product_token"}`` (the arguments of
+        :meth:`compute`; see the class docstring)."""
+        return self.compute(*args, **kwargs).losses
 
     # -----------------------------------------------------------------------------------------------------------------
 

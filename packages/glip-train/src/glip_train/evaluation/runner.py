@@ -10,7 +10,7 @@ import json
 import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,79 +141,83 @@ def check_class_tokens(model: Any, dataset: DetectionDataset, classes_per_prompt
     return len(chunks)
 
 
-def predict_detections(model: Any, protocol: DetectionProtocol, dataset: DetectionDataset, indices: Sequence[int],
-                       *, on_bad_image: str = "raise", progress: bool = False) -> tuple[dict[int, ImagePredictions],
-                                                                                         Counter]:
-    """Run ``model.detect`` on the images at ``indices`` (one shard) with the dataset's classes.
+def _predict_in_batches(indices: Sequence[int], batch_size: int, desc: str, progress: bool, on_bad_image: str,
+                        image_of: Callable[[int], tuple[Any, str, tuple[int, int]]],
+                        run: Callable[[list[int], list[Any]], tuple[list[dict], str]]
+                        ) -> tuple[dict[int, ImagePredictions], Counter]:
+    """The loop both kinds of protocol share: read each batch's images (an unreadable one is counted, or an error),
+    run the model on the readable ones, bring its boxes back to the annotated frame.
 
-    Returns:
-        ``({image position: predictions in the annotated frame}, counts)``.
+    ``image_of(i)`` -> ``(path, where, annotated (w, h))``; ``run(positions, images)`` -> ``(results, where)``.
     """
     counts: Counter = Counter()
     out: dict[int, ImagePredictions] = {}
-    bar = _progress(len(indices), f"{protocol.name} {dataset.name}", progress)
-    for batch in _batches(indices, protocol.batch_size):
+    bar = _progress(len(indices), desc, progress)
+    for batch in _batches(indices, batch_size):
         loaded = []
         for i in batch:
-            image = _read(dataset.image_paths[i], f"{dataset.ann_file.name}, image id {dataset.image_ids[i]!r}",
-                          on_bad_image, counts)
+            path, where, _ = image_of(i)
+            image = _read(path, where, on_bad_image, counts)
             if image is None:
                 out[i] = ImagePredictions.empty(unreadable=True)
             else:
                 loaded.append((i, image))
         if loaded:
-            where = f"{dataset.ann_file} (image ids {[dataset.image_ids[i] for i, _ in loaded]})"
-            results = _call_model(
-                model.detect, where, images=[img for _, img in loaded], classes=dataset.class_names,
-                threshold=protocol.threshold, max_detections=protocol.max_detections,
-                max_detections_per_prompt=protocol.max_detections_per_prompt,
-                classes_per_prompt=protocol.classes_per_prompt, batch_size=len(loaded), min_size=protocol.min_size,
-                max_size=protocol.max_size)
+            results, where = run([i for i, _ in loaded], [img for _, img in loaded])
             if len(results) != len(loaded):
                 raise RuntimeError(f"the model returned {len(results)} results for {len(loaded)} images")
             for (i, image), res in zip(loaded, results):
-                out[i] = ImagePredictions.from_model(res, _scale(image, dataset.image_sizes[i], counts))
+                out[i] = ImagePredictions.from_model(res, _scale(image, image_of(i)[2], counts))
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
         bar.close()
     return out, counts
+
+
+def predict_detections(model: Any, protocol: DetectionProtocol, dataset: DetectionDataset, indices: Sequence[int],
+                       *, on_bad_image: str = "raise", progress: bool = False) -> tuple[dict[int, ImagePredictions],
+                                                                                          Counter]:
+    """Run ``model.detect`` on the images at ``indices`` (one shard) with the dataset's classes.
+
+    Returns:
+        ``({image position: predictions in the annotated frame}, counts)``.
+    """
+    def image_of(i: int):
+        return (dataset.image_paths[i], f"{dataset.ann_file.name}, image id {dataset.image_ids[i]!r}",
+                dataset.image_sizes[i])
+
+    def run(positions: list[int], images: list[Any]):
+        where = f"{dataset.ann_file} (image ids {[dataset.image_ids[i] for i in positions]})"
+        return _call_model(
+            model.detect, where, images=images, classes=dataset.class_names, threshold=protocol.threshold,
+            max_detections=protocol.max_detections, max_detections_per_prompt=protocol.max_detections_per_prompt,
+            classes_per_prompt=protocol.classes_per_prompt, batch_size=len(images), min_size=protocol.min_size,
+            max_size=protocol.max_size), where
+
+    return _predict_in_batches(indices, protocol.batch_size, f"{protocol.name} {dataset.name}", progress,
+                               on_bad_image, image_of, run)
 
 
 def predict_grounding(model: Any, protocol: FlickrProtocol, dataset: FlickrDataset, indices: Sequence[int],
                       *, on_bad_image: str = "raise", progress: bool = False) -> tuple[dict[int, ImagePredictions],
                                                                                         Counter]:
     """Run ``model.ground`` on the sentences at ``indices``; labels of the predictions index the entry's phrases."""
-    counts: Counter = Counter()
-    out: dict[int, ImagePredictions] = {}
-    bar = _progress(len(indices), f"{protocol.name} {dataset.name}", progress)
-    for batch in _batches(indices, protocol.batch_size):
-        loaded = []
-        for i in batch:
-            entry = dataset.entries[i]
-            image = _read(entry.image_path, f"{dataset.ann_file.name}, entry id {entry.entry_id!r}", on_bad_image,
-                          counts)
-            if image is None:
-                out[i] = ImagePredictions.empty(unreadable=True)
-            else:
-                loaded.append((i, image))
-        if loaded:
-            entries = [dataset.entries[i] for i, _ in loaded]
-            results = _call_model(
-                model.ground, f"{dataset.ann_file} (entry ids {[e.entry_id for e in entries]})",
-                images=[img for _, img in loaded],
-                captions=[e.caption for e in entries], phrases=[e.phrases for e in entries],
-                threshold=protocol.threshold, max_detections=protocol.max_detections, batch_size=len(loaded),
-                min_size=protocol.min_size, max_size=protocol.max_size)
-            if len(results) != len(loaded):
-                raise RuntimeError(f"the model returned {len(results)} results for {len(loaded)} images")
-            for (i, image), res in zip(loaded, results):
-                out[i] = ImagePredictions.from_model(res, _scale(image, dataset.entries[i].image_size, counts))
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    return out, counts
+    def image_of(i: int):
+        entry = dataset.entries[i]
+        return entry.image_path, f"{dataset.ann_file.name}, entry id {entry.entry_id!r}", entry.image_size
+
+    def run(positions: list[int], images: list[Any]):
+        entries = [dataset.entries[i] for i in positions]
+        where = f"{dataset.ann_file} (entry ids {[e.entry_id for e in entries]})"
+        return _call_model(
+            model.ground, where, images=images, captions=[e.caption for e in entries],
+            phrases=[e.phrases for e in entries], threshold=protocol.threshold,
+            max_detections=protocol.max_detections, batch_size=len(images), min_size=protocol.min_size,
+            max_size=protocol.max_size), where
+
+    return _predict_in_batches(indices, protocol.batch_size, f"{protocol.name} {dataset.name}", progress,
+                               on_bad_image, image_of, run)
 
 
 def _gather(predictions: dict[int, ImagePredictions], counts: Counter, n: int):
