@@ -1,8 +1,9 @@
 """GLIP-T detection at 800x1333 on CPU, per stage: our default path vs the official-mode eager path of our own code.
 
-Run:  python benchmarks/detect/bench_detect_stages.py [--repeats 3] [--threads N] [--prompts 4,80] [--out PATH]
+Run:  python benchmarks/detect/bench_detect_stages.py [--repeats 3] [--threads N] [--prompts 4,80]
+          [--max-other-load 0.1] [--retries 4] [--out PATH]
 
-Two variants of the same model (the synthetic GLIP-T weights recipe in assets/; timings do not depend on the values),
+Three variants of the same model (the synthetic GLIP-T weights recipe in assets/; timings do not depend on the values),
 alternated image by image inside one process, medians over ``--repeats``:
 
 * ``official-mode``: what the official code computes, as our code runs it: the eager ``reference`` attention
