@@ -9,11 +9,11 @@ alternated image by image inside one process, medians over ``--repeats``:
 * ``official-mode``: what the official code computes, as our code runs it: the eager ``reference`` attention
   backend, text padded to 256 tokens, torchvision's deformable convolution (the official code itself is not
   installable here; this path is its stand-in);
-* ``ours``: the defaults (``auto`` attention backend = two SDPA calls on CPU, text padded to the longest prompt,
-  the gather + GEMM deformable convolution);
-* ``ours+factored``: ``ours`` with the X-MHA computed by ``glip_fusion.factored_attention.factored_bi_mha`` (the
-  image-side projections folded into the text side; equal to float rounding). Not wired into the model: the
-  benchmark patches each ``BiMultiHeadAttention.forward`` to show what it would give.
+* ``ours``: our path with the factored X-MHA turned off (``auto`` attention backend = two SDPA calls on CPU, text
+  padded to the longest prompt, the gather + GEMM deformable convolution);
+* ``ours+factored``: the defaults, which add the X-MHA computed with the image-side projections folded into the
+  text side (``glip_fusion.factored_attention``, equal to float rounding; taken on CPU for prompts shorter than a
+  head).
 
 Stages (forward hooks; CPU ops are synchronous): backbone (Swin-T + FPN), BERT, the fusion tower by block type
 (X-MHA = ``VLFuse``, head BERT layers, ``DyConv``), head (predictors after the tower), post-processing (ATSS
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import functools
 import json
 import os
 import platform
@@ -114,15 +113,13 @@ class StageTimer:
 def configure(model, variant: str) -> dict:
     """Set the model's switches for a variant; returns the ``detect`` keyword arguments."""
     from glip_fusion import BiMultiHeadAttention, set_dcn_impl
-    from glip_fusion.factored_attention import factored_bi_mha
 
     official = variant == "official-mode"
     for m in model.modules():
         if isinstance(m, BiMultiHeadAttention):
             m.backend = "reference" if official else "auto"
-            m.__dict__.pop("forward", None)
-            if variant == "ours+factored":
-                m.forward = functools.partial(factored_bi_mha, m)
+            # None: the module's own rule (factored on CPU for prompts shorter than a head), the default
+            m.factored = None if variant == "ours+factored" else False
     set_dcn_impl(model, "torchvision" if official else "auto")
     return dict(pad_text_to_max=official)
 

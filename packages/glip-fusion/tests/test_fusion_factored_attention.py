@@ -75,3 +75,33 @@ def test_refuses_dropout_in_training_and_bad_shapes():
     with pytest.raises(ValueError, match="v must have shape"):
         factored_bi_mha(m, v[..., :5], l, tm)
     assert factored_pays(11, 256) and not factored_pays(256, 256)
+
+
+def test_module_takes_the_factored_path_only_where_it_pays():
+    m = _module(clamp=50000.0).float()
+    m.backend = "auto"
+    v, l, tm, im = (t.float() if t.is_floating_point() else t for t in _inputs(M=6))
+    calls = []
+    import glip_fusion.modules as modules
+    original = modules.factored_bi_mha
+    modules.factored_bi_mha = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            auto = m(v, l, tm, im)  # 6 text tokens < head_dim 8, CPU, no grad: factored
+            assert calls == [1]
+            m.factored = False
+            plain = m(v, l, tm, im)
+            assert calls == [1]
+        m.factored = None
+        m(v, l, tm, im)  # gradients recorded: the projected path
+        assert calls == [1]
+        with torch.no_grad():
+            m(v, torch.randn(3, 8, 10), torch.ones(3, 8, dtype=torch.bool))  # 8 tokens = a head: no gain
+            assert calls == [1]
+            m.backend = "reference"  # an explicit backend is honoured
+            m(v, l, tm, im)
+            assert calls == [1]
+    finally:
+        modules.factored_bi_mha = original
+    for a, b in zip(auto, plain):  # float32: one reassociation of sums of ~10 products of O(1) values
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

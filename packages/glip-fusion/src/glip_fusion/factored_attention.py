@@ -12,10 +12,14 @@ M ~ 10-200 tokens. Per head h (d = E / H channels) the same outputs follow from 
 
 Cost per block ~ ``6 N C_v H M`` instead of ``6 N C_v E + 4 N E M``: about 20x fewer FLOPs at M = 11, 1.3x at
 M = 195; it stops paying when M reaches d (256 for GLIP). Same semantics as :class:`BiMultiHeadAttention` with the
-reference backend (clamp of S, text padding masked, optional image mask, zero outputs for rows without a single
-valid key, ``skip_masked_text``); results equal to float rounding (~1e-6 relative in float32). Attention dropout is
-not supported (the probabilities would need the reference's masks), so it is for inference or dropout-free
-training. Not wired into :class:`BiMultiHeadAttention`; call :func:`factored_bi_mha` with a module.
+reference backend (clamp of S and the text direction's second clamp, text padding masked, optional image
+mask, zero outputs for rows without a single valid key, ``skip_masked_text``); results equal to float rounding
+(~1e-6 relative in float32). Attention dropout is not supported (the probabilities would need the reference's
+masks).
+
+:class:`~glip_fusion.modules.BiMultiHeadAttention` uses it by itself (``factored=None``, the default) where it was
+measured to pay: on CPU, with no gradient being recorded, while the prompt is shorter than a head; ``factored=True``
+/ ``False`` on the module forces the choice (True still refuses attention dropout in training).
 """
 
 from __future__ import annotations
@@ -82,11 +86,17 @@ def factored_bi_mha(attn, v: torch.Tensor, l: torch.Tensor, text_mask: Optional[
 
     # text direction: softmax over the image tokens (the columns of s)
     s_l = s
+    image_keep = None  # (B, N, 1): the image tokens a text token may attend to
     keep_rows = None  # (B, 1, H*M) 1 where the text row keeps its output
     if image_mask is not None:
         has_image = image_mask.any(-1)
-        s_l = torch.where((image_mask | ~has_image[:, None])[:, :, None], s, neg_inf)
+        image_keep = (image_mask | ~has_image[:, None])[:, :, None]
+        s_l = torch.where(image_keep, s, neg_inf)
         keep_rows = has_image[:, None, None].expand(B, 1, H * M)
+    if attn.clamp is not None:  # GLIP's second clamp, after subtracting the max over the image tokens
+        s_l = (s_l - torch.max(s_l, dim=1, keepdim=True)[0]).clamp(min=-attn.clamp, max=attn.clamp)
+        if image_keep is not None:  # the clamp lifted the masked -inf entries: mask them again
+            s_l = torch.where(image_keep, s_l, neg_inf)
     if attn.skip_masked_text and text_mask is not None:
         keep_text = text_mask[:, None, None, :].expand(B, 1, H, M).reshape(B, 1, H * M)
         keep_rows = keep_text if keep_rows is None else keep_rows & keep_text
