@@ -197,3 +197,20 @@ def test_a_write_that_dies_midway_leaves_the_previous_file_intact(tmp_path, monk
         atomic_torch_save({"step": 2}, path)
     assert torch.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_atomic_writes_replace_whole_files_with_the_usual_permissions(tmp_path):
+    import os
+
+    from glip_train.training.checkpointing import atomic_write_text
+
+    target = tmp_path / "sub" / "config.yaml"
+    atomic_write_text(target, "a: 1\n")
+    atomic_write_text(target, "a: 2\n")
+    assert target.read_text() == "a: 2\n"
+    assert [p.name for p in target.parent.iterdir()] == ["config.yaml"]  # no temporary file left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    plain = tmp_path / "plain"
+    plain.write_text("x")  # what an ordinary open() gives under this umask (0600 from mkstemp would differ)
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

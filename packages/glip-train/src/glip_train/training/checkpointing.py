@@ -42,6 +42,13 @@ class ResumeError(RuntimeError):
     """A checkpoint that cannot resume this run (another config, a damaged file); the message says why."""
 
 
+def _default_file_mode() -> int:
+    """0666 minus the process umask (what ``open(path, "w")`` would give)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
     path = Path(path)
@@ -52,6 +59,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; the result reads like any file the user writes
         os.replace(tmp, path)
     except BaseException:
         try:
