@@ -38,7 +38,7 @@ def _hf_forward(layer, hidden, mask):
 
 
 def glip_layer_statement(sd, hidden, mask, heads, clamp=50000.0):
-    """GLIP's clamped BERT layer (spec §2.5(b)) restated with functional ops from a state_dict."""
+    """GLIP's clamped BERT layer (docs/official_model.md#head-bert-layer) restated with functional ops from a state_dict."""
     B, M, C = hidden.shape
     d = C // heads
     lin = lambda x, n: F.linear(x, sd[n + ".weight"], sd[n + ".bias"])

@@ -84,7 +84,7 @@ def hsig(z):
 
 
 def naive_dyconv(sd, feats, mode):
-    """DyConv (spec §2.5(c)) from a state_dict, float64."""
+    """DyConv (docs/official_model.md#dyconv) from a state_dict, float64."""
     L = len(feats)
     offs = []
     for f in feats:

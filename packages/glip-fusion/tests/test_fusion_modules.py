@@ -20,7 +20,7 @@ def _randomize(module, seed=0, std=0.2):
 
 
 def block_literal(sd, v, l, int_mask, heads):
-    """BiAttentionBlockForCheckpoint restated from spec §2.5(a)/§3 (float64): LN both inputs, project, Q scaled after
+    """BiAttentionBlockForCheckpoint restated from docs/official_model.md (X-MHA) (float64): LN both inputs, project, Q scaled after
     the bias, S = QK^T clamped, text direction = softmax over N of (S^T - rowmax, clamped again) with no mask,
     vision direction = softmax over M of S + {1 | -9e15}, out projections, residual on the layer-normed inputs."""
     B, N, _ = v.shape
@@ -173,7 +173,7 @@ def test_image_mask_gives_batch_invariant_outputs_and_official_mode_does_not():
         h, w = r.shape[-2:]
         assert torch.allclose(c[..., :h, :w], r, atol=1e-12)
         assert torch.allclose(o[..., :h, :w], r, atol=1e-12)  # the visual update never reads image padding
-    assert (official_l - ref_l).abs().max() > 1e-4  # quirk §12.1: the text update does
+    assert (official_l - ref_l).abs().max() > 1e-4  # quirk 1: the text update does
 
 
 def test_level_image_masks_are_the_cells_of_the_image_alone():

@@ -17,7 +17,7 @@ LEVELS = (3, 4, 5, 6, 7)
 
 
 def test_cell_anchors_match_official_templates():
-    # spec §2.7: P3 [-28,-28,35,35] ... P7 [-448,-448,575,575]
+    # docs/official_model.md#anchors: P3 [-28,-28,35,35] ... P7 [-448,-448,575,575]
     expected = {8: 28, 16: 56, 32: 112, 64: 224, 128: 448}
     gen = AnchorGenerator()
     for (stride, lo), cell in zip(expected.items(), gen.cell_anchors()):

@@ -131,7 +131,7 @@ class _HSigmoid(nn.Module):
 
 
 class BiMultiHeadAttention(nn.Module):
-    """GLIP's bi-directional multi-head attention between image tokens and text tokens (X-MHA, spec §3).
+    """GLIP's bi-directional multi-head attention between image tokens and text tokens (X-MHA; docs/official_model.md#x-mha).
 
     Parameters (official names): ``v_proj``, ``l_proj``, ``values_v_proj``, ``values_l_proj``, ``out_v_proj``,
     ``out_l_proj`` (xavier-uniform weights, zero biases). Queries are scaled by ``head_dim ** -0.5`` after the bias,
@@ -226,12 +226,12 @@ class BiAttentionBlock(nn.Module):
     """X-MHA block with layer scale (official ``BiAttentionBlockForCheckpoint``).
 
     ``v' = LN_v(v) + gamma_v * dV`` and ``l' = LN_l(l) + gamma_l * dL``: the residual is added to the **layer-normed**
-    input (spec §12.2), which the checkpoints were trained with. Parameters: ``layer_norm_v``, ``layer_norm_l``,
+    input (quirk 2 of docs/official_model.md#quirks), which the checkpoints were trained with. Parameters: ``layer_norm_v``, ``layer_norm_l``,
     ``attn`` (a :class:`BiMultiHeadAttention`), ``gamma_v`` ``(v_dim,)``, ``gamma_l`` ``(l_dim,)`` initialised to
     ``init_values`` (GLIP: 1 / number of fusion blocks).
 
     Passing ``image_mask`` to :meth:`forward` masks padded image positions in the text-direction softmax, which makes
-    results independent of batch padding (clean mode); the default None reproduces the official model (quirk §12.1).
+    results independent of batch padding (clean mode); the default None reproduces the official model (quirk 1).
     """
 
     def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, dropout: float = 0.1,
@@ -390,7 +390,7 @@ def _maybe_clamp(x: torch.Tensor, clamp: Optional[float]) -> torch.Tensor:
 
 
 class BertEncoderLayer(nn.Module):
-    """The head BERT layer of GLIP's fusion tower: a post-LN BERT layer with GLIP's ±50000 clamps (spec §2.5(b)).
+    """The head BERT layer of GLIP's fusion tower: a post-LN BERT layer with GLIP's ±50000 clamps (docs/official_model.md#head-bert-layer).
 
     Written in plain torch with Hugging Face ``BertLayer`` parameter names (``attention.self.{query,key,value}``,
     ``attention.output.dense``, ``attention.output.LayerNorm``, ``intermediate.dense``, ``output.dense``,
@@ -536,7 +536,7 @@ class DyConv(nn.Module):
     ``offset`` (Conv2d(C, 27, 3): 18 offsets + 9 mask logits); ``AttnConv.1`` (Conv2d(C, 1, 1) between a global
     average pool and a ReLU); ``relu.fc.{0,2}`` (:class:`DyReLU`). All weights are shared across levels.
 
-    For level l (spec §2.5(c)): offsets/mask from ``offset(x_l)``; terms ``GN(DCN_1(x_l))``, ``GN(DCN_2(x_{l-1}))``
+    For level l (docs/official_model.md#dyconv): offsets/mask from ``offset(x_l)``; terms ``GN(DCN_1(x_l))``, ``GN(DCN_2(x_{l-1}))``
     (l > 0) and ``upsample(GN(DCN_0(x_{l+1})))`` (l < L-1, bilinear, ``align_corners=True``); each term is weighted
     by ``hsigmoid(ReLU(AttnConv(term)))`` (a scalar per sample, pooled over the whole padded map) and the terms are
     averaged; then DyReLU.
@@ -544,7 +544,7 @@ class DyConv(nn.Module):
     ``offset_mode``:
         ``"official"`` (default, parity): the coarser-level conv consumes level l's offsets reinterpreted in memory
         at level l+1's resolution, ``flatten(off_l[b])[:18*H'*W'].view(18, H', W')`` (the official CUDA kernel reads
-        the buffer with the output's strides; spec §2.5(c)4). ``"per_level"`` (clean alternative, for training your
+        the buffer with the output's strides; quirk 3). ``"per_level"`` (clean alternative, for training your
         own model): the coarser-level conv uses offsets predicted from level l+1's own features.
 
     Flags (``use_deform``, ``use_dyfuse``, ``use_dyrelu``) switch the three attentions; off means a plain 3x3 conv

@@ -1,4 +1,4 @@
-"""Backward Triton kernels of the fused bi-directional attention (fusion_kernel.md §3.9, deterministic, no atomics).
+"""Backward Triton kernels of the fused bi-directional attention (deterministic, no atomics).
 
 Math per (b, h), natural-log units, ``Z_v``/``Z_l`` the dropout keep masks scaled by ``1/(1-p)``::
 

@@ -1,4 +1,4 @@
-"""Forward Triton kernels of the fused bi-directional attention (Path B of fusion_kernel.md §3.3).
+"""Forward Triton kernels of the fused bi-directional attention (one kernel per direction).
 
 Per (batch b, head h), with ``S = scale * q @ k^T`` (N x M):
 
