@@ -89,6 +89,28 @@ def test_from_pretrained_directory_honours_map_location_and_overrides(small_mode
     assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), small_model.state_dict().values()))
 
 
+def test_half_precision_weights_load_as_rounded_float32(small_model, tmp_path):
+    import safetensors.torch
+
+    small_model.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    stored = safetensors.torch.load_file(str(tmp_path / "half" / "model.safetensors"))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    loaded = GLIP.from_pretrained(tmp_path / "half")
+    original = small_model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == original[key].dtype, key  # the model keeps its float32 parameters
+        if value.is_floating_point():  # each value is the original rounded to the nearest fp16
+            assert torch.equal(value, original[key].to(torch.float16).to(value.dtype)), key
+
+
+def test_from_pretrained_without_a_path_needs_a_shipped_model(monkeypatch, tmp_path):
+    import glip_train.shipped as shipped
+
+    monkeypatch.setattr(shipped, "DEFAULT_MODEL_DIR", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="no shipped model"):
+        GLIP.from_pretrained()
+
+
 # ---- batch-invariant masks -----------------------------------------------------------------------------------------
 
 def test_level_masks_are_the_feature_maps_of_each_image_alone(small_model):

@@ -118,7 +118,7 @@ class GLIP(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         *,
         adapter: str | Path | None = None,
         use_ema: bool = False,
@@ -134,6 +134,8 @@ class GLIP(nn.Module):
             path: an official checkpoint file (``.pth``: GLIP-T, GLIP-T(A), GLIP-L recognised from keys and
                 shapes), a directory written by :meth:`save_pretrained`, or a weights recipe ``.json`` (the parity
                 fixture's synthetic official-layout weights — meaningless boxes, for testing the whole path).
+                None: the model shipped with glip-train (:mod:`glip_train.shipped`: a small GLIP trained on the
+                synthetic shapes world, for trying the API without downloading anything).
             adapter: a prompt-tuning or linear-probe file trained on these weights (:mod:`glip_train.adapters`).
             use_ema: official checkpoints only: load ``"model_ema"`` instead of ``"model"``.
             tokenizer: override the tokenizer (instance or local directory).
@@ -142,6 +144,13 @@ class GLIP(nn.Module):
             verbose: print what was loaded, ignored and dropped.
             config_overrides: ``GLIPConfig`` fields to change (e.g. ``batch_invariant=True``, ``postprocess={...}``).
         """
+        if path is None:
+            from .shipped import default_model_dir
+
+            path = default_model_dir()
+            if path is None:
+                raise FileNotFoundError("this installation of glip-train has no shipped model: pass the path of a "
+                                        "checkpoint or of a directory written by save_pretrained")
         model = cls._load(path, use_ema=use_ema, tokenizer=tokenizer, trust_pickle=trust_pickle,
                           map_location=map_location, verbose=verbose, **config_overrides)
         if adapter is not None:
@@ -197,9 +206,12 @@ class GLIP(nn.Module):
             print(report.summary())
         return model.to(map_location)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write ``config.json``, ``model.safetensors`` and the tokenizer to ``directory`` (a prompt-tuning table, if
-        any, goes to ``adapter.safetensors`` beside them and is applied again by :meth:`from_pretrained`)."""
+        any, goes to ``adapter.safetensors`` beside them and is applied again by :meth:`from_pretrained`).
+
+        ``dtype`` (e.g. ``torch.float16``) stores the floating-point weights in that type, half the file for
+        fp16; :meth:`from_pretrained` loads them into the model's float32 parameters."""
         from safetensors.torch import save
 
         from .adapters import save_adapter
@@ -211,6 +223,8 @@ class GLIP(nn.Module):
         self.config.replace(tokenizer=None).save(directory / CONFIG_NAME)  # the directory's own tokenizer/ wins
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if not k.startswith("prompt_tuning.")}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         atomic_write_bytes(directory / WEIGHTS_NAME,
                            save(state, metadata={"format": "pt", "glip_config": self.config.name}))
         if self.prompt_tuning is not None:
