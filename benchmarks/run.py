@@ -7,15 +7,20 @@
 Results go to ``--out`` (default ``bench-results/`` in the current folder, never the source tree); the results the
 project publishes are copied into ``benchmarks/results/`` deliberately, with the device and the date.
 
+* The zero-shot protocol runner (``benchmarks/zero_shot/protocol.py``): the shipped model on a synthetic world it
+  never saw, next to the numbers it should give (about a minute on 2 cores; ``--no-zero-shot`` skips it). Real COCO /
+  LVIS with an official checkpoint: ``--zero-shot-args "--weights W.pth --coco-annotations ... --coco-images ..."``.
 * With ``--detect``: ``benchmarks/detect/bench_detect_cpu.py`` (GLIP-T CPU detection time per image, text padded to
   256 vs to the longest prompt; several minutes on 2 cores).
 
-Options: ``--cpu-only``, ``--gpu-only``, ``--detect``, ``--out DIR``; arguments after ``--`` go to the GPU scripts.
+Options: ``--cpu-only``, ``--gpu-only``, ``--detect``, ``--no-zero-shot``, ``--zero-shot-args``, ``--out DIR``;
+arguments after ``--`` go to the GPU scripts.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +70,9 @@ def main(argv=None) -> int:
     group.add_argument("--cpu-only", action="store_true")
     group.add_argument("--gpu-only", action="store_true")
     ap.add_argument("--detect", action="store_true", help="also time GLIP-T detection on the CPU (minutes)")
+    ap.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot protocol runner")
+    ap.add_argument("--zero-shot-args", default="", metavar="ARGS",
+                    help="arguments for benchmarks/zero_shot/protocol.py (e.g. real COCO / LVIS paths and --weights)")
     ap.add_argument("--out", default="bench-results", help="folder for the result files [bench-results]")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -74,6 +82,11 @@ def main(argv=None) -> int:
         rc = cpu_part(out) or rc
     if not args.cpu_only:
         rc = gpu_part(out, extra) or rc
+    if not args.no_zero_shot and not args.gpu_only:
+        cmd = [sys.executable, str(HERE / "zero_shot" / "protocol.py"), "--out", str(out),
+               *shlex.split(args.zero_shot_args)]
+        print("$", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, cwd=REPO) or rc
     if args.detect:
         cmd = [sys.executable, str(HERE / "detect" / "bench_detect_cpu.py"),
                "--out", str(out / f"detect_cpu_{_dt.date.today().isoformat()}.json")]

@@ -42,6 +42,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
+from protocol import split_coco_ap  # noqa: E402  (the seen / unseen split of COCO AP)
+
 ROWS = ("A", "B", "C", "full")
 SEEDS = (0, 1)
 NEW_NAMES = {"circle": "orb", "square": "tile", "triangle": "wedge", "star": "spark", "hexagon": "cell",
@@ -206,7 +208,9 @@ def evaluate_model(model: Path, out: Path, world: Path, lvis: bool = True) -> di
         return json.loads(result_file.read_text())
     sh([*GLIP, "eval", "--protocol", "coco", "--weights", model, "--annotations", world / "coco_val.json",
         "--out", out / "coco", *EVAL_SIZE, "--no-progress", "--quiet"], out / "eval.log")
-    metrics = {"coco": coco_split(world / "coco_val.json", out / "coco" / "detections.json", world)}
+    metrics = {"coco": split_coco_ap(json.loads((world / "coco_val.json").read_text()),
+                                     json.loads((out / "coco" / "detections.json").read_text()),
+                                     json.loads((world / "world.json").read_text()))}
     if lvis:
         sh([*GLIP, "eval", "--protocol", "lvis-minival", "--weights", model, "--annotations", world / "lvis_val.json",
             "--out", out / "lvis", *EVAL_SIZE, "--no-progress", "--quiet"], out / "eval.log")
@@ -214,39 +218,6 @@ def evaluate_model(model: Path, out: Path, world: Path, lvis: bool = True) -> di
         metrics["lvis"] = {k: lvis_metrics[k] for k in ("AP", "APr", "APc", "APf", "AP50")}
     result_file.write_text(json.dumps(metrics, indent=2))
     return metrics
-
-
-def coco_split(annotations: Path, detections: Path, world: Path) -> dict:
-    """COCO AP over all classes, the classes labelled for detection, and the classes never labelled."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    manifest = json.loads((world / "world.json").read_text())
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(annotations))
-        dets = json.loads(detections.read_text())
-        dt = gt.loadRes(dets) if dets else None
-    names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
-    groups = {"all": list(names), "seen": [i for i, n in names.items() if n in manifest["detection_shapes"]],
-              "unseen": [i for i, n in names.items() if n in manifest["unseen_shapes"]]}
-    out = {}
-    for group, ids in groups.items():
-        if not ids:
-            continue
-        if dt is None:
-            out[f"AP_{group}"] = out[f"AP50_{group}"] = 0.0
-            continue
-        with contextlib.redirect_stdout(io.StringIO()):
-            ev = COCOeval(gt, dt, "bbox")
-            ev.params.catIds = ids
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        out[f"AP_{group}"], out[f"AP50_{group}"] = float(ev.stats[0]), float(ev.stats[1])
-    return out
 
 
 def row_metrics(paths: Paths, row: str, seed: int) -> dict:
