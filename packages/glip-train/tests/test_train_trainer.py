@@ -222,3 +222,46 @@ def test_prompt_tuning_trains_only_the_table_and_saves_an_adapter(world, tmp_pat
 
     load_adapter(base, result.adapter)
     assert torch.equal(base.prompt_tuning.weight, state["prompt_tuning.weight"])
+
+
+def test_validation_runs_every_eval_every_steps_and_at_the_end_on_the_trained_weights(world, tmp_path):
+    from glip_train.evaluation import evaluate
+
+    val = {"annotations": str(world / "coco_val.json"), "images": str(world / "images")}
+    config = load_train_config(write_config(world, tmp_path, **{
+        "schedule.max_iter": 3, "eval_every": 2, "data.val": val, "ema": None,
+        # an untrained head scores below the official 0.05: keep every candidate so there are detections to compare
+        "model.small.postprocess": {"candidate_threshold": 0.0}}))
+    result = Trainer(config, progress=False).train()
+    out = Path(config.output_dir)
+    events = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "eval"] == [2, 3]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["step_00000002", "step_00000003"]
+    # the final validation equals an independent evaluation of the saved model at the same test size
+    model = GLIP.from_pretrained(result.model_dir).eval()
+    again = evaluate(model, "coco", val["annotations"], val["images"], tmp_path / "again", progress=False,
+                     verbose=False, min_size=64, max_size=64)
+    assert result.val_metrics["AP"] == pytest.approx(again.metrics["AP"], abs=1e-6)
+    during = json.loads((out / "eval" / "step_00000003" / "detections.json").read_text())
+    after = json.loads((tmp_path / "again" / "detections.json").read_text())
+    assert len(during) == len(after) > 0
+    for a, b in zip(during, after):  # same weights, eval mode: equal up to float32 summation order
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2)
+    assert json.loads((out / "result.json").read_text())["val_metrics"] == result.val_metrics
+    # a rerun of the finished run reads the last validation back instead of evaluating again
+    stamp = (out / "eval" / "step_00000003" / "metrics.json").stat().st_mtime_ns
+    assert Trainer(config, progress=False).train().val_metrics == result.val_metrics
+    assert (out / "eval" / "step_00000003" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_bad_validation_settings_are_named(world, tmp_path):
+    from glip_train.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.val.protocol.*flickr30k"):
+        load_train_config(write_config(world, tmp_path / "a", **{"data.val": {"annotations": "x.json",
+                                                                               "protocol": "flickr30k"}}))
+    with pytest.raises(ConfigError, match=r"data.val: unknown keys \['image_dir'\]"):
+        load_train_config(write_config(world, tmp_path / "b", **{"data.val": {"annotations": "x.json",
+                                                                               "image_dir": "y"}}))

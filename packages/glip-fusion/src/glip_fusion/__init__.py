@@ -21,7 +21,7 @@ from .modules import (
     split_levels,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "bi_attention",

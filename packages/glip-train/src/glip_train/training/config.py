@@ -111,6 +111,18 @@ class DatasetConfig:
         _check_positive_int(f"{path}.min_boxes", self.min_boxes, allow_zero=True)
 
 
+#: what ``data.val`` may hold
+VAL_KEYS = ("annotations", "images", "protocol", "min_size", "max_size")
+
+
+def val_protocols() -> tuple[str, ...]:
+    """The protocols ``data.val`` may name: the single-dataset detection protocols of ``glip_train.evaluation``."""
+    from ..evaluation.protocols import PROTOCOLS, DetectionProtocol, ODinWProtocol
+
+    return tuple(name for name, p in PROTOCOLS.items()
+                 if isinstance(p, DetectionProtocol) and not isinstance(p, ODinWProtocol))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Inputs of the run.
@@ -120,7 +132,9 @@ class DataConfig:
             ``glip_data.SynthConfig`` field; sources then name its files as ``annotations: world:detection_train``
             (also ``world:grounding_train``, ``world:captions_train``, ``world:coco_val``...).
         train: the training sources (mixed by their weights).
-        val: a COCO-format validation set (``annotations`` + ``images``) for periodic evaluation, or None.
+        val: a validation set evaluated every ``eval_every`` steps and at the end, or None: ``{annotations: FILE
+            (or world:coco_val), images: DIR, protocol: coco, min_size: PX, max_size: PX}`` (protocol: any detection
+            protocol of ``glip_train.evaluation``; test resize default: the largest training size).
         batch_size: images per process and step (global batch = batch_size x processes x grad_accumulation).
         min_sizes, max_size: multi-scale training resize (official 480..800, 1333).
         flip_prob: horizontal flip probability (official 0.5).
@@ -133,7 +147,7 @@ class DataConfig:
 
     world: Optional[dict[str, Any]] = None
     train: tuple[DatasetConfig, ...] = ()
-    val: Optional[dict[str, str]] = None
+    val: Optional[dict[str, Any]] = None
     batch_size: int = 2
     min_sizes: tuple[int, ...] = (480, 560, 640, 720, 800)
     max_size: int = 1333
@@ -151,8 +165,17 @@ class DataConfig:
             _fail(f"{path}.train", "needs at least one dataset")
         for i, ds in enumerate(self.train):
             ds.validate(f"{path}.train.{i}")
-        if self.val is not None and (not isinstance(self.val, dict) or "annotations" not in self.val):
-            _fail(f"{path}.val", "must be {annotations: FILE, images: DIR} or null")
+        if self.val is not None:
+            if not isinstance(self.val, dict) or "annotations" not in self.val:
+                _fail(f"{path}.val", "must be {annotations: FILE, images: DIR, protocol: coco} or null")
+            unknown = sorted(set(self.val) - set(VAL_KEYS))
+            if unknown:
+                _fail(f"{path}.val", f"unknown keys {unknown}; known: {list(VAL_KEYS)}")
+            if self.val.get("protocol", "coco") not in val_protocols():
+                _fail(f"{path}.val.protocol", f"must be one of {val_protocols()}, got {self.val['protocol']!r}")
+            for key in ("min_size", "max_size"):
+                if self.val.get(key) is not None:
+                    _check_positive_int(f"{path}.val.{key}", self.val[key])
         _check_positive_int(f"{path}.batch_size", self.batch_size)
         if not self.min_sizes:
             _fail(f"{path}.min_sizes", "needs at least one size")

@@ -83,19 +83,26 @@ def ensure_world(config: DataConfig, create: bool = True) -> Any:
     return gd.SynthWorld.load(folder)
 
 
-def resolve_world_paths(spec: DatasetConfig, world: Any, where: str) -> DatasetConfig:
-    """``annotations: world:<file>`` -> the world's file (and its image folder unless ``images`` is set)."""
-    if not spec.annotations.startswith(WORLD_PREFIX):
-        return spec
+def resolve_world_file(annotations: str, images: str | None, world: Any, where: str) -> tuple[str, str | None]:
+    """``world:<file>`` -> ``(the world's file, images or the world's image folder)``; other paths pass through."""
+    if not str(annotations).startswith(WORLD_PREFIX):
+        return annotations, images
     if world is None:
-        raise ValueError(f"{where}.annotations {spec.annotations!r} names a synthetic-world file but data.world is "
-                         "not set")
-    name = spec.annotations[len(WORLD_PREFIX):]
+        raise ValueError(f"{where}.annotations {annotations!r} names a synthetic-world file but data.world is not set")
+    name = str(annotations)[len(WORLD_PREFIX):]
     path = getattr(world, name, None)
     if not isinstance(path, Path) or name in ("root", "image_root", "manifest"):
         raise ValueError(f"{where}.annotations: the synthetic world has no file {name!r} (detection_train, "
                          "grounding_train, captions_train, captions_train_gt, coco_val, lvis_val)")
-    return dataclasses.replace(spec, annotations=str(path), images=spec.images or str(world.image_root))
+    return str(path), images or str(world.image_root)
+
+
+def resolve_world_paths(spec: DatasetConfig, world: Any, where: str) -> DatasetConfig:
+    """``annotations: world:<file>`` -> the world's file (and its image folder unless ``images`` is set)."""
+    annotations, images = resolve_world_file(spec.annotations, spec.images, world, where)
+    if annotations == spec.annotations:
+        return spec
+    return dataclasses.replace(spec, annotations=annotations, images=images)
 
 
 def build_sources(config: DataConfig, max_text_len: int = 256, world: Any = None) -> dict[str, Any]:

@@ -38,7 +38,8 @@ from ..modeling_glip import GLIP
 from .checkpointing import (ResumeError, atomic_torch_save, atomic_write_text, checkpoint_path, config_differences,
                             latest_checkpoint, prune_checkpoints, restore_rng_state, rng_state)
 from .config import TrainConfig
-from .data import Collator, GlobalBatchSampler, TrainBatch, TrainingSamples, build_sources, ensure_world
+from .data import (Collator, GlobalBatchSampler, TrainBatch, TrainingSamples, build_sources, ensure_world,
+                   resolve_world_file)
 from .optim import build_optimizer, build_scheduler
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "build_model", "freeze_for_mode"]
@@ -59,7 +60,8 @@ class TrainResult:
         output_dir: the run folder; model_dir: final weights (``save_pretrained`` layout; None for adapter runs);
         ema_dir: final EMA weights; adapter: the adapter file of a prompt-tuning / linear-probe run;
         steps: optimizer steps done; skipped_batches / bad_steps: batches skipped by the empty-image rule and steps
-        skipped by the NaN guard; last_metrics: the last logged metrics.
+        skipped by the NaN guard; last_metrics: the last logged metrics; val_metrics: the final validation metrics
+        (``data.val``), else None.
     """
 
     output_dir: Path
@@ -70,6 +72,7 @@ class TrainResult:
     skipped_batches: int = 0
     bad_steps: int = 0
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    val_metrics: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -408,15 +411,61 @@ class Trainer:
                         bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in terms.items()})
                 if self.step % config.checkpoint_every == 0 and self.step < max_iter:
                     self.save_checkpoint()
+                if config.eval_every and self.step % config.eval_every == 0 and self.step < max_iter:
+                    self.validate(metrics_file, writer, bar)
                 for hook in self.hooks:
                     hook(self, self.step)
+            self.save_checkpoint()
+            val_metrics = self.validate(metrics_file, writer, bar)
         finally:
             if bar is not None:
                 bar.close()
             if writer is not None:
                 writer.close()
-        self.save_checkpoint()
-        return self._finish()
+        return self._finish(val_metrics)
+
+    def validate(self, metrics_file: Path | None = None, writer: Any = None, bar: Any = None) -> dict[str, Any] | None:
+        """Evaluate the model on ``data.val`` at the current step (every process takes part, each predicting its
+        shard of the images); returns the scalar metrics on rank 0 (None elsewhere, or without ``data.val``).
+
+        Results go to ``output_dir/eval/step_<step>/`` (``detections.json``, ``metrics.json``); a step already
+        evaluated there is read back, not run again (a rerun of a finished run). The trained weights are evaluated,
+        not the EMA (as the official evaluation loads ``"model"``, quirk 19).
+        """
+        val, data = self.config.data.val, self.config.data
+        if val is None:
+            return None
+        out_dir = self.output_dir / "eval" / f"step_{self.step:08d}"
+        done = out_dir / "metrics.json"
+        if done.is_file():
+            metrics = json.loads(done.read_text())["metrics"]
+        else:
+            from ..evaluation import evaluate
+
+            annotations, images = resolve_world_file(val["annotations"], val.get("images"), self.world, "data.val")
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    result = evaluate(self.model, val.get("protocol", "coco"), annotations, images, out_dir,
+                                      progress=False, verbose=False,
+                                      min_size=int(val.get("min_size") or max(data.min_sizes)),
+                                      max_size=int(val.get("max_size") or data.max_size))
+            finally:
+                self.model.train(was_training)
+            metrics = result.metrics if result is not None else None
+        if not self.is_main or metrics is None:
+            return None
+        scalars = {k: round(float(v), 6) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if metrics_file is not None:
+            self._log_line(metrics_file, {"step": self.step, "event": "eval", **scalars})
+        if writer is not None:
+            for key, value in scalars.items():
+                writer.add_scalar(f"val/{key}", value, self.step)
+        if bar is not None:
+            bar.write(f"glip train: step {self.step} validation " + ", ".join(
+                f"{k} {100 * v:.1f}" for k, v in scalars.items() if k in ("AP", "AP50", "APr")))
+        return scalars
 
     def _step(self, batches, accumulation: int) -> tuple[dict[str, float], int, int, str | None]:
         """One optimizer step over ``accumulation`` micro-batches: ``(mean loss terms, images, skipped, bad term)``."""
@@ -476,9 +525,9 @@ class Trainer:
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
-    def _finish(self) -> TrainResult:
+    def _finish(self, val_metrics: dict[str, Any] | None = None) -> TrainResult:
         result = TrainResult(self.output_dir, None, None, None, self.step, self.skipped_batches, self.bad_steps,
-                             self.last_metrics)
+                             self.last_metrics, val_metrics)
         digests = [self.weights_digest()]
         if _dist_active():
             digests = [None] * self.world_size
@@ -500,7 +549,7 @@ class Trainer:
                 "ema_dir": str(result.ema_dir) if result.ema_dir else None,
                 "adapter": str(result.adapter) if result.adapter else None,
                 "weights_sha256": digests, "world_size": self.world_size,
-                "last_metrics": self.last_metrics}, indent=2) + "\n")
+                "last_metrics": self.last_metrics, "val_metrics": val_metrics}, indent=2) + "\n")
         if _dist_active():
             dist.barrier()
         return result
