@@ -44,7 +44,8 @@ def test_coco_protocol_end_to_end_with_perfect_detections(tmp_path, coco, script
     call = model.calls[0]
     assert call["classes"] == ["person", "bow_(weapon)", "traffic_light"]
     assert (call["classes_per_prompt"], call["max_detections"], call["max_detections_per_prompt"]) == (0, 100, 100)
-    assert (call["threshold"], call["min_size"], call["max_size"], call["batch_size"]) == (0.0, 800, 1333, 1)
+    # test sizes unset: a detector without a processor chooses its own
+    assert (call["threshold"], call["min_size"], call["max_size"], call["batch_size"]) == (0.0, None, None, 1)
     assert sorted(c for call in model.calls for c in call["codes"]) == list(range(len(SIZES)))
     # files: COCO results with the inclusive conversion (w = x2 - x1 + 1 gives back the annotated boxes)
     dets = json.loads((tmp_path / "out" / "detections.json").read_text())
@@ -55,6 +56,18 @@ def test_coco_protocol_end_to_end_with_perfect_detections(tmp_path, coco, script
     assert saved["protocol"] == {**get_protocol("coco").to_dict()}
     assert saved["metrics"]["AP"] == pytest.approx(1.0) and saved["report"]["images"] == len(SIZES)
     assert "AP" in capsys.readouterr().out
+
+
+def test_unset_test_sizes_are_the_models_and_are_recorded_resolved(tmp_path, coco, scripted_detector):
+    from glip_train.processing_glip import GLIPProcessor
+
+    model = scripted_detector(perfect())
+    model.processor = GLIPProcessor(None, test_size=(160, 240))  # a model trained on small images
+    evaluate(model, "coco", coco, out_dir=tmp_path / "a", progress=False, verbose=False)
+    evaluate(model, "coco", coco, out_dir=tmp_path / "b", progress=False, verbose=False, min_size=128)
+    assert [(c["min_size"], c["max_size"]) for c in model.calls] == [(160, 240)] * len(SIZES) + [(128, 240)] * len(SIZES)
+    recorded = [json.loads((tmp_path / d / "metrics.json").read_text())["protocol"] for d in "ab"]
+    assert [(p["min_size"], p["max_size"]) for p in recorded] == [(160, 240), (128, 240)]
 
 
 def test_lvis_protocol_parameters_reach_the_model(tmp_path, scripted_detector, detection_dataset_writer):

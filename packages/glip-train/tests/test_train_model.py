@@ -36,6 +36,7 @@ def small_model(small_config):
     (dict(postprocess={"nms_threshold": 1.5}), r"nms_threshold must be in \(0, 1\]"),
     (dict(postprocess={"detections_per_image": -3}), "detections_per_image must be a positive integer or None"),
     (dict(max_text_len=1024), "max_text_len must be in"),
+    (dict(test_min_size=900, test_max_size=800), "test_min_size / test_max_size must be positive integers with min"),
     (dict(text_encoder={"hidden_size": 768}), "text_encoder lacks"),
 ])
 def test_invalid_configs_fail_when_built_naming_the_field(changes, match):
@@ -87,6 +88,16 @@ def test_from_pretrained_directory_honours_map_location_and_overrides(small_mode
     assert tuned.config.batch_invariant and tuned.config.postprocess.candidate_threshold == 0.1
     assert tuned.config.fusion == small_model.config.fusion
     assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), small_model.state_dict().values()))
+
+
+def test_the_models_test_size_is_the_default_resize(small_config):
+    from PIL import Image
+
+    model = GLIP(small_config.replace(test_min_size=64, test_max_size=96))
+    image = Image.new("RGB", (300, 150))
+    assert model.processor.preprocess([image]).image_sizes == [(48, 96)]  # 64 on the short side would exceed 96
+    assert model.processor.preprocess([image], min_size=32).image_sizes == [(32, 64)]
+    assert GLIP(small_config).processor.test_size == (800, 1333)  # the official default
 
 
 def test_half_precision_weights_load_as_rounded_float32(small_model, tmp_path):

@@ -88,9 +88,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "one) [0.5]")
     p.add_argument("--max-detections", type=_positive_int, default=100, metavar="N",
                    help="detections per image at most (>= 1) [100]")
-    p.add_argument("--min-size", type=_positive_int, default=800, metavar="PX", help="test resize: shorter side [800]")
-    p.add_argument("--max-size", type=_positive_int, default=1333, metavar="PX",
-                   help="test resize: longer-side cap [1333]")
+    p.add_argument("--min-size", type=_positive_int, metavar="PX",
+                   help="test resize: shorter side [the model's; 800 for official checkpoints]")
+    p.add_argument("--max-size", type=_positive_int, metavar="PX",
+                   help="test resize: longer-side cap [the model's; 1333 for official checkpoints]")
     p.add_argument("--pad-text-to-max", action="store_true",
                    help="pad text to 256 tokens as the official code (slower; same results)")
     p.add_argument("-o", "--output", default="out", metavar="DIR",
@@ -205,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--phrases", choices=("entities", "chunker"), default="entities",
                     help="what to ground: the caption's annotated entities, or noun phrases from the offline chunker")
     pl.add_argument("--max-detections", type=_positive_int, default=100, metavar="N", help="per caption [100]")
-    pl.add_argument("--min-size", type=_positive_int, default=800, metavar="PX")
-    pl.add_argument("--max-size", type=_positive_int, default=1333, metavar="PX")
+    pl.add_argument("--min-size", type=_positive_int, metavar="PX", help="test resize: shorter side [the model's]")
+    pl.add_argument("--max-size", type=_positive_int, metavar="PX", help="test resize: longer-side cap [the model's]")
     pl.add_argument("--batch-size", type=_positive_int, default=1, metavar="N")
     pl.add_argument("--device", default="auto")
     pl.add_argument("--grade", metavar="GT_FILE",

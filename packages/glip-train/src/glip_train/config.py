@@ -132,6 +132,9 @@ class GLIPConfig:
         prior_prob: initial foreground probability of the token bias (0.01 -> bias -ln 99).
         anchor_sizes, anchor_strides: one square anchor per location on each of the five levels.
         size_divisibility: batches are zero-padded to a multiple of this (32).
+        test_min_size, test_max_size: the test-time resize (shorter side, longer-side cap) that ``detect``,
+            ``ground``, evaluation and pseudo-labelling use unless told otherwise (official: 800, 1333; a model
+            trained on small images records its own).
         tokenizer: a local tokenizer directory, or None for the bundled bert-base-uncased vocabulary.
         postprocess: :class:`PostProcessConfig`.
     """
@@ -150,6 +153,8 @@ class GLIPConfig:
     anchor_sizes: tuple[float, ...] = (64, 128, 256, 512, 1024)
     anchor_strides: tuple[int, ...] = (8, 16, 32, 64, 128)
     size_divisibility: int = 32
+    test_min_size: int = 800
+    test_max_size: int = 1333
     tokenizer: Optional[str] = None
     postprocess: PostProcessConfig = field(default_factory=PostProcessConfig)
 
@@ -199,6 +204,10 @@ class GLIPConfig:
                f"GLIPConfig.anchor_strides must be integers; got {self.anchor_strides!r}")
         _check(_is_int(self.size_divisibility) and self.size_divisibility >= 1,
                f"GLIPConfig.size_divisibility must be a positive integer; got {self.size_divisibility!r}")
+        _check(_is_int(self.test_min_size) and _is_int(self.test_max_size)
+               and 1 <= self.test_min_size <= self.test_max_size,
+               f"GLIPConfig.test_min_size / test_max_size must be positive integers with min <= max; got "
+               f"{self.test_min_size!r} / {self.test_max_size!r}")
         _check(_is_int(self.num_cls_logits) and self.num_cls_logits >= 1,
                f"GLIPConfig.num_cls_logits must be a positive integer; got {self.num_cls_logits!r}")
         _check(isinstance(self.prior_prob, (int, float)) and 0.0 < self.prior_prob < 1.0,

@@ -54,8 +54,8 @@ def predict(
     images: Sequence[ImageInput],
     queries: Sequence[TextQuery],
     *,
-    min_size: int = 800,
-    max_size: int = 1333,
+    min_size: int | None = None,
+    max_size: int | None = None,
     batch_size: int = 1,
     pad_text_to_max: bool = False,
     dtype: torch.dtype | None = None,
@@ -69,7 +69,8 @@ def predict(
         model: a :class:`glip_train.GLIP`.
         images: the images (any :data:`ImageInput`).
         queries: prompts, each naming its image (:class:`TextQuery`).
-        min_size, max_size: the test-time resize.
+        min_size, max_size: the test-time resize (None: the model's ``config.test_min_size`` / ``test_max_size``,
+            800 / 1333 for the official checkpoints).
         batch_size: images per forward pass.
         pad_text_to_max: pad the text to 256 tokens (official; the same valid outputs, slower).
         dtype: autocast dtype for the network (post-processing stays in float32).
@@ -117,8 +118,8 @@ def detect(
     prompt: Any = None,
     threshold: float = 0.5,
     max_detections: int | None = 100,
-    min_size: int = 800,
-    max_size: int = 1333,
+    min_size: int | None = None,
+    max_size: int | None = None,
     *,
     max_detections_per_prompt: int | None | str = "same",
     batch_size: int = 1,
@@ -170,8 +171,8 @@ def ground(
     phrases: Any = None,
     threshold: float = 0.5,
     max_detections: int | None = 100,
-    min_size: int = 800,
-    max_size: int = 1333,
+    min_size: int | None = None,
+    max_size: int | None = None,
     *,
     batch_size: int = 1,
     pad_text_to_max: bool = False,

@@ -336,7 +336,7 @@ class GLIP(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ user API
     def detect(self, images: ImageInput | Sequence[ImageInput], classes: Any = None, prompt: Any = None,
-               threshold: float = 0.5, max_detections: int | None = 100, min_size: int = 800, max_size: int = 1333,
+               threshold: float = 0.5, max_detections: int | None = 100, min_size: int | None = None, max_size: int | None = None,
                **options: Any) -> list[dict[str, Any]]:
         """Zero-shot detection of the given classes; see :func:`glip_train.inference.detect` for every option.
 
@@ -349,7 +349,7 @@ class GLIP(nn.Module):
                       max_detections=max_detections, min_size=min_size, max_size=max_size, **options)
 
     def ground(self, images: ImageInput | Sequence[ImageInput], captions: str | Sequence[str], phrases: Any = None,
-               threshold: float = 0.5, max_detections: int | None = 100, min_size: int = 800, max_size: int = 1333,
+               threshold: float = 0.5, max_detections: int | None = 100, min_size: int | None = None, max_size: int | None = None,
                **options: Any) -> list[dict[str, Any]]:
         """Phrase grounding, one caption per image; see :func:`glip_train.inference.ground` for every option.
 

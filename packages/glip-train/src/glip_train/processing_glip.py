@@ -74,29 +74,37 @@ class GLIPProcessor:
         max_text_len: the longest text the model takes (256).
         size_divisibility: batch padding multiple (32).
         postprocess: the post-processing parameters (official defaults).
+        test_size: the default test-time resize ``(min_size, max_size)`` (official ``(800, 1333)``).
     """
 
     def __init__(self, tokenizer: Any, *, max_text_len: int = 256, size_divisibility: int = 32,
-                 postprocess: PostProcessConfig | None = None):
+                 postprocess: PostProcessConfig | None = None, test_size: tuple[int, int] = (800, 1333)):
         self.tokenizer = tokenizer
         self.max_text_len = int(max_text_len)
         self.size_divisibility = int(size_divisibility)
         self.postprocess_config = postprocess or PostProcessConfig()
+        self.test_size = (int(test_size[0]), int(test_size[1]))
 
     @classmethod
     def from_config(cls, config: GLIPConfig, tokenizer: Any) -> "GLIPProcessor":
         return cls(tokenizer, max_text_len=config.max_text_len, size_divisibility=config.size_divisibility,
-                   postprocess=config.postprocess)
+                   postprocess=config.postprocess, test_size=(config.test_min_size, config.test_max_size))
+
+    def resize_limits(self, min_size: int | None = None, max_size: int | None = None) -> tuple[int, int]:
+        """``(min_size, max_size)`` of the test resize: the given values, else the model's (:attr:`test_size`)."""
+        return (self.test_size[0] if min_size is None else int(min_size),
+                self.test_size[1] if max_size is None else int(max_size))
 
     # ------------------------------------------------------------------------------------------------ images
-    def load_image(self, image: ImageInput, min_size: int = 800, max_size: int = 1333):
-        """One image as an upright RGB PIL image, checked to survive the test resize.
+    def load_image(self, image: ImageInput, min_size: int | None = None, max_size: int | None = None):
+        """One image as an upright RGB PIL image, checked to survive the test resize (None: the model's sizes).
 
         Raises:
             glip_data.ImageLoadError: naming the image (a path, or its index in the call) when it cannot be read or
                 has a size the resize cannot handle (e.g. a 1x4000 strip).
         """
         pil = load_image(image)
+        min_size, max_size = self.resize_limits(min_size, max_size)
         try:
             get_resize_size(pil.size, min_size, max_size)
         except ValueError as exc:
@@ -104,8 +112,10 @@ class GLIPProcessor:
             raise ImageLoadError(f"{name}: {exc}") from None
         return pil
 
-    def preprocess(self, images: Sequence[ImageInput], min_size: int = 800, max_size: int = 1333) -> ImageBatch:
-        """Load, resize (official test transform) and batch images."""
+    def preprocess(self, images: Sequence[ImageInput], min_size: int | None = None,
+                   max_size: int | None = None) -> ImageBatch:
+        """Load, resize (official test transform; None: the model's test sizes) and batch images."""
+        min_size, max_size = self.resize_limits(min_size, max_size)
         transform = TestTransform(min_size=min_size, max_size=max_size)
         tensors, original_sizes = [], []
         for image in images:

@@ -75,8 +75,8 @@ def _repair_tail(path: Path) -> None:
 
 def pseudo_label(model: Any, captions: str | os.PathLike, out: str | os.PathLike, *, images: str | None = None,
                  threshold: float = 0.5, nms: float | None = None, min_boxes: int = 1, phrases: str = "entities",
-                 max_detections: int = 100, min_size: int = 800, max_size: int = 1333, batch_size: int = 1,
-                 progress: bool = True) -> PseudoLabelReport:
+                 max_detections: int = 100, min_size: int | None = None, max_size: int | None = None,
+                 batch_size: int = 1, progress: bool = True) -> PseudoLabelReport:
     """Label every caption of ``captions`` with the boxes ``model`` (a :class:`glip_train.GLIP`) grounds.
 
     Returns a :class:`PseudoLabelReport`; see the module doc for the rules.

@@ -39,8 +39,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects in a .pth")
     g = p.add_argument_group("protocol parameters (default: the protocol's official values)")
     g.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (official: 1)")
-    g.add_argument("--min-size", type=int, metavar="PX", help="test resize, shorter side (official: 800)")
-    g.add_argument("--max-size", type=int, metavar="PX", help="test resize, longer-side cap (official: 1333)")
+    g.add_argument("--min-size", type=int, metavar="PX", help="test resize, shorter side (default: the model's; official checkpoints 800)")
+    g.add_argument("--max-size", type=int, metavar="PX", help="test resize, longer-side cap (default: the model's; official checkpoints 1333)")
     g.add_argument("--classes-per-prompt", type=int, metavar="N", help="chunk size; 0: only the 256-token limit")
     g.add_argument("--max-detections", type=_optional_int, metavar="N|none", default=argparse.SUPPRESS,
                    help="per image after merging prompts; none: no cap")

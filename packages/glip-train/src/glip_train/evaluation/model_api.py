@@ -26,8 +26,8 @@ class Detector(Protocol):
         max_detections_per_prompt: int,
         classes_per_prompt: int,
         batch_size: int,
-        min_size: int,
-        max_size: int,
+        min_size: int | None,
+        max_size: int | None,
     ) -> list[dict[str, Any]]:
         """Detect ``classes`` (shared by every image); long lists run as several prompts of at most
         ``classes_per_prompt`` classes (0: only the 256-token limit), each capped at ``max_detections_per_prompt``
@@ -43,8 +43,8 @@ class Detector(Protocol):
         threshold: float,
         max_detections: int | None,
         batch_size: int,
-        min_size: int,
-        max_size: int,
+        min_size: int | None,
+        max_size: int | None,
     ) -> list[dict[str, Any]]:
         """Ground ``phrases[i]`` (each located at its first occurrence in ``captions[i]``) in image ``i``."""
         ...

@@ -48,8 +48,10 @@ class _InferenceSettings:
     kind: ClassVar[str] = "base"
     name: str = "custom"
     threshold: float = 0.0  # keep every post-processed detection (the official evaluation has no score threshold)
-    min_size: int = 800  # test resize: shorter side
-    max_size: int = 1333  # test resize: longer-side cap
+    # test resize (shorter side, longer-side cap); None: the model's own (``GLIPConfig.test_min_size`` /
+    # ``test_max_size``, 800 / 1333 for the official checkpoints), recorded resolved in metrics.json
+    min_size: Union[int, None] = None
+    max_size: Union[int, None] = None
     batch_size: int = 1  # images per forward pass; the official numbers use 1 (padding changes GLIP's outputs)
 
     def __post_init__(self) -> None:
@@ -57,9 +59,11 @@ class _InferenceSettings:
             raise ValueError(f"{type(self).__name__}.name must be a non-empty string, got {self.name!r}")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"{type(self).__name__}.threshold must be in [0, 1], got {self.threshold!r}")
-        for field in ("min_size", "max_size", "batch_size"):
-            _positive_int(self, field)
-        if self.max_size < self.min_size:
+        _positive_int(self, "batch_size")
+        for field in ("min_size", "max_size"):
+            if getattr(self, field) is not None:
+                _positive_int(self, field)
+        if self.min_size is not None and self.max_size is not None and self.max_size < self.min_size:
             raise ValueError(f"{type(self).__name__}: max_size ({self.max_size}) < min_size ({self.min_size})")
 
     def to_dict(self) -> dict[str, Any]:

@@ -399,6 +399,10 @@ def evaluate(
         EvaluationError: bad input (the file and the record are named).
     """
     protocol = get_protocol(protocol, **overrides)
+    processor = getattr(model, "processor", None)
+    if hasattr(processor, "resize_limits"):  # unset test sizes: the model's own, recorded resolved
+        min_size, max_size = processor.resize_limits(protocol.min_size, protocol.max_size)
+        protocol = dataclasses.replace(protocol, min_size=min_size, max_size=max_size)
     if images is None and isinstance(annotations, (str, Path)):  # a synthetic world's file finds its images
         from glip_data import world_image_root
 
