@@ -249,3 +249,26 @@ def test_convert_end_to_end_and_destination_checks(parity_dir, tmp_path):
         assert set(fh.keys()) == set(expected)
         # the recipe sets the official bias init -ln(99) as a constant (docs/official_model.md#predictors)
         assert torch.allclose(fh.get_tensor("head.bias0"), torch.tensor([-4.595119953155518]))
+
+
+def test_eval_applies_an_adapter_and_names_a_missing_one(weights_dir, tmp_path):
+    from glip_data import SynthConfig, generate_world
+    from glip_train.adapters import save_adapter
+
+    world = generate_world(tmp_path / "world", config=SynthConfig(
+        seed=5, num_detection=0, num_grounding=0, num_captions=0, num_val=2, min_size=64, max_size=80))
+    model = GLIP.from_pretrained(weights_dir)
+    table = model.enable_prompt_tuning(positions=64)
+    with torch.no_grad():
+        table.weight.normal_(0, 2.0)  # large offsets: the detections must change
+    save_adapter(model, tmp_path / "adapter.safetensors", "prompt_tuning")
+    common = ["eval", "--protocol", "coco", "--weights", weights_dir, "--annotations", world.coco_val,
+              "--min-size", "64", "--max-size", "80", "--no-progress", "--quiet", "--set", "threshold=0.0"]
+    plain = run(*common, "--out", tmp_path / "plain")
+    tuned = run(*common, "--out", tmp_path / "tuned", "--adapter", tmp_path / "adapter.safetensors")
+    assert plain.returncode == tuned.returncode == 0, plain.stderr + tuned.stderr
+    scores = [[d["score"] for d in json.loads((tmp_path / name / "detections.json").read_text())]
+              for name in ("plain", "tuned")]
+    assert scores[0] != scores[1]
+    missing = run(*common, "--out", tmp_path / "x", "--adapter", tmp_path / "nope.safetensors")
+    assert missing.returncode == 2 and "--adapter" in missing.stderr and "nope.safetensors" in missing.stderr

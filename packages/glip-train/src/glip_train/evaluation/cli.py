@@ -29,6 +29,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                         "odinw | custom")
     p.add_argument("--weights", default=os.environ.get("GLIP_WEIGHTS"), metavar="PATH",
                    help="official .pth, a save_pretrained directory or a weights-recipe .json [$GLIP_WEIGHTS]")
+    p.add_argument("--adapter", metavar="FILE",
+                   help="a prompt-tuning / linear-probe adapter trained on --weights (glip train --mode ...)")
     p.add_argument("--annotations", required=True, metavar="FILE",
                    help="COCO / LVIS / MDETR-format json; for odinw a folder, a manifest or a .txt list")
     p.add_argument("--images", metavar="DIR", help="image folder (default: next to the annotations)")
@@ -39,8 +41,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects in a .pth")
     g = p.add_argument_group("protocol parameters (default: the protocol's official values)")
     g.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (official: 1)")
-    g.add_argument("--min-size", type=int, metavar="PX", help="test resize, shorter side (default: the model's; official checkpoints 800)")
-    g.add_argument("--max-size", type=int, metavar="PX", help="test resize, longer-side cap (default: the model's; official checkpoints 1333)")
+    g.add_argument("--min-size", type=int, metavar="PX",
+                   help="test resize, shorter side (default: the model's; official checkpoints 800)")
+    g.add_argument("--max-size", type=int, metavar="PX",
+                   help="test resize, longer-side cap (default: the model's; official checkpoints 1333)")
     g.add_argument("--classes-per-prompt", type=int, metavar="N", help="chunk size; 0: only the 256-token limit")
     g.add_argument("--max-detections", type=_optional_int, metavar="N|none", default=argparse.SUPPRESS,
                    help="per image after merging prompts; none: no cap")
@@ -104,8 +108,10 @@ def load_model(args: argparse.Namespace) -> Any:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         else:
             device = "cpu"
-    return GLIP.from_pretrained(args.weights, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
-                                map_location=device).eval()
+    if args.adapter and not os.path.isfile(args.adapter):
+        raise EvaluationError(f"--adapter {args.adapter}: no such file")
+    return GLIP.from_pretrained(args.weights, adapter=args.adapter, use_ema=args.use_ema,
+                                trust_pickle=args.trust_pickle, map_location=device).eval()
 
 
 def run(args: argparse.Namespace) -> int:
