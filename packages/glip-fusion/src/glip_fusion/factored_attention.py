@@ -48,19 +48,12 @@ def factored_bi_mha(attn, v: torch.Tensor, l: torch.Tensor, text_mask: Optional[
     Returns:
         ``(delta_v (B, N, v_dim), delta_l (B, M, l_dim))``.
     """
-    from .modules import _as_bool_mask
-
     if attn.training and attn.dropout > 0:
         raise ValueError("factored_bi_mha has no attention dropout: call it in eval mode or with dropout=0")
-    if v.dim() != 3 or v.shape[-1] != attn.v_dim:
-        raise ValueError(f"v must have shape (B, N, v_dim={attn.v_dim}); got {tuple(v.shape)}")
-    if l.dim() != 3 or l.shape[-1] != attn.l_dim or l.shape[0] != v.shape[0]:
-        raise ValueError(f"l must have shape (B={v.shape[0]}, M, l_dim={attn.l_dim}); got {tuple(l.shape)}")
+    text_mask, image_mask = attn.check_inputs(v, l, text_mask, image_mask)
     B, N, Cv = v.shape
     M = l.shape[1]
     H, d = attn.num_heads, attn.head_dim
-    text_mask = _as_bool_mask(text_mask, "text_mask", (B, M))
-    image_mask = _as_bool_mask(image_mask, "image_mask", (B, N))
 
     k = attn.l_proj(l).view(B, M, H, d)
     w_q = attn.v_proj.weight.view(H, d, Cv)

@@ -184,6 +184,16 @@ class BiMultiHeadAttention(nn.Module):
         B, L, _ = x.shape
         return x.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def check_inputs(self, v: torch.Tensor, l: torch.Tensor, text_mask: Optional[torch.Tensor],
+                     image_mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Validate the shapes of :meth:`forward`'s inputs; returns the masks as bool tensors (or None)."""
+        if v.dim() != 3 or v.shape[-1] != self.v_dim:
+            raise ValueError(f"v must have shape (B, N, v_dim={self.v_dim}); got {tuple(v.shape)}")
+        if l.dim() != 3 or l.shape[-1] != self.l_dim or l.shape[0] != v.shape[0]:
+            raise ValueError(f"l must have shape (B={v.shape[0]}, M, l_dim={self.l_dim}); got {tuple(l.shape)}")
+        return (_as_bool_mask(text_mask, "text_mask", (v.shape[0], l.shape[1])),
+                _as_bool_mask(image_mask, "image_mask", (v.shape[0], v.shape[1])))
+
     def uses_factored(self, v: torch.Tensor, num_text_tokens: int) -> bool:
         """Whether :meth:`forward` takes the factored path for image tokens ``v`` and a prompt of that length."""
         if self.factored is not None:
@@ -199,14 +209,9 @@ class BiMultiHeadAttention(nn.Module):
 
         Returns ``(delta_v (B, N, v_dim), delta_l (B, M, l_dim))``.
         """
-        if v.dim() != 3 or v.shape[-1] != self.v_dim:
-            raise ValueError(f"v must have shape (B, N, v_dim={self.v_dim}); got {tuple(v.shape)}")
-        if l.dim() != 3 or l.shape[-1] != self.l_dim or l.shape[0] != v.shape[0]:
-            raise ValueError(f"l must have shape (B={v.shape[0]}, M, l_dim={self.l_dim}); got {tuple(l.shape)}")
+        text_mask, image_mask = self.check_inputs(v, l, text_mask, image_mask)
         B, N, _ = v.shape
         M = l.shape[1]
-        text_mask = _as_bool_mask(text_mask, "text_mask", (B, M))
-        image_mask = _as_bool_mask(image_mask, "image_mask", (B, N))
         if self.uses_factored(v, M):
             return factored_bi_mha(self, v, l, text_mask, image_mask)
 
