@@ -101,6 +101,18 @@ def test_module_takes_the_factored_path_only_where_it_pays():
             m.backend = "reference"  # an explicit backend is honoured
             m(v, l, tm, im)
             assert calls == [1]
+            m.backend = "auto"
+            with pytest.MonkeyPatch.context() as mp:  # ... also when it comes from the environment
+                mp.setenv("GLIP_FUSION_BACKEND", "sdpa")
+                m(v, l, tm, im)
+            assert calls == [1]
+            m.train()
+            m.dropout = 0.1  # a module left in train mode with dropout: the projected path applies the dropout
+            m(v, l, tm, im)
+            assert calls == [1]
+            m.eval()
+            m(v, l, tm, im)
+            assert calls == [1, 1]
     finally:
         modules.factored_bi_mha = original
     for a, b in zip(auto, plain):  # float32: one reassociation of sums of ~10 products of O(1) values

@@ -9,6 +9,7 @@ float32); every quirk a cleaner design would change is a named option (``image_m
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
-from .attention import bi_attention
+from .attention import BACKEND_ENV_VAR, bi_attention
 from .config import OFFSET_MODES, FusionConfig
 from .deform import DCN_IMPLS, deform_conv2d, resolve_dcn_impl
 from .factored_attention import factored_bi_mha, factored_pays
@@ -145,8 +146,8 @@ class BiMultiHeadAttention(nn.Module):
             computes them and the parity fixture records them).
         factored: compute the X-MHA with the image-side projections folded into the text side
             (:func:`glip_fusion.factored_attention.factored_bi_mha`, equal to float rounding). None (default):
-            when the backend is "auto", the tensors are on the CPU, no gradient is recorded and the prompt is
-            shorter than a head (where it was measured to pay: X-MHA 3.4 s -> 0.4 s per GLIP-T image with a
+            when the backend is "auto" (and ``$GLIP_FUSION_BACKEND`` unset or "auto"), the tensors are on the CPU,
+            no gradient is recorded, no attention dropout applies and the prompt is shorter than a head (where it was measured to pay: X-MHA 3.4 s -> 0.4 s per GLIP-T image with a
             4-class prompt on 2 cores). True / False force it on / off.
     """
 
@@ -198,8 +199,10 @@ class BiMultiHeadAttention(nn.Module):
         """Whether :meth:`forward` takes the factored path for image tokens ``v`` and a prompt of that length."""
         if self.factored is not None:
             return self.factored
-        if self.backend != "auto" or v.device.type != "cpu" or torch.is_grad_enabled():
-            return False
+        if self.backend != "auto" or os.environ.get(BACKEND_ENV_VAR, "auto") != "auto":
+            return False  # an explicit backend choice (argument or environment) is honoured
+        if v.device.type != "cpu" or torch.is_grad_enabled() or (self.training and self.dropout > 0):
+            return False  # measured on CPU inference only; no attention dropout in the factored form
         return factored_pays(num_text_tokens, self.head_dim)
 
     def forward(self, v: torch.Tensor, l: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
