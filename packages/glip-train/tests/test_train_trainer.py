@@ -237,10 +237,12 @@ def test_validation_runs_every_eval_every_steps_and_at_the_end_on_the_trained_we
     events = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "eval"] == [2, 3]
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["step_00000002", "step_00000003"]
-    # the final validation equals an independent evaluation of the saved model at the same test size
+    # the saved model records the training size as its test size, so evaluating it later, with no sizes given,
+    # gives what the run measured
     model = GLIP.from_pretrained(result.model_dir).eval()
+    assert model.processor.test_size == (64, 64)
     again = evaluate(model, "coco", val["annotations"], val["images"], tmp_path / "again", progress=False,
-                     verbose=False, min_size=64, max_size=64)
+                     verbose=False)
     assert result.val_metrics["AP"] == pytest.approx(again.metrics["AP"], abs=1e-6)
     during = json.loads((out / "eval" / "step_00000003" / "detections.json").read_text())
     after = json.loads((tmp_path / "again" / "detections.json").read_text())
@@ -254,6 +256,26 @@ def test_validation_runs_every_eval_every_steps_and_at_the_end_on_the_trained_we
     stamp = (out / "eval" / "step_00000003" / "metrics.json").stat().st_mtime_ns
     assert Trainer(config, progress=False).train().val_metrics == result.val_metrics
     assert (out / "eval" / "step_00000003" / "metrics.json").stat().st_mtime_ns == stamp
+    events = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "eval"] == [2, 3]  # not logged twice
+
+
+def test_a_missing_validation_file_stops_the_run_before_training_and_can_be_fixed_on_resume(world, tmp_path):
+    bad = {"annotations": str(world / "coco_vall.json"), "images": str(world / "images")}
+    with pytest.raises(FileNotFoundError, match=r"data.val.annotations: .*coco_vall.json does not exist"):
+        Trainer(load_train_config(write_config(world, tmp_path, **{"data.val": bad})), progress=False)
+    # a run interrupted without validation resumes with a validation set added (data.val does not change weights)
+    config = load_train_config(write_config(world, tmp_path, **{"schedule.max_iter": 2, "checkpoint_every": 1,
+                                                                  "ema": None}))
+    trainer = Trainer(config, progress=False)
+    trainer._step(trainer._loader(), 1)
+    trainer.step = 1
+    trainer.save_checkpoint()
+    good = {"annotations": str(world / "coco_val.json"), "images": str(world / "images")}
+    resumed = Trainer(load_train_config(write_config(world, tmp_path, **{
+        "schedule.max_iter": 2, "checkpoint_every": 1, "ema": None, "data.val": good})), progress=False)
+    assert resumed.step == 1
+    assert resumed.train().val_metrics is not None
 
 
 def test_bad_validation_settings_are_named(world, tmp_path):

@@ -33,9 +33,10 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^checkpoint_(\d{8})\.pt$")
-#: keys that may change between a run and its resume (they do not change the trained weights)
+#: keys (and everything below them) that may change between a run and its resume: they do not change the trained
+#: weights
 RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "keep_checkpoints", "data.num_workers", "eval_every",
-                     "nan_patience", "device")
+                     "nan_patience", "device", "data.val")
 
 
 class ResumeError(RuntimeError):
@@ -135,7 +136,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     a, b = _flatten(saved), _flatten(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_CHANGES:
+        if any(key == r or key.startswith(r + ".") for r in RESUMABLE_CHANGES):
             continue
         if a.get(key, "<missing>") != b.get(key, "<missing>"):
             diffs.append(f"{key}: checkpoint {a.get(key, '<missing>')!r} vs now {b.get(key, '<missing>')!r}")

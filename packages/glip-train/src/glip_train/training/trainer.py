@@ -91,8 +91,14 @@ def _resolve_text_dir(value: str) -> str:
 
 
 def build_model(config: TrainConfig) -> GLIP:
-    """The network a run starts from: ``init`` weights (with ``model`` overrides) or a new model from ``model``."""
+    """The network a run starts from: ``init`` weights (with ``model`` overrides) or a new model from ``model``.
+
+    Unless ``model`` sets them, the model's test size (``test_min_size`` / ``test_max_size``, what ``detect`` and
+    evaluation resize to) becomes the run's largest training size, as the official configs pair them (800 / 1333).
+    """
     overrides = dict(config.model)
+    overrides.setdefault("test_min_size", max(config.data.min_sizes))
+    overrides.setdefault("test_max_size", config.data.max_size)
     small = overrides.pop("small", None)
     overrides.setdefault("fusion", {})
     if isinstance(overrides["fusion"], dict):
@@ -223,6 +229,7 @@ class Trainer:
         self.bad_steps = 0
         self.consecutive_bad = 0
         self.last_metrics: dict[str, Any] = {}
+        self._digests: list[str] = []  # the weights' sha256 per process, set at the end
 
         torch.manual_seed(config.seed)
         self.model = build_model(config).to(self.device)
@@ -233,6 +240,7 @@ class Trainer:
         if not self.is_main:
             world = ensure_world(config.data, create=False)
         self.world = world
+        self.val_files = self._val_files()  # checked now, not hours into the run
         sources = build_sources(config.data, self.model.config.max_text_len, world)
         self.samples = TrainingSamples(sources, config.data.train, config.data, self.model.tokenizer,
                                        self.model.config.max_text_len, config.seed)
@@ -260,6 +268,18 @@ class Trainer:
         self.collator = Collator(self.model.tokenizer, self.model.config.max_text_len, config.data.pad_text_to,
                                  self.model.config.size_divisibility)
         self._resume()
+
+    def _val_files(self) -> tuple[str, str | None] | None:
+        """``(annotations, images)`` of ``data.val`` (world files resolved), or None; raises naming a missing path."""
+        val = self.config.data.val
+        if val is None:
+            return None
+        annotations, images = resolve_world_file(val["annotations"], val.get("images"), self.world, "data.val")
+        if not Path(annotations).is_file():
+            raise FileNotFoundError(f"data.val.annotations: {annotations} does not exist")
+        if images is not None and not Path(images).is_dir():
+            raise FileNotFoundError(f"data.val.images: {images} is not a folder")
+        return annotations, images
 
     # ---- state -----------------------------------------------------------------------------------------------------
     @property
@@ -416,13 +436,16 @@ class Trainer:
                 for hook in self.hooks:
                     hook(self, self.step)
             self.save_checkpoint()
-            val_metrics = self.validate(metrics_file, writer, bar)
+            result = self._finish()  # the weights are written before the final validation can fail
+            result.val_metrics = self.validate(metrics_file, writer, bar)
+            if result.val_metrics is not None:
+                self._write_result(result)
         finally:
             if bar is not None:
                 bar.close()
             if writer is not None:
                 writer.close()
-        return self._finish(val_metrics)
+        return result
 
     def validate(self, metrics_file: Path | None = None, writer: Any = None, bar: Any = None) -> dict[str, Any] | None:
         """Evaluate the model on ``data.val`` at the current step (every process takes part, each predicting its
@@ -432,31 +455,32 @@ class Trainer:
         evaluated there is read back, not run again (a rerun of a finished run). The trained weights are evaluated,
         not the EMA (as the official evaluation loads ``"model"``, quirk 19).
         """
-        val, data = self.config.data.val, self.config.data
+        val = self.config.data.val
         if val is None:
             return None
         out_dir = self.output_dir / "eval" / f"step_{self.step:08d}"
         done = out_dir / "metrics.json"
-        if done.is_file():
+        # a rerun of a finished run: read back, not evaluated or logged again (decided jointly: all ranks or none)
+        if _any_rank(done.is_file(), self.device):
+            if not self.is_main or not done.is_file():
+                return None
             metrics = json.loads(done.read_text())["metrics"]
-        else:
-            from ..evaluation import evaluate
+            return {k: round(float(v), 6) for k, v in metrics.items() if isinstance(v, (int, float))}
+        from ..evaluation import evaluate
 
-            annotations, images = resolve_world_file(val["annotations"], val.get("images"), self.world, "data.val")
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                with torch.no_grad():
-                    result = evaluate(self.model, val.get("protocol", "coco"), annotations, images, out_dir,
-                                      progress=False, verbose=False,
-                                      min_size=int(val.get("min_size") or max(data.min_sizes)),
-                                      max_size=int(val.get("max_size") or data.max_size))
-            finally:
-                self.model.train(was_training)
-            metrics = result.metrics if result is not None else None
-        if not self.is_main or metrics is None:
+        annotations, images = self.val_files
+        min_size, max_size = self.model.processor.resize_limits(val.get("min_size"), val.get("max_size"))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                result = evaluate(self.model, val.get("protocol", "coco"), annotations, images, out_dir,
+                                  progress=False, verbose=False, min_size=min_size, max_size=max_size)
+        finally:
+            self.model.train(was_training)
+        if not self.is_main or result is None:
             return None
-        scalars = {k: round(float(v), 6) for k, v in metrics.items() if isinstance(v, (int, float))}
+        scalars = {k: round(float(v), 6) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         if metrics_file is not None:
             self._log_line(metrics_file, {"step": self.step, "event": "eval", **scalars})
         if writer is not None:
@@ -525,9 +549,9 @@ class Trainer:
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
-    def _finish(self, val_metrics: dict[str, Any] | None = None) -> TrainResult:
+    def _finish(self) -> TrainResult:
         result = TrainResult(self.output_dir, None, None, None, self.step, self.skipped_batches, self.bad_steps,
-                             self.last_metrics, val_metrics)
+                             self.last_metrics)
         digests = [self.weights_digest()]
         if _dist_active():
             digests = [None] * self.world_size
@@ -543,16 +567,23 @@ class Trainer:
             else:
                 result.adapter = save_adapter(self.model, self.output_dir / "adapter.safetensors", self.config.mode,
                                               extra={"init": self.config.init, "steps": self.step})
-            atomic_write_text(self.output_dir / "result.json", json.dumps({
-                "steps": self.step, "skipped_batches": self.skipped_batches, "bad_steps": self.bad_steps,
-                "model_dir": str(result.model_dir) if result.model_dir else None,
-                "ema_dir": str(result.ema_dir) if result.ema_dir else None,
-                "adapter": str(result.adapter) if result.adapter else None,
-                "weights_sha256": digests, "world_size": self.world_size,
-                "last_metrics": self.last_metrics, "val_metrics": val_metrics}, indent=2) + "\n")
+            self._digests = digests
+            self._write_result(result)
         if _dist_active():
             dist.barrier()
         return result
+
+    def _write_result(self, result: TrainResult) -> None:
+        """``output_dir/result.json`` (rank 0): what the run produced, the weights' digests, the last metrics."""
+        if not self.is_main:
+            return
+        atomic_write_text(self.output_dir / "result.json", json.dumps({
+            "steps": result.steps, "skipped_batches": result.skipped_batches, "bad_steps": result.bad_steps,
+            "model_dir": str(result.model_dir) if result.model_dir else None,
+            "ema_dir": str(result.ema_dir) if result.ema_dir else None,
+            "adapter": str(result.adapter) if result.adapter else None,
+            "weights_sha256": self._digests, "world_size": self.world_size,
+            "last_metrics": result.last_metrics, "val_metrics": result.val_metrics}, indent=2) + "\n")
 
     def _log_line(self, path: Path, record: dict[str, Any]) -> None:
         if not self.is_main:
