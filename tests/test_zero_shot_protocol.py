@@ -62,6 +62,50 @@ def test_the_synthetic_runner_writes_its_table(protocol, minilm_dir, tmp_path, c
     assert "| measured |" in capsys.readouterr().out
 
 
-def test_bad_paths_are_named(protocol, tmp_path):
+def test_bad_paths_are_named(protocol, tmp_path, capsys):
     with pytest.raises(SystemExit):
         protocol.main(["--coco-annotations", str(tmp_path / "missing.json"), "--coco-images", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--coco-annotations" in err and "missing.json" in err
+    with pytest.raises(SystemExit):
+        protocol.main(["--lvis-annotations", str(tmp_path)])  # annotations without their images
+    assert "together" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def run_module():
+    spec = importlib.util.spec_from_file_location("zero_shot_run", REPO / "benchmarks/zero_shot/run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_shipped_model_is_the_best_run_by_coco_ap_over_every_shape(run_module):
+    rows = {"A": {"seeds": {"0": {"coco_AP_all": 0.20}, "1": {"coco_AP_all": 0.31}}},
+            "full": {"seeds": {"0": {"coco_AP_all": 0.30}, "1": {"coco_AP_all": 0.29}}}}
+    assert run_module.best_run({"rows": rows}) == ("A", 1)
+
+
+def test_the_demo_scene_is_chosen_by_its_content(run_module, tmp_path):
+    manifest = {"detection_shapes": ["circle", "square"], "unseen_shapes": ["ring"]}
+    categories = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "ring"}]
+    contents = {1: [1, 2, 2], 2: [1, 3], 3: [3, 3, 3], 4: [2, 3, 1], 5: [1, 2, 3, 3]}  # image 4: first with all rules
+    data = {"images": [{"id": i} for i in (5, 3, 4, 2, 1)], "categories": categories,
+            "annotations": [{"image_id": i, "category_id": c} for i, cs in contents.items() for c in cs]}
+    (tmp_path / "world.json").write_text(json.dumps(manifest))
+    (tmp_path / "coco_val.json").write_text(json.dumps(data))
+    assert run_module.demo_scene_index(tmp_path) == 4
+
+
+def test_the_table_reports_every_finished_seed_and_the_commands_that_made_them(run_module, tmp_path):
+    paths = run_module.Paths(tmp_path)
+    for row, seed in (("C", 0), ("C", 1), ("A", 0), ("A", 3)):
+        (paths.run(row, seed) / "eval").mkdir(parents=True)
+    for row, seed in (("C", 0), ("C", 1), ("A", 0)):  # A seed 3 is still running: no metrics yet
+        (paths.run(row, seed) / "eval" / "metrics.json").write_text("{}")
+    assert run_module.finished_seeds(paths, "C") == [0, 1]
+    assert run_module.finished_seeds(paths, "A") == [0]
+    rows = {"A": {"seeds": {"0": {}}}, "C": {"seeds": {"0": {}, "1": {}}}}
+    assert run_module.commands(rows) == ["python benchmarks/zero_shot/run.py all --jobs 2 --seeds 0",
+                                         "python benchmarks/zero_shot/run.py row C --seed 1"]

@@ -31,20 +31,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+#: the image sizes of the synthetic worlds of the experiment (run.py) and of this runner
+WORLD_IMAGE_SIZES = dict(min_size=96, max_size=160)
 #: the world the runner evaluates on: the pre-training world's image sizes and vocabulary, another seed, only a
 #: validation split
-PROTOCOL_WORLD = dict(seed=7, num_detection=0, num_grounding=0, num_captions=0, num_val=200, min_size=96,
-                      max_size=160)
-#: the test resize the experiment evaluates with
+PROTOCOL_WORLD = dict(seed=7, num_detection=0, num_grounding=0, num_captions=0, num_val=200, **WORLD_IMAGE_SIZES)
+#: the test resize of every evaluation of the experiment (and the shipped model's test size)
 EVAL_SIZES = dict(min_size=160, max_size=240)
 
-#: published zero-shot numbers of the official checkpoints (official README / paper; docs/official_model.md#numbers)
+#: published zero-shot numbers for each official file (docs/evaluation.md#reproducing-the-published-numbers): COCO
+#: val2017 AP single-scale; LVIS MiniVal APr of the released file where the official README gives it, else the paper's
 PUBLISHED = {
-    "glip_a_tiny_o365": {"coco AP": 42.9, "lvis-minival APr": 14.2, "lvis-minival AP": 18.5},
-    "glip_tiny_model_o365": {"coco AP": 44.9, "lvis-minival APr": 13.5, "lvis-minival AP": 17.8},
-    "glip_tiny_model_o365_goldg": {"coco AP": 46.7, "lvis-minival APr": 17.7, "lvis-minival AP": 24.9},
-    "glip_tiny_model_o365_goldg_cc_sbu": {"coco AP": 46.6, "lvis-minival APr": 20.1, "lvis-minival AP": 25.9},
-    "glip_large_model": {"coco AP": 51.4, "lvis-minival APr": 28.2, "lvis-minival AP": 37.3},
+    "glip_a_tiny_o365": {"coco AP": 42.9, "lvis-minival APr (paper)": 14.2},
+    "glip_tiny_model_o365": {"coco AP": 44.9, "lvis-minival APr (paper)": 13.5},
+    "glip_tiny_model_o365_goldg": {"coco AP": 46.7, "lvis-minival APr (README, this file)": 14.3},
+    "glip_tiny_model_o365_goldg_cc_sbu": {"coco AP": 46.6, "lvis-minival APr (README, this file)": 17.6},
+    "glip_large_model": {"coco AP": 49.8, "lvis-minival APr (README, this file)": 29.3},
 }
 
 
@@ -138,7 +140,11 @@ def main(argv=None) -> int:
         ap.error("give the annotations and the images of a real dataset together")
 
     from glip_train import GLIP
+    from glip_train.shipped import default_model_dir
 
+    if args.weights is None and default_model_dir() is None:
+        print("protocol.py: this installation has no shipped model; pass --weights PATH", file=sys.stderr)
+        return 2
     start = time.time()
     model = GLIP.from_pretrained(args.weights).to(args.device).eval()
     out = Path(args.out) / "zero_shot_protocol"

@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-from protocol import split_coco_ap  # noqa: E402  (the seen / unseen split of COCO AP)
+from protocol import EVAL_SIZES, WORLD_IMAGE_SIZES, split_coco_ap  # noqa: E402  (shared with the protocol runner)
 
 ROWS = ("A", "B", "C", "full")
 SEEDS = (0, 1)
@@ -53,13 +53,13 @@ NEW_NAMES = {"circle": "orb", "square": "tile", "triangle": "wedge", "star": "sp
 SHOTS = (1, 5, 0)  # 0: all
 METHODS = ("full", "prompt_tuning", "linear_probe")
 
-WORLD = dict(seed=0, num_detection=600, num_grounding=600, num_captions=600, num_val=200, min_size=96, max_size=160)
-DOWNSTREAM_WORLD = dict(seed=1, num_detection=160, num_grounding=0, num_captions=0, num_val=120, min_size=96,
-                        max_size=160, detection_shapes=tuple(NEW_NAMES))
+WORLD = dict(seed=0, num_detection=600, num_grounding=600, num_captions=600, num_val=200, **WORLD_IMAGE_SIZES)
+DOWNSTREAM_WORLD = dict(seed=1, num_detection=160, num_grounding=0, num_captions=0, num_val=120, **WORLD_IMAGE_SIZES,
+                        detection_shapes=tuple(NEW_NAMES))
 TRAIN_STEPS = 2500
 PSEUDO_THRESHOLD = 0.5  # official CAPTION_CONF
 DOWNSTREAM_STEPS = 200
-EVAL_SIZE = ["--min-size", "160", "--max-size", "240"]
+EVAL_SIZE = ["--min-size", str(EVAL_SIZES["min_size"]), "--max-size", str(EVAL_SIZES["max_size"])]
 
 
 def model_config(text_dir: Path, early_fusion: bool) -> dict:
@@ -295,11 +295,26 @@ def spread(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "min": min(values), "max": max(values), "values": values}
 
 
+def finished_seeds(paths: Paths, row: str) -> list[int]:
+    """Seeds of ``row`` whose evaluation has finished, in order."""
+    runs = paths.run(row, 0).parent.glob(f"{row}_seed*/eval/metrics.json")
+    return sorted(int(f.parent.parent.name.rsplit("_seed", 1)[1]) for f in runs)
+
+
+def commands(rows: dict) -> list[str]:
+    """The commands that produce these rows: `all` for the seeds every row has, `row` for the extra ones."""
+    common = sorted(set.intersection(*(set(map(int, r["seeds"])) for r in rows.values()))) if rows else [0]
+    lines = [f"python benchmarks/zero_shot/run.py all --jobs 2 --seeds {','.join(map(str, common))}"]
+    lines += [f"python benchmarks/zero_shot/run.py row {row} --seed {seed}"
+              for row, r in rows.items() for seed in map(int, r["seeds"]) if seed not in common]
+    return lines
+
+
 def table(paths: Paths, out_dir: Path) -> Path:
     rows = {}
     for row in ROWS:
         per_seed = {}
-        for seed in SEEDS:
+        for seed in finished_seeds(paths, row):
             metrics_file = paths.run(row, seed) / "eval" / "metrics.json"
             if metrics_file.is_file():
                 m = json.loads(metrics_file.read_text())
@@ -312,7 +327,7 @@ def table(paths: Paths, out_dir: Path) -> Path:
             rows[row] = {"seeds": per_seed,
                          "summary": {k: spread([v[k] for v in per_seed.values()]) for k in keys}}
     pseudo = {seed: json.loads(paths.pseudo(seed).with_name(paths.pseudo(seed).name + ".grade.json").read_text())
-              for seed in SEEDS if paths.pseudo(seed).with_name(paths.pseudo(seed).name + ".grade.json").is_file()}
+              for seed in finished_seeds(paths, "C") if paths.pseudo(seed).with_name(paths.pseudo(seed).name + ".grade.json").is_file()}
     downstream = {}
     for base in ("A", "full"):
         for method in METHODS:
@@ -326,12 +341,10 @@ def table(paths: Paths, out_dir: Path) -> Path:
     date = _dt.date.today().isoformat()
     result = {
         "date": date, "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
-        "commands": {"all": "python benchmarks/zero_shot/run.py all --jobs 2",
-                     "row": "python benchmarks/zero_shot/run.py row ROW --seed SEED",
-                     "downstream": "python benchmarks/zero_shot/run.py downstream BASE"},
+        "commands": commands(rows),
         "world": WORLD, "downstream_world": {**DOWNSTREAM_WORLD, "detection_shapes": list(NEW_NAMES),
                                              "names": NEW_NAMES},
-        "train_steps": TRAIN_STEPS, "downstream_steps": DOWNSTREAM_STEPS, "seeds": list(SEEDS),
+        "train_steps": TRAIN_STEPS, "downstream_steps": DOWNSTREAM_STEPS,
         "model": model_config(Path("<text tower>"), True), "rows": rows, "pseudo_labels": pseudo,
         "downstream": downstream,
     }
@@ -347,17 +360,20 @@ def markdown(result: dict) -> str:
         s = summary.get(key)
         if not s or s["min"] < 0:  # LVIS reports -1 for a frequency group without categories
             return "–"
+        if len(s["values"]) == 1:
+            return f"{100 * s['mean']:.1f}"
         return f"{100 * s['mean']:.1f} ± {100 * (s['max'] - s['min']) / 2:.1f}"
 
     lines = [f"# Zero-shot experiment on the synthetic world ({result['date']}, {result['machine']})", "",
-             "AP in %, mean ± half the spread over seeds " + ", ".join(map(str, result["seeds"])) + ". "
-             "`seen`: shapes labelled for detection; `unseen`: shapes never labelled for detection.", "",
-             "| row | COCO AP | AP seen | AP unseen | AP50 unseen | LVIS AP | APr | APc | APf | train time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "AP in %; where a row has several seeds, mean ± half the spread over them. "
+             "`seen`: shapes labelled for detection; `unseen`: shapes never labelled for detection. Commands: "
+             + "; ".join(f"`{c}`" for c in result["commands"]) + ".", "",
+             "| row | seeds | COCO AP | AP seen | AP unseen | AP50 unseen | LVIS AP | APr | APc | APf | train time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, data in result["rows"].items():
         s = data["summary"]
         times = [v["train_seconds"] for v in data["seeds"].values() if v.get("train_seconds")]
-        lines.append(f"| {row} | {cell(s, 'coco_AP_all')} | {cell(s, 'coco_AP_seen')} | {cell(s, 'coco_AP_unseen')} | "
+        lines.append(f"| {row} | {','.join(map(str, data['seeds']))} | {cell(s, 'coco_AP_all')} | {cell(s, 'coco_AP_seen')} | {cell(s, 'coco_AP_unseen')} | "
                      f"{cell(s, 'coco_AP50_unseen')} | {cell(s, 'lvis_AP')} | {cell(s, 'lvis_APr')} | "
                      f"{cell(s, 'lvis_APc')} | {cell(s, 'lvis_APf')} | "
                      f"{round(statistics.mean(times)) if times else '–'} |")
@@ -385,7 +401,7 @@ def markdown(result: dict) -> str:
 
 SHIPPED_DIR = REPO / "packages" / "glip-train" / "src" / "glip_train" / "assets" / "default_model"
 DEMO_IMAGE = REPO / "assets" / "shapes.jpg"
-SHIPPED_TEST_SIZE = (160, 240)  # EVAL_SIZE: the test resize every number of the experiment was measured at
+SHIPPED_TEST_SIZE = (EVAL_SIZES["min_size"], EVAL_SIZES["max_size"])  # what every number was measured at
 MAX_SHIPPED_BYTES = 25_000_000
 
 
@@ -496,7 +512,7 @@ refused) and has never seen a photograph: for real images use an official GLIP c
 | test size | shorter side {SHIPPED_TEST_SIZE[0]}, longer side at most {SHIPPED_TEST_SIZE[1]} (`config.json`: `test_min_size`, `test_max_size`) |
 | training | {result['train_steps']} steps, batch 4, 128–160 px, AdamW lr 1e-3 (text 1e-4), one CPU thread |
 
-Reproduce: `python benchmarks/zero_shot/run.py all` (the whole experiment, hours on 2 cores), then
+Reproduce (hours on 2 cores): {'; '.join(f'`{c}`' for c in result['commands'])}; then
 `python benchmarks/zero_shot/run.py ship`.
 
 Metrics (box AP %, `seen` = shapes labelled for detection, `unseen` = never labelled):
@@ -522,10 +538,13 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default=str(REPO / "runs" / "zero_shot"))
     ap.add_argument("--jobs", type=int, default=2, help="parallel jobs (one torch thread each)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--seeds", default=None,
+                    help="`all`: pre-training seeds, comma separated (default 0,1; the downstream runs use seed 0); `table` "
+                         "reports every seed that has finished, so `row ROW --seed S` adds seeds later")
     ap.add_argument("--smoke", action="store_true", help="tiny worlds and a few steps: checks the whole pipeline")
     args = ap.parse_args(argv)
+    global TRAIN_STEPS, DOWNSTREAM_STEPS, SEEDS, PSEUDO_THRESHOLD
     if args.smoke:
-        global TRAIN_STEPS, DOWNSTREAM_STEPS, SEEDS, PSEUDO_THRESHOLD
         TRAIN_STEPS, DOWNSTREAM_STEPS, SEEDS, PSEUDO_THRESHOLD = 3, 2, (0,), 0.0
         WORLD.update(num_detection=12, num_grounding=12, num_captions=8, num_val=6)
         DOWNSTREAM_WORLD.update(num_detection=16, num_val=6)
@@ -554,18 +573,25 @@ def main(argv=None) -> int:
                 print(method, shots, downstream_run(paths, args.name, method, shots))
         return 0
     if args.what == "all":
+        if args.seeds:
+            SEEDS = tuple(int(x) for x in args.seeds.split(","))
         with futures.ThreadPoolExecutor(args.jobs) as pool:
-            # the teachers (C) first, with A and B beside them; then full (needs C of its seed)
-            first = [pool.submit(row_metrics, paths, row, seed) for seed in SEEDS for row in ("C", "A", "B")]
-            for f in first:
-                f.result()
-            second = [pool.submit(row_metrics, paths, "full", seed) for seed in SEEDS]
-            second += [pool.submit(zero_shot_downstream, paths, base) for base in ("A",)]
-            for f in second:
-                f.result()
-            jobs = [pool.submit(zero_shot_downstream, paths, "full")]
-            jobs += [pool.submit(downstream_run, paths, base, method, shots)
-                     for base in ("A", "full") for method in METHODS for shots in SHOTS]
+            # Submission order is the schedule: the teachers (C) first, A and B beside them, then full (whose job waits
+            # for the C of its seed), then the downstream runs (full's wait for full). Waiting on a future, never
+            # calling train_row for a run another job is training, keeps one process per run.
+            rows = {(row, seed): pool.submit(row_metrics, paths, row, seed) for row in ("C", "A", "B") for seed in SEEDS}
+
+            def after(dependency, fn, *fn_args):
+                dependency.result()
+                return fn(*fn_args)
+
+            for seed in SEEDS:
+                rows["full", seed] = pool.submit(after, rows["C", seed], row_metrics, paths, "full", seed)
+            jobs = list(rows.values())
+            for base in ("A", "full"):
+                jobs += [pool.submit(after, rows[base, 0], zero_shot_downstream, paths, base)]
+                jobs += [pool.submit(after, rows[base, 0], downstream_run, paths, base, method, shots)
+                         for method in METHODS for shots in SHOTS]
             for f in jobs:
                 f.result()
     print(table(paths, Path(args.results)))

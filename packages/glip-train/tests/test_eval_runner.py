@@ -65,9 +65,12 @@ def test_unset_test_sizes_are_the_models_and_are_recorded_resolved(tmp_path, coc
     model.processor = GLIPProcessor(None, test_size=(160, 240))  # a model trained on small images
     evaluate(model, "coco", coco, out_dir=tmp_path / "a", progress=False, verbose=False)
     evaluate(model, "coco", coco, out_dir=tmp_path / "b", progress=False, verbose=False, min_size=128)
-    assert [(c["min_size"], c["max_size"]) for c in model.calls] == [(160, 240)] * len(SIZES) + [(128, 240)] * len(SIZES)
-    recorded = [json.loads((tmp_path / d / "metrics.json").read_text())["protocol"] for d in "ab"]
-    assert [(p["min_size"], p["max_size"]) for p in recorded] == [(160, 240), (128, 240)]
+    # a shorter side above the model's longer-side cap is allowed, as in detect: the cap wins in the resize
+    evaluate(model, "coco", coco, out_dir=tmp_path / "c", progress=False, verbose=False, min_size=800)
+    assert [(c["min_size"], c["max_size"]) for c in model.calls] == \
+        [(160, 240)] * len(SIZES) + [(128, 240)] * len(SIZES) + [(800, 240)] * len(SIZES)
+    recorded = [json.loads((tmp_path / d / "metrics.json").read_text())["protocol"] for d in "abc"]
+    assert [(p["min_size"], p["max_size"]) for p in recorded] == [(160, 240), (128, 240), (800, 240)]
 
 
 def test_lvis_protocol_parameters_reach_the_model(tmp_path, scripted_detector, detection_dataset_writer):

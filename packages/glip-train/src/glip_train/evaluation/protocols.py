@@ -60,11 +60,9 @@ class _InferenceSettings:
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"{type(self).__name__}.threshold must be in [0, 1], got {self.threshold!r}")
         _positive_int(self, "batch_size")
-        for field in ("min_size", "max_size"):
+        for field in ("min_size", "max_size"):  # max_size < min_size is allowed: the longer side's cap wins
             if getattr(self, field) is not None:
                 _positive_int(self, field)
-        if self.min_size is not None and self.max_size is not None and self.max_size < self.min_size:
-            raise ValueError(f"{type(self).__name__}: max_size ({self.max_size}) < min_size ({self.min_size})")
 
     def to_dict(self) -> dict[str, Any]:
         """Every parameter, plus the protocol kind (what ``metrics.json`` records)."""

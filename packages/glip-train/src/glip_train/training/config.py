@@ -133,8 +133,8 @@ class DataConfig:
             (also ``world:grounding_train``, ``world:captions_train``, ``world:coco_val``...).
         train: the training sources (mixed by their weights).
         val: a validation set evaluated every ``eval_every`` steps and at the end, or None: ``{annotations: FILE
-            (or world:coco_val), images: DIR, protocol: coco, min_size: PX, max_size: PX}`` (protocol: any detection
-            protocol of ``glip_train.evaluation``; test resize default: the largest training size).
+            (or world:coco_val), images: DIR, protocol: coco, min_size: PX, max_size: PX}`` (protocol: a single-dataset
+            detection protocol of ``glip_train.evaluation`` -- coco, lvis-minival, lvis-val, lvis-val-fixed, custom -- not odinw; test resize default: the largest training size).
         batch_size: images per process and step (global batch = batch_size x processes x grad_accumulation).
         min_sizes, max_size: multi-scale training resize (official 480..800, 1333).
         flip_prob: horizontal flip probability (official 0.5).
