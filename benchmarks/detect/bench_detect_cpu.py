@@ -13,13 +13,15 @@ import datetime as dt
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from glip_t_cpu import add_common_arguments, load_model_and_street  # noqa: E402
 COCO_CLASSES = (
     "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,parking meter,"
     "bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,tie,suitcase,frisbee,"
@@ -36,19 +38,13 @@ PROMPTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=str(REPO / "assets" / "glip_t_synthetic_weights.json"))
+    add_common_arguments(parser)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per setting (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     from glip_data import detection_prompt
-    from glip_train import GLIP
 
-    model = GLIP.from_pretrained(args.weights).eval()
-    image = Image.open(REPO / "assets" / "street.png").convert("RGB").resize((1333, 800), Image.BILINEAR)
+    model, image = load_model_and_street(args)
     rows = []
     for prompt_name, classes in PROMPTS.items():
         n_tokens = int(model.processor.tokenize([detection_prompt(classes)[0]])[1].sum())

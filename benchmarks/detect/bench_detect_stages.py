@@ -38,12 +38,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_detect_cpu import COCO_CLASSES  # noqa: E402
+from glip_t_cpu import add_common_arguments, load_model_and_street  # noqa: E402
 from other_load import clean_median, sample  # noqa: E402
 
 PROMPTS = {"4": ["person", "car", "red umbrella", "traffic light"], "80": COCO_CLASSES}
@@ -136,23 +136,17 @@ def run_once(model, image, classes, variant):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=str(REPO / "assets" / "glip_t_synthetic_weights.json"))
+    add_common_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant and prompt (after a warm-up)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--prompts", default="4,80", help="comma list of prompt sizes: 4, 80")
     parser.add_argument("--max-other-load", type=float, default=0.1,
                         help="retry a sample when other processes took more than this share of the machine's CPU "
                              "during it (see benchmarks/other_load.py); negative: never retry")
     parser.add_argument("--retries", type=int, default=4, help="retries per sample under load")
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    from glip_train import GLIP
 
-    model = GLIP.from_pretrained(args.weights).eval()
-    image = Image.open(REPO / "assets" / "street.png").convert("RGB").resize((1333, 800), Image.BILINEAR)
+    model, image = load_model_and_street(args)
     variants = VARIANTS
     rows = []
     load_before = os.getloadavg()

@@ -25,13 +25,15 @@ import json
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from glip_t_cpu import add_common_arguments, load_model_and_street  # noqa: E402
 
 
 def lvis_like_names(tokenizer, n: int, seed: int = 0) -> list[str]:
@@ -53,32 +55,26 @@ def lvis_like_names(tokenizer, n: int, seed: int = 0) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=str(REPO / "assets" / "glip_t_synthetic_weights.json"))
+    add_common_arguments(parser)
     parser.add_argument("--classes", type=int, default=1203)
     parser.add_argument("--chunk", type=int, default=40, help="classes per prompt (official LVIS: 40)")
     parser.add_argument("--encoder-repeats", type=int, default=3, help="timed image-encoder passes")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     from glip_data import chunk_classes, detection_prompt
-    from glip_train import GLIP
 
-    model = GLIP.from_pretrained(args.weights).eval()
-    image = Image.open(REPO / "assets" / "street.png").convert("RGB").resize((1333, 800), Image.BILINEAR)
+    model, image = load_model_and_street(args)
     names = lvis_like_names(model.tokenizer, args.classes)
     chunks = chunk_classes(names, model.tokenizer, max_classes=args.chunk, max_tokens=model.config.max_text_len)
-    tokens = [int(model.tokenize([detection_prompt([names[i] for i in c])[0]])[1].sum()) for c in chunks]
+    tokens = [int(model.processor.tokenize([detection_prompt([names[i] for i in c])[0]])[1].sum()) for c in chunks]
 
-    batch, sizes, _ = model.preprocess([image])
+    batch = model.processor.preprocess([image]).pixel_values
     encoder_times = []
     with torch.no_grad():
-        model.backbone(batch)  # warm-up
+        model.encode_images(batch)  # warm-up
         for _ in range(args.encoder_repeats):
             start = time.perf_counter()
-            model.backbone(batch)
+            model.encode_images(batch)
             encoder_times.append(time.perf_counter() - start)
     encoder_s = statistics.median(encoder_times)
     print(f"image encoder (Swin-T + FPN, {tuple(batch.shape[-2:])}): {encoder_s:.2f} s", flush=True)

@@ -88,7 +88,7 @@ def build(model_name: str, glip_t_size: int, pad_text_to_max: bool):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, size, size, generator=g)
     prompts = [". ".join(COCO[:n]) + "." for n in (10, 20, 30, 40)][:batch_size]
-    ids, mask = model.tokenize(prompts, pad_to_max=pad_text_to_max)
+    ids, mask = model.processor.tokenize(prompts, pad_to_max=pad_text_to_max)
     batch = {"images": images, "input_ids": ids, "attention_mask": mask, "image_sizes": [(size, size)] * batch_size}
     return model, batch
 
