@@ -109,3 +109,21 @@ def test_the_table_reports_every_finished_seed_and_the_commands_that_made_them(r
     rows = {"A": {"seeds": {"0": {}}}, "C": {"seeds": {"0": {}, "1": {}}}}
     assert run_module.commands(rows) == ["python benchmarks/zero_shot/run.py all --jobs 2 --seeds 0",
                                          "python benchmarks/zero_shot/run.py row C --seed 1"]
+
+
+def test_learning_rate_variants_of_a_row(run_module, tmp_path):
+    paths = run_module.Paths(tmp_path)
+    assert run_module.parse_row("B") == ("B", run_module.LR)
+    assert run_module.parse_row("C_lr3e-4") == ("C", 3e-4)
+    for bad in ("D", "full_lr1e-4", "B_lrx"):
+        with pytest.raises(ValueError):
+            run_module.parse_row(bad)
+    variant = run_module.row_config(paths, "C_lr3e-4", 1)
+    default = run_module.row_config(paths, "C", 1)
+    assert variant["optim"] == {"lr": 3e-4, "language_lr": pytest.approx(3e-5)}
+    assert variant["output_dir"] == str(paths.run("C_lr3e-4", 1)) != default["output_dir"]
+    assert {k: v for k, v in variant.items() if k not in ("optim", "output_dir")} == \
+        {k: v for k, v in default.items() if k not in ("optim", "output_dir")}
+    (paths.run("C_lr3e-4", 1) / "eval").mkdir(parents=True)
+    (paths.run("C_lr3e-4", 1) / "eval" / "metrics.json").write_text("{}")
+    assert run_module.lr_variants(paths) == ["C_lr3e-4"] and run_module.finished_seeds(paths, "C") == []

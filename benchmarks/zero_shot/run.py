@@ -137,7 +137,19 @@ def rename_downstream(world: Path) -> None:
 # rows
 
 
-def row_config(paths: Paths, row: str, seed: int) -> dict:
+LR = 1e-3  # image side and fusion; the pre-trained text tower gets a tenth
+
+
+def parse_row(row: str) -> tuple[str, float]:
+    """``"B"`` -> ("B", LR); a learning-rate variant ``"B_lr3e-4"`` -> ("B", 3e-4)."""
+    base, _, lr = row.partition("_lr")
+    if base not in ROWS or (lr and base == "full"):
+        raise ValueError(f"unknown row {row!r}: one of {ROWS}, or A/B/C with a learning rate, e.g. B_lr3e-4")
+    return base, float(lr) if lr else LR
+
+
+def row_config(paths: Paths, name: str, seed: int) -> dict:
+    row, lr = parse_row(name)
     images = str(paths.world / "images")
     train = [{"kind": "coco", "annotations": str(paths.world / "detection_train.json"), "images": images,
               "prompt": "sampled"}]
@@ -151,14 +163,14 @@ def row_config(paths: Paths, row: str, seed: int) -> dict:
         else:  # a teacher that labelled nothing (only seen in --smoke runs): the row is reported as such
             print(f"run.py: the (C) teacher of seed {seed} wrote no pseudo-labels; 'full' trains without captions")
     return {
-        "output_dir": str(paths.run(row, seed)),
+        "output_dir": str(paths.run(name, seed)),
         "seed": seed,
         "model": model_config(paths.text, early_fusion=row != "A"),
         "data": {"train": train, "batch_size": 4, "min_sizes": [128, 160], "max_size": 240,
                  "pad_text_to": "longest", "num_workers": 0},
         # the image side starts from scratch (no downloads here): 1e-3 learned ~1.5x faster than the official 1e-4
         # ... 2e-4 in a 400-step pilot of row C (AP 7.2 vs 4.8); the pre-trained text tower gets a tenth
-        "optim": {"lr": 1e-3, "language_lr": 1e-4},
+        "optim": {"lr": lr, "language_lr": lr / 10},
         "schedule": {"max_iter": TRAIN_STEPS, "warmup_iters": 100, "kind": "multistep", "steps": [0.67, 0.89]},
         "ema": None,
         "checkpoint_every": 250,
@@ -310,9 +322,15 @@ def commands(rows: dict) -> list[str]:
     return lines
 
 
+def lr_variants(paths: Paths) -> list[str]:
+    """Learning-rate variants of the rows (``run.py row B_lr3e-4``) that have finished a seed."""
+    found = {f.parent.parent.name.rsplit("_seed", 1)[0] for f in (paths.root / "rows").glob("*_lr*_seed*/eval/metrics.json")}
+    return sorted(found)
+
+
 def table(paths: Paths, out_dir: Path) -> Path:
     rows = {}
-    for row in ROWS:
+    for row in (*ROWS, *lr_variants(paths)):
         per_seed = {}
         for seed in finished_seeds(paths, row):
             metrics_file = paths.run(row, seed) / "eval" / "metrics.json"
