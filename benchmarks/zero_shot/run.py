@@ -16,7 +16,9 @@ pre-training did not cover — the eight shapes under new names — with 1, 5 an
 tuning vs linear probing.
 
     python benchmarks/zero_shot/run.py all                    # everything (hours on 2 cores; resumable)
+    python benchmarks/zero_shot/run.py all --seeds 0          # the same with one pre-training seed
     python benchmarks/zero_shot/run.py row C --seed 1         # one row of one seed (and what it needs)
+    python benchmarks/zero_shot/run.py row B_lr3e-4           # a row at another learning rate (A, B, C; text: lr/10)
     python benchmarks/zero_shot/run.py downstream full        # the prompt-tuning table for one base model
     python benchmarks/zero_shot/run.py table                  # collect results into benchmarks/results/
     python benchmarks/zero_shot/run.py ship                   # export the best model as glip-train's shipped model
