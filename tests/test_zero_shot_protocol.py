@@ -13,13 +13,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def protocol():
-    spec = importlib.util.spec_from_file_location("zero_shot_protocol", REPO / "benchmarks/zero_shot/protocol.py")
+def _load_script(name: str, path: Path):
+    """A benchmark script as a module (the scripts are not in a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def protocol():
+    return _load_script("zero_shot_protocol", REPO / "benchmarks/zero_shot/protocol.py")
 
 
 def _annotations():
@@ -74,11 +79,7 @@ def test_bad_paths_are_named(protocol, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def run_module():
-    spec = importlib.util.spec_from_file_location("zero_shot_run", REPO / "benchmarks/zero_shot/run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _load_script("zero_shot_run", REPO / "benchmarks/zero_shot/run.py")
 
 
 def test_the_shipped_model_is_the_best_run_by_coco_ap_over_every_shape(run_module):
