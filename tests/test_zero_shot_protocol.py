@@ -128,3 +128,13 @@ def test_learning_rate_variants_of_a_row(run_module, tmp_path):
     (paths.run("C_lr3e-4", 1) / "eval").mkdir(parents=True)
     (paths.run("C_lr3e-4", 1) / "eval" / "metrics.json").write_text("{}")
     assert run_module.lr_variants(paths) == ["C_lr3e-4"] and run_module.finished_seeds(paths, "C") == []
+
+
+def test_training_time_counts_each_logged_step_once(run_module, tmp_path):
+    (tmp_path / "config.yaml").write_text("data:\n  batch_size: 4\n")
+    log = [{"step": 25, "images_per_s": 2.0}, {"step": 50, "images_per_s": 4.0},
+           {"step": 25, "images_per_s": 2.0}, {"step": 50, "images_per_s": 4.0},  # resumed from step 0: logged again
+           {"step": 100, "images_per_s": 5.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert run_module.training_seconds(tmp_path) == pytest.approx(25 * 4 / 2 + 25 * 4 / 4 + 50 * 4 / 5)
+    assert run_module.training_seconds(tmp_path / "missing") is None
