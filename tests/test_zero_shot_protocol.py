@@ -116,9 +116,16 @@ def test_learning_rate_variants_of_a_row(run_module, tmp_path):
     paths = run_module.Paths(tmp_path)
     assert run_module.parse_row("B") == ("B", run_module.LR)
     assert run_module.parse_row("C_lr3e-4") == ("C", 3e-4)
-    for bad in ("D", "full_lr1e-4", "B_lrx"):
+    for bad in ("D", "D_lr1e-4", "B_lrx"):
         with pytest.raises(ValueError):
             run_module.parse_row(bad)
+    assert run_module.teacher_of("full") == "C" and run_module.teacher_of("full_lr3e-4") == "C_lr3e-4"
+    full = run_module.row_config(paths, "full_lr3e-4", 1)  # no pseudo-labels yet: trains without captions
+    paths.pseudo(1, "C_lr3e-4").parent.mkdir(parents=True)
+    paths.pseudo(1, "C_lr3e-4").write_text('{"image": "x"}\n')
+    with_captions = run_module.row_config(paths, "full_lr3e-4", 1)
+    assert with_captions["data"]["train"][:-1] == full["data"]["train"]
+    assert with_captions["data"]["train"][-1]["annotations"] == str(paths.pseudo(1, "C_lr3e-4"))
     variant = run_module.row_config(paths, "C_lr3e-4", 1)
     default = run_module.row_config(paths, "C", 1)
     assert variant["optim"] == {"lr": 3e-4, "language_lr": pytest.approx(3e-5)}

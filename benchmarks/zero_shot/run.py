@@ -18,7 +18,8 @@ tuning vs linear probing.
     python benchmarks/zero_shot/run.py all                    # everything (hours on 2 cores; resumable)
     python benchmarks/zero_shot/run.py all --seeds 0          # the same with one pre-training seed
     python benchmarks/zero_shot/run.py row C --seed 1         # one row of one seed (and what it needs)
-    python benchmarks/zero_shot/run.py row B_lr3e-4           # a row at another learning rate (A, B, C; text: lr/10)
+    python benchmarks/zero_shot/run.py row B_lr3e-4           # a row at another learning rate (text: lr/10; a full
+                                                              # row's teacher is the C row of the same rate)
     python benchmarks/zero_shot/run.py downstream full        # the prompt-tuning table for one base model
     python benchmarks/zero_shot/run.py table                  # collect results into benchmarks/results/
     python benchmarks/zero_shot/run.py ship                   # export the best model as glip-train's shipped model
@@ -81,8 +82,8 @@ class Paths:
     def run(self, row: str, seed: int) -> Path:
         return self.root / "rows" / f"{row}_seed{seed}"
 
-    def pseudo(self, seed: int) -> Path:
-        return self.root / "pseudo" / f"captions_by_C_seed{seed}.jsonl"
+    def pseudo(self, seed: int, teacher: str = "C") -> Path:
+        return self.root / "pseudo" / f"captions_by_{teacher}_seed{seed}.jsonl"
 
     def downstream_run(self, base: str, method: str, shots: int) -> Path:
         return self.root / "downstream" / f"{base}_{method}_{shots or 'all'}shot"
@@ -145,9 +146,14 @@ LR = 1e-3  # image side and fusion; the pre-trained text tower gets a tenth
 def parse_row(row: str) -> tuple[str, float]:
     """``"B"`` -> ("B", LR); a learning-rate variant ``"B_lr3e-4"`` -> ("B", 3e-4)."""
     base, _, lr = row.partition("_lr")
-    if base not in ROWS or (lr and base == "full"):
-        raise ValueError(f"unknown row {row!r}: one of {ROWS}, or A/B/C with a learning rate, e.g. B_lr3e-4")
+    if base not in ROWS:
+        raise ValueError(f"unknown row {row!r}: one of {ROWS}, or one with a learning rate, e.g. B_lr3e-4")
     return base, float(lr) if lr else LR
+
+
+def teacher_of(row: str) -> str:
+    """The (C) row that pseudo-labels the captions of a (full) row: the one with the same learning rate."""
+    return "C" + row[len("full"):]
 
 
 def row_config(paths: Paths, name: str, seed: int) -> dict:
@@ -158,7 +164,7 @@ def row_config(paths: Paths, name: str, seed: int) -> dict:
     if row in ("C", "full"):
         train.append({"kind": "mdetr", "annotations": str(paths.world / "grounding_train.json"), "images": images})
     if row == "full":
-        pseudo = paths.pseudo(seed)
+        pseudo = paths.pseudo(seed, teacher_of(name))
         if pseudo.is_file() and pseudo.stat().st_size > 0:
             train.append({"kind": "captions", "annotations": str(pseudo), "images": images,
                           "min_score": PSEUDO_THRESHOLD, "pack_captions": True})
@@ -184,8 +190,8 @@ def train_row(paths: Paths, row: str, seed: int) -> Path:
     out = paths.run(row, seed)
     if (out / "model" / "model.safetensors").is_file():
         return out / "model"
-    if row == "full":
-        pseudo_label(paths, seed)
+    if parse_row(row)[0] == "full":
+        pseudo_label(paths, seed, teacher_of(row))
     config = out.parent / f"{row}_seed{seed}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     import yaml
@@ -195,12 +201,12 @@ def train_row(paths: Paths, row: str, seed: int) -> Path:
     return out / "model"
 
 
-def pseudo_label(paths: Paths, seed: int) -> Path:
-    target = paths.pseudo(seed)
+def pseudo_label(paths: Paths, seed: int, teacher_row: str = "C") -> Path:
+    target = paths.pseudo(seed, teacher_row)
     if target.with_name(target.name + ".grade.json").is_file():
         return target
-    teacher = train_row(paths, "C", seed)
-    log = target.parent / f"pseudo_seed{seed}.log"
+    teacher = train_row(paths, teacher_row, seed)
+    log = target.with_suffix(".log")
     start = time.time()
     sh([*GLIP, "pseudo-label", "--weights", teacher, "--captions", paths.world / "captions_train.jsonl",
         "--out", target, "--threshold", str(PSEUDO_THRESHOLD), *EVAL_SIZE, "--quiet"], log)
@@ -365,8 +371,8 @@ def table(paths: Paths, out_dir: Path) -> Path:
             keys = sorted({k for v in per_seed.values() for k in v if k != "train_seconds"})
             rows[row] = {"seeds": per_seed,
                          "summary": {k: spread([v[k] for v in per_seed.values()]) for k in keys}}
-    pseudo = {seed: json.loads(paths.pseudo(seed).with_name(paths.pseudo(seed).name + ".grade.json").read_text())
-              for seed in finished_seeds(paths, "C") if paths.pseudo(seed).with_name(paths.pseudo(seed).name + ".grade.json").is_file()}
+    pseudo = {f.name.removeprefix("captions_by_").removesuffix(".jsonl.grade.json"): json.loads(f.read_text())
+              for f in sorted((paths.root / "pseudo").glob("captions_by_*.grade.json"))}
     downstream = {}
     for base in ("A", "full"):
         for method in METHODS:
@@ -418,8 +424,8 @@ def markdown(result: dict) -> str:
                      f"{round(statistics.mean(times)) if times else '–'} |")
     if result["pseudo_labels"]:
         lines += ["", "Pseudo-labels of the (C) teachers vs the true boxes (IoU 0.5): " + "; ".join(
-            f"seed {s}: precision {g['precision']:.3f}, recall {g['recall']:.3f}"
-            for s, g in result["pseudo_labels"].items())]
+            f"{name.replace('_seed', ', seed ')}: precision {g['precision']:.3f}, recall {g['recall']:.3f}"
+            for name, g in result["pseudo_labels"].items())]
     if result["downstream"]:
         lines += ["", "## Downstream: the eight shapes under new names (COCO AP %)", "",
                   "| base | method | 1 shot | 5 shots | all |", "|---|---|---|---|---|"]
