@@ -107,9 +107,10 @@ def test_the_table_reports_every_finished_seed_and_the_commands_that_made_them(r
         (paths.run(row, seed) / "eval" / "metrics.json").write_text("{}")
     assert run_module.finished_seeds(paths, "C") == [0, 1]
     assert run_module.finished_seeds(paths, "A") == [0]
-    rows = {"A": {"seeds": {"0": {}}}, "C": {"seeds": {"0": {}, "1": {}}}}
+    rows = {"A": {"seeds": {"0": {}}}, "C": {"seeds": {"0": {}, "1": {}}}, "C_lr3e-4": {"seeds": {"0": {}}}}
     assert run_module.commands(rows) == ["python benchmarks/zero_shot/run.py all --jobs 2 --seeds 0",
-                                         "python benchmarks/zero_shot/run.py row C --seed 1"]
+                                         "python benchmarks/zero_shot/run.py row C --seed 1",
+                                         "python benchmarks/zero_shot/run.py row C_lr3e-4 --seed 0"]
 
 
 def test_learning_rate_variants_of_a_row(run_module, tmp_path):

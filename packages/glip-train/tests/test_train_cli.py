@@ -272,3 +272,21 @@ def test_eval_applies_an_adapter_and_names_a_missing_one(weights_dir, tmp_path):
     assert scores[0] != scores[1]
     missing = run(*common, "--out", tmp_path / "x", "--adapter", tmp_path / "nope.safetensors")
     assert missing.returncode == 2 and "--adapter" in missing.stderr and "nope.safetensors" in missing.stderr
+
+
+def test_names_of_the_same_box_share_one_caption_in_score_order():
+    import torch
+
+    from glip_train.cli import label_groups
+
+    result = {"boxes": torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 90], [10.5, 10, 50, 50], [11, 11, 50, 50]]),
+              "scores": torch.tensor([0.9, 0.8, 0.7, 0.95]), "labels": torch.tensor([1, 2, 3, 0]),
+              "text_labels": ["square", "ring", "triangle", "cross"]}
+    groups = label_groups(result)
+    # detections 3, 0, 2 overlap (IoU > 0.9 with the best, 3); detection 1 is elsewhere
+    assert [(label, caption) for _, label, caption in groups] == [
+        (0, "cross 0.95, square 0.90, triangle 0.70"), (2, "ring 0.80")]
+    assert groups[0][0] == [11.0, 11.0, 50.0, 50.0]
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long),
+             "text_labels": []}
+    assert label_groups(empty) == []

@@ -338,6 +338,29 @@ class OutputFolder:
         atomic_write_text(self.path / f"{stem}.json", json.dumps(record, indent=2) + "\n")
 
 
+def label_groups(result: dict, same_box_iou: float = 0.9) -> list[tuple[list[float], int, str]]:
+    """``[(box, label of the best score, caption)]``: detections of (nearly) the same box -- GLIP scores every class
+    for every anchor, so one object can pass the threshold under several names -- share one box, their names in
+    score order (``"square 0.59, triangle 0.53"``), so no caption hides another."""
+    import torch
+    from torchvision.ops import box_iou
+
+    order = torch.as_tensor(result["scores"]).argsort(descending=True, stable=True).tolist()
+    boxes = torch.as_tensor(result["boxes"], dtype=torch.float32).reshape(-1, 4)
+    groups: list[tuple[int, list[int]]] = []  # (index of the group's box, members)
+    for i in order:
+        for anchor, members in groups:
+            if box_iou(boxes[anchor:anchor + 1], boxes[i:i + 1]).item() >= same_box_iou:
+                members.append(i)
+                break
+        else:
+            groups.append((i, [i]))
+    scores, labels = result["scores"], result["labels"]
+    return [(boxes[anchor].tolist(), int(labels[anchor]),
+             ", ".join(f"{result['text_labels'][i]} {float(scores[i]):.2f}" for i in members))
+            for anchor, members in groups]
+
+
 def draw_detections(image, result: dict, path) -> None:
     """Save ``image`` with the result's boxes and labels drawn (``path``: a file path or a binary stream)."""
     from PIL import ImageDraw, ImageFont
@@ -346,15 +369,14 @@ def draw_detections(image, result: dict, path) -> None:
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     width = max(2, round(max(canvas.size) / 400))
-    for box, score, label, text in zip(result["boxes"].tolist(), result["scores"].tolist(),
-                                       result["labels"].tolist(), result["text_labels"]):
+    for box, label, caption in label_groups(result):
         colour = PALETTE[label % len(PALETTE)]
         draw.rectangle(box, outline=colour, width=width)
-        caption = f"{text} {score:.2f}"
         left, top, right, bottom = draw.textbbox((box[0], box[1]), caption, font=font)
         y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
-        draw.rectangle((box[0], y, box[0] + right - left + 4, y + bottom - top + 2), fill=colour)
-        draw.text((box[0] + 2, y), caption, fill=(255, 255, 255), font=font)
+        x = max(0, min(box[0], canvas.width - (right - left) - 4))  # a long caption moves left to stay readable
+        draw.rectangle((x, y, x + right - left + 4, y + bottom - top + 2), fill=colour)
+        draw.text((x + 2, y), caption, fill=(255, 255, 255), font=font)
     canvas.save(path, format="JPEG", quality=92)
 
 
