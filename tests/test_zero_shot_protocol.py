@@ -146,3 +146,11 @@ def test_training_time_counts_each_logged_step_once(run_module, tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     assert run_module.training_seconds(tmp_path) == pytest.approx(25 * 4 / 2 + 25 * 4 / 4 + 50 * 4 / 5)
     assert run_module.training_seconds(tmp_path / "missing") is None
+
+
+def test_downstream_bases_are_found_from_their_runs(run_module, tmp_path):
+    paths = run_module.Paths(tmp_path)
+    for name in ("C_lr3e-4_prompt_tuning_1shot", "full_full_allshot", "A_zero_shot", "full_linear_probe_5shot"):
+        (tmp_path / "downstream" / name).mkdir(parents=True)
+    (tmp_path / "downstream" / "full_full_allshot.yaml").write_text("")
+    assert run_module.downstream_bases(paths) == ["A", "full", "C_lr3e-4"]

@@ -370,6 +370,13 @@ def loss_curve(run: Path, window: int = 250) -> list[float]:
     return [round(statistics.mean(bins[b]), 3) for b in sorted(bins)]
 
 
+def downstream_bases(paths: Paths) -> list[str]:
+    """The base rows with downstream runs: A and full (what `all` runs) first, then any other (`downstream ROW`)."""
+    found = {d.name.split(f"_{m}_")[0] for m in METHODS for d in (paths.root / "downstream").glob(f"*_{m}_*shot")}
+    found |= {d.name.removesuffix("_zero_shot") for d in (paths.root / "downstream").glob("*_zero_shot")}
+    return [b for b in ("A", "full") if b in found] + sorted(found - {"A", "full"})
+
+
 def table(paths: Paths, out_dir: Path) -> Path:
     rows, curves = {}, {}
     for row in (*ROWS, *lr_variants(paths)):
@@ -389,7 +396,7 @@ def table(paths: Paths, out_dir: Path) -> Path:
     pseudo = {f.name.removeprefix("captions_by_").removesuffix(".jsonl.grade.json"): json.loads(f.read_text())
               for f in sorted((paths.root / "pseudo").glob("captions_by_*.grade.json"))}
     downstream = {}
-    for base in ("A", "full"):
+    for base in downstream_bases(paths):
         for method in METHODS:
             for shots in SHOTS:
                 f = paths.downstream_run(base, method, shots) / "metrics.json"
@@ -450,7 +457,7 @@ def markdown(result: dict) -> str:
     if result["downstream"]:
         lines += ["", "## Downstream: the eight shapes under new names (COCO AP %)", "",
                   "| base | method | 1 shot | 5 shots | all |", "|---|---|---|---|---|"]
-        for base in ("A", "full"):
+        for base in dict.fromkeys(key.split("/")[0] for key in result["downstream"]):
             zero = result["downstream"].get(f"{base}/zero_shot")
             if zero:
                 lines.append(f"| {base} | none (zero-shot) | {100 * zero['AP']:.1f} | | |")
@@ -644,6 +651,7 @@ def main(argv=None) -> int:
         print(json.dumps(row_metrics(paths, args.name, args.seed), indent=2))
         return 0
     if args.what == "downstream":
+        print("zero-shot", zero_shot_downstream(paths, args.name))
         for method in METHODS:
             for shots in SHOTS:
                 print(method, shots, downstream_run(paths, args.name, method, shots))
