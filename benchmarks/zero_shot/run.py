@@ -314,6 +314,16 @@ def spread(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "min": min(values), "max": max(values), "values": values}
 
 
+def logged(run: Path, key: str) -> dict[int, float]:
+    """``{step: value}`` of ``key`` in a run's metrics log; a step logged twice (after a resume) keeps its last value."""
+    by_step = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get(key) is not None:
+            by_step[record["step"]] = record[key]
+    return by_step
+
+
 def training_seconds(run: Path) -> float | None:
     """Time spent training a run, from its metrics log: every logged interval's steps x batch / its images per
     second (steps logged twice, after a resume, count once; wall time would also count restarts and waits)."""
@@ -323,11 +333,7 @@ def training_seconds(run: Path) -> float | None:
     import yaml
 
     batch = yaml.safe_load(config.read_text())["data"]["batch_size"]
-    by_step = {}
-    for line in log.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("images_per_s"):
-            by_step[record["step"]] = record["images_per_s"]
+    by_step = {step: ips for step, ips in logged(run, "images_per_s").items() if ips > 0}
     seconds, previous = 0.0, 0
     for step in sorted(by_step):
         seconds += (step - previous) * batch / by_step[step]
@@ -359,13 +365,8 @@ def lr_variants(paths: Paths) -> list[str]:
 
 def loss_curve(run: Path, window: int = 250) -> list[float]:
     """The token classification loss of a run, averaged over each ``window`` steps (steps logged twice count once)."""
-    by_step = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss_dot_product_token" in record:
-            by_step[record["step"]] = record["loss_dot_product_token"]
     bins: dict[int, list[float]] = {}
-    for step, loss in by_step.items():
+    for step, loss in logged(run, "loss_dot_product_token").items():
         bins.setdefault((step - 1) // window, []).append(loss)
     return [round(statistics.mean(bins[b]), 3) for b in sorted(bins)]
 
@@ -659,6 +660,8 @@ def main(argv=None) -> int:
     if args.what == "all":
         if args.seeds:
             SEEDS = tuple(int(x) for x in args.seeds.split(","))
+        if 0 not in SEEDS:
+            ap.error(f"--seeds {args.seeds}: the downstream runs start from seed 0's models; include 0")
         with futures.ThreadPoolExecutor(args.jobs) as pool:
             # Submission order is the schedule: the teachers (C) first, A and B beside them, then full (whose job waits
             # for the C of its seed), then the downstream runs (full's wait for full). Waiting on a future, never
