@@ -108,9 +108,10 @@ def test_the_table_reports_every_finished_seed_and_the_commands_that_made_them(r
     assert run_module.finished_seeds(paths, "C") == [0, 1]
     assert run_module.finished_seeds(paths, "A") == [0]
     rows = {"A": {"seeds": {"0": {}}}, "C": {"seeds": {"0": {}, "1": {}}}, "C_lr3e-4": {"seeds": {"0": {}}}}
-    assert run_module.commands(rows) == ["python benchmarks/zero_shot/run.py all --jobs 2 --seeds 0",
-                                         "python benchmarks/zero_shot/run.py row C --seed 1",
-                                         "python benchmarks/zero_shot/run.py row C_lr3e-4 --seed 0"]
+    assert run_module.commands(rows, ["A", "full", "C_lr3e-4"]) == [
+        "python benchmarks/zero_shot/run.py all --jobs 2 --seeds 0", "python benchmarks/zero_shot/run.py row C --seed 1",
+        "python benchmarks/zero_shot/run.py row C_lr3e-4 --seed 0",
+        "python benchmarks/zero_shot/run.py downstream C_lr3e-4"]
 
 
 def test_learning_rate_variants_of_a_row(run_module, tmp_path):
@@ -154,3 +155,45 @@ def test_downstream_bases_are_found_from_their_runs(run_module, tmp_path):
         (tmp_path / "downstream" / name).mkdir(parents=True)
     (tmp_path / "downstream" / "full_full_allshot.yaml").write_text("")
     assert run_module.downstream_bases(paths) == ["A", "full", "C_lr3e-4"]
+
+
+def test_the_table_takes_over_the_runs_an_earlier_result_file_holds_and_this_root_lacks(run_module, tmp_path):
+    paths = run_module.Paths(tmp_path / "root")
+    run = paths.run("A", 1)
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "metrics.json").write_text(json.dumps({"coco": {"AP_all": 0.5}, "lvis": {"AP": 0.25}}))
+    (run / "config.yaml").write_text("data:\n  batch_size: 4\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 250, "images_per_s": 4.0,
+                                                   "loss_dot_product_token": 0.5}) + "\n")
+    setting = run_module.experiment_setting()
+    previous = {**setting, "date": "2026-01-01",
+                "rows": {"A": {"seeds": {"0": {"coco_AP_all": 0.3, "lvis_AP": 0.15, "train_seconds": 100.0},
+                                         "1": {"coco_AP_all": 0.9, "lvis_AP": 0.9, "train_seconds": 1.0}}},
+                         "C_lr3e-4": {"seeds": {"0": {"coco_AP_all": 0.4, "train_seconds": 7.0}}}},
+                "classification_loss_per_250_steps": {"A_seed0": [0.7], "A_seed1": [9.0]},
+                "pseudo_labels": {"C_seed0": {"precision": 0.5, "recall": 0.6}}, "downstream": {"A/zero_shot": {"AP": 0.1}}}
+    previous_file = tmp_path / "zero_shot_2026-01-01.json"
+    previous_file.write_text(json.dumps(previous))
+    result = json.loads(run_module.table(paths, tmp_path / "out", previous_file).read_text())
+    a = result["rows"]["A"]
+    assert list(a["seeds"]) == ["0", "1"]
+    assert a["seeds"]["1"] == {"coco_AP_all": 0.5, "lvis_AP": 0.25, "train_seconds": 250.0}  # this root's run wins
+    assert a["summary"]["coco_AP_all"]["mean"] == pytest.approx(0.4)
+    assert a["summary"]["lvis_AP"]["values"] == [0.15, 0.25]
+    assert list(result["rows"]) == ["A", "C_lr3e-4"]
+    assert result["classification_loss_per_250_steps"] == {"A_seed0": [0.7], "A_seed1": [0.5]}
+    assert result["pseudo_labels"] == previous["pseudo_labels"] and result["downstream"] == previous["downstream"]
+    assert sorted(result["merged_from"]["runs"]) == sorted(
+        ["A_seed0", "C_lr3e-4_seed0", "classification_loss_per_250_steps:A_seed0", "pseudo_labels:C_seed0",
+         "downstream:A/zero_shot"])
+    assert "| A | 0,1 | 40.0 ± 10.0 |" in (tmp_path / "out" / f"zero_shot_{result['date']}.md").read_text()
+    # runs of another experiment (here: another schedule) never join the table
+    previous_file.write_text(json.dumps({**previous, "train_steps": setting["train_steps"] + 1}))
+    with pytest.raises(ValueError, match="train_steps"):
+        run_module.table(paths, tmp_path / "out", previous_file)
+
+
+def test_the_row_order_is_each_learning_rates_series_in_the_papers_order(run_module):
+    names = ["full_lr3e-4", "C", "B_lr3e-4", "full", "A", "C_lr3e-4", "B", "A_lr3e-4", "C_lr1e-4"]
+    assert sorted(names, key=run_module.row_order) == [
+        "A", "B", "C", "full", "A_lr3e-4", "B_lr3e-4", "C_lr3e-4", "full_lr3e-4", "C_lr1e-4"]

@@ -21,7 +21,8 @@ tuning vs linear probing.
     python benchmarks/zero_shot/run.py row B_lr3e-4           # a row at another learning rate (text: lr/10; a full
                                                               # row's teacher is the C row of the same rate)
     python benchmarks/zero_shot/run.py downstream full        # the prompt-tuning table for one base model
-    python benchmarks/zero_shot/run.py table                  # collect results into benchmarks/results/
+    python benchmarks/zero_shot/run.py table                  # collect results into benchmarks/results/ (with
+                                                              # the runs of the newest result file this root lacks)
     python benchmarks/zero_shot/run.py ship                   # export the best model as glip-train's shipped model
 
 Work goes to --root (default runs/zero_shot); every step skips what is already done, and training resumes from its
@@ -347,13 +348,16 @@ def finished_seeds(paths: Paths, row: str) -> list[int]:
     return sorted(int(f.parent.parent.name.rsplit("_seed", 1)[1]) for f in runs)
 
 
-def commands(rows: dict) -> list[str]:
-    """The commands that produce these rows: `all` for the seeds every row has, `row` for the extra ones."""
+def commands(rows: dict, downstream_bases: list[str] = ()) -> list[str]:
+    """The commands that produce these rows: `all` for the seeds every row has, `row` for the extra ones; and
+    `downstream` for the downstream tables `all` does not run (bases other than A and full)."""
     base_rows = [r for name, r in rows.items() if "_lr" not in name]  # learning-rate variants: `row` commands
     common = sorted(set.intersection(*(set(map(int, r["seeds"])) for r in base_rows))) if base_rows else [0]
     lines = [f"python benchmarks/zero_shot/run.py all --jobs 2 --seeds {','.join(map(str, common))}"]
     lines += [f"python benchmarks/zero_shot/run.py row {row} --seed {seed}"
               for row, r in rows.items() for seed in map(int, r["seeds"]) if seed not in common or "_lr" in row]
+    lines += [f"python benchmarks/zero_shot/run.py downstream {base}" for base in downstream_bases
+              if base not in ("A", "full")]
     return lines
 
 
@@ -378,22 +382,17 @@ def downstream_bases(paths: Paths) -> list[str]:
     return [b for b in ("A", "full") if b in found] + sorted(found - {"A", "full"})
 
 
-def table(paths: Paths, out_dir: Path) -> Path:
-    rows, curves = {}, {}
+def collect(paths: Paths) -> dict:
+    """The finished work under ``paths.root``: per row and seed its metrics, its loss curve; the pseudo-label grades;
+    the downstream metrics."""
+    seeds, curves = {}, {}
     for row in (*ROWS, *lr_variants(paths)):
-        per_seed = {}
         for seed in finished_seeds(paths, row):
-            metrics_file = paths.run(row, seed) / "eval" / "metrics.json"
-            if metrics_file.is_file():
-                m = json.loads(metrics_file.read_text())
-                wall = training_seconds(paths.run(row, seed))
-                curves[f"{row}_seed{seed}"] = loss_curve(paths.run(row, seed))
-                per_seed[seed] = {**{f"coco_{k}": v for k, v in m["coco"].items()},
-                                  **{f"lvis_{k}": v for k, v in m.get("lvis", {}).items()}, "train_seconds": wall}
-        if per_seed:
-            keys = sorted({k for v in per_seed.values() for k in v if k != "train_seconds"})
-            rows[row] = {"seeds": per_seed,
-                         "summary": {k: spread([v[k] for v in per_seed.values()]) for k in keys}}
+            m = json.loads((paths.run(row, seed) / "eval" / "metrics.json").read_text())
+            curves[f"{row}_seed{seed}"] = loss_curve(paths.run(row, seed))
+            seeds.setdefault(row, {})[str(seed)] = {
+                **{f"coco_{k}": v for k, v in m["coco"].items()}, **{f"lvis_{k}": v for k, v in m.get("lvis", {}).items()},
+                "train_seconds": training_seconds(paths.run(row, seed))}
     pseudo = {f.name.removeprefix("captions_by_").removesuffix(".jsonl.grade.json"): json.loads(f.read_text())
               for f in sorted((paths.root / "pseudo").glob("captions_by_*.grade.json"))}
     downstream = {}
@@ -406,17 +405,83 @@ def table(paths: Paths, out_dir: Path) -> Path:
         f = paths.root / "downstream" / f"{base}_zero_shot" / "metrics.json"
         if f.is_file():
             downstream[f"{base}/zero_shot"] = json.loads(f.read_text())
+    return {"seeds": seeds, "classification_loss_per_250_steps": curves, "pseudo_labels": pseudo,
+            "downstream": downstream}
+
+
+#: what must be equal for runs of two result files to belong to one experiment
+SAME_EXPERIMENT = ("world", "downstream_world", "train_steps", "downstream_steps", "model")
+
+
+def experiment_setting() -> dict:
+    setting = {"world": WORLD, "downstream_world": {**DOWNSTREAM_WORLD, "detection_shapes": list(NEW_NAMES),
+                                                    "names": NEW_NAMES},
+               "train_steps": TRAIN_STEPS, "downstream_steps": DOWNSTREAM_STEPS,
+               "model": model_config(Path("<text tower>"), True)}
+    return json.loads(json.dumps(setting))  # as a result file holds it (lists, string keys)
+
+
+def merge_previous(found: dict, previous: dict, source: str) -> list[str]:
+    """Add to ``found`` (see :func:`collect`) the runs that an earlier result file of the same experiment recorded
+    and this root lacks (an earlier clone, another machine): the runs here win. Returns the runs taken over."""
+    setting = experiment_setting()
+    for key in SAME_EXPERIMENT:
+        if previous.get(key) != setting[key]:
+            raise ValueError(f"{source}: its {key!r} differs from this experiment's, so its runs cannot join this "
+                             f"table (pass --merge none to leave it out)")
+    taken = []
+    for row, data in previous["rows"].items():
+        for seed, metrics in data["seeds"].items():
+            if seed not in found["seeds"].setdefault(row, {}):
+                found["seeds"][row][seed] = metrics
+                taken.append(f"{row}_seed{seed}")
+    for key in ("classification_loss_per_250_steps", "pseudo_labels", "downstream"):
+        for name, value in previous.get(key, {}).items():
+            if name not in found[key]:
+                found[key][name] = value
+                taken.append(f"{key}:{name}")
+    return taken
+
+
+def row_order(name: str) -> tuple:
+    """Each learning rate's series of rows (the default first), in the paper's order."""
+    base, lr = parse_row(name)
+    return "_lr" in name, -lr, ROWS.index(base)
+
+
+def curve_order(run: str) -> tuple:
+    row, seed = run.rsplit("_seed", 1)
+    return *row_order(row), int(seed)
+
+
+def table(paths: Paths, out_dir: Path, previous: Path | None = None) -> Path:
+    """Write ``zero_shot_<date>.json`` and ``.md`` to ``out_dir``: this root's finished runs, with those of the
+    ``previous`` result file that this root lacks."""
+    found = collect(paths)
+    merged = []
+    if previous is not None:
+        merged = merge_previous(found, json.loads(previous.read_text()), str(previous))
+    rows = {}
+    for row in sorted(found["seeds"], key=row_order):
+        per_seed = dict(sorted(found["seeds"][row].items(), key=lambda kv: int(kv[0])))
+        keys = sorted({k for v in per_seed.values() for k in v if k != "train_seconds"})
+        rows[row] = {"seeds": per_seed, "summary": {k: spread([v[k] for v in per_seed.values()]) for k in keys}}
+    bases = list(dict.fromkeys(key.split("/")[0] for key in found["downstream"]))
+    bases = [b for b in ("A", "full") if b in bases] + sorted(set(bases) - {"A", "full"})
+    downstream = {key: found["downstream"][key] for base in bases for key in found["downstream"]
+                  if key.split("/")[0] == base}
     date = _dt.date.today().isoformat()
     result = {
         "date": date, "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
-        "commands": commands(rows),
-        "world": WORLD, "downstream_world": {**DOWNSTREAM_WORLD, "detection_shapes": list(NEW_NAMES),
-                                             "names": NEW_NAMES},
-        "train_steps": TRAIN_STEPS, "downstream_steps": DOWNSTREAM_STEPS,
-        "model": model_config(Path("<text tower>"), True), "rows": rows,
-        "classification_loss_per_250_steps": curves, "pseudo_labels": pseudo,
-        "downstream": downstream,
+        "commands": commands(rows, bases),
+        **experiment_setting(), "rows": rows,
+        "classification_loss_per_250_steps": dict(sorted(found["classification_loss_per_250_steps"].items(),
+                                                         key=lambda kv: curve_order(kv[0]))),
+        "pseudo_labels": found["pseudo_labels"], "downstream": downstream,
     }
+    if merged:
+        result["merged_from"] = {"file": previous.name, "date": json.loads(previous.read_text())["date"],
+                                 "runs": merged}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"zero_shot_{date}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -514,6 +579,10 @@ def ship(paths: Paths, result_file: Path, dest: Path = SHIPPED_DIR, demo_image: 
     result = json.loads(result_file.read_text())
     row, seed = best_run(result)
     source = paths.run(row, seed) / "model"
+    if not (source / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the best run, {row} seed {seed} ({result_file.name}), has no model under {source} "
+                                f"(its result came from another clone or machine): train it here with "
+                                f"`run.py row {row} --seed {seed}`, or ship from where it was trained")
     model = GLIPModel.from_pretrained(source, test_min_size=SHIPPED_TEST_SIZE[0], test_max_size=SHIPPED_TEST_SIZE[1])
     staging = dest.with_name(dest.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
@@ -613,6 +682,19 @@ labelled shapes score lower there. Its LVIS categories all count as rare (no tra
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def previous_results(results_dir: Path, merge: str, ap: argparse.ArgumentParser) -> Path | None:
+    """The result file named by ``--merge``: ``latest`` (the newest zero_shot_<date>.json, or None), ``none``, or a
+    path."""
+    if merge == "none":
+        return None
+    if merge == "latest":
+        found = sorted(r for r in results_dir.glob("zero_shot_*.json") if "protocol" not in r.name)
+        return found[-1] if found else None
+    if not Path(merge).is_file():
+        ap.error(f"--merge {merge}: no such result file")
+    return Path(merge)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="the zero-shot experiment on the synthetic world",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -625,6 +707,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default=None,
                     help="`all`: pre-training seeds, comma separated (default 0,1; the downstream runs use seed 0); `table` "
                          "reports every seed that has finished, so `row ROW --seed S` adds seeds later")
+    ap.add_argument("--merge", default="latest",
+                    help="`table`: a result file whose runs join the table where this --root lacks them (an earlier "
+                         "clone, another machine; it must be the same experiment); `latest` (default): the newest "
+                         "zero_shot_<date>.json in --results, if any; `none`: only this root's runs")
     ap.add_argument("--smoke", action="store_true", help="tiny worlds and a few steps: checks the whole pipeline")
     args = ap.parse_args(argv)
     global TRAIN_STEPS, DOWNSTREAM_STEPS, SEEDS, PSEUDO_THRESHOLD
@@ -639,14 +725,13 @@ def main(argv=None) -> int:
     if args.what == "setup":
         return 0
     if args.what == "ship":
-        results = sorted(Path(args.results).glob("zero_shot_*.json"))
-        results = [r for r in results if "protocol" not in r.name]
-        if not results:
+        latest = previous_results(Path(args.results), "latest", ap)
+        if latest is None:
             ap.error(f"no zero_shot_<date>.json in {args.results}: run `run.py all` (or `table`) first")
         if args.smoke:
-            print(ship(paths, results[-1], paths.root / "shipped_model", paths.root / "assets" / "shapes.jpg"))
+            print(ship(paths, latest, paths.root / "shipped_model", paths.root / "assets" / "shapes.jpg"))
         else:
-            print(ship(paths, results[-1]))
+            print(ship(paths, latest))
         return 0
     if args.what == "row":
         print(json.dumps(row_metrics(paths, args.name, args.seed), indent=2))
@@ -681,7 +766,7 @@ def main(argv=None) -> int:
                          for method in METHODS for shots in SHOTS]
             for f in jobs:
                 f.result()
-    print(table(paths, Path(args.results)))
+    print(table(paths, Path(args.results), previous_results(Path(args.results), args.merge, ap)))
     return 0
 
 
