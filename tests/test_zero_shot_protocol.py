@@ -108,10 +108,11 @@ def test_the_table_reports_every_finished_seed_and_the_commands_that_made_them(r
     assert run_module.finished_seeds(paths, "C") == [0, 1]
     assert run_module.finished_seeds(paths, "A") == [0]
     rows = {"A": {"seeds": {"0": {}}}, "C": {"seeds": {"0": {}, "1": {}}}, "C_lr3e-4": {"seeds": {"0": {}}}}
-    assert run_module.commands(rows, ["A", "full", "C_lr3e-4"]) == [
+    assert run_module.commands(rows, ["A", "full", "C_lr3e-4", "full_lr3e-4_seed1"]) == [
         "python benchmarks/zero_shot/run.py all --jobs 2 --seeds 0", "python benchmarks/zero_shot/run.py row C --seed 1",
         "python benchmarks/zero_shot/run.py row C_lr3e-4 --seed 0",
-        "python benchmarks/zero_shot/run.py downstream C_lr3e-4"]
+        "python benchmarks/zero_shot/run.py downstream C_lr3e-4",
+        "python benchmarks/zero_shot/run.py downstream full_lr3e-4 --seed 1"]
 
 
 def test_learning_rate_variants_of_a_row(run_module, tmp_path):
@@ -151,10 +152,14 @@ def test_training_time_counts_each_logged_step_once(run_module, tmp_path):
 
 def test_downstream_bases_are_found_from_their_runs(run_module, tmp_path):
     paths = run_module.Paths(tmp_path)
-    for name in ("C_lr3e-4_prompt_tuning_1shot", "full_full_allshot", "A_zero_shot", "full_linear_probe_5shot"):
+    for name in ("C_lr3e-4_prompt_tuning_1shot", "full_full_allshot", "A_zero_shot", "full_linear_probe_5shot",
+                 "full_lr3e-4_seed1_full_1shot"):
         (tmp_path / "downstream" / name).mkdir(parents=True)
     (tmp_path / "downstream" / "full_full_allshot.yaml").write_text("")
-    assert run_module.downstream_bases(paths) == ["A", "full", "C_lr3e-4"]
+    assert run_module.downstream_bases(paths) == ["A", "full", "C_lr3e-4", "full_lr3e-4_seed1"]
+    for row, seed in (("full", 0), ("full_lr3e-4", 1), ("C_lr3e-4", 12)):
+        assert run_module.parse_downstream_base(run_module.downstream_base(row, seed)) == (row, seed)
+    assert run_module.downstream_base("full_lr3e-4", 1) == "full_lr3e-4_seed1"
 
 
 def test_the_table_takes_over_the_runs_an_earlier_result_file_holds_and_this_root_lacks(run_module, tmp_path):

@@ -21,6 +21,7 @@ tuning vs linear probing.
     python benchmarks/zero_shot/run.py row B_lr3e-4           # a row at another learning rate (text: lr/10; a full
                                                               # row's teacher is the C row of the same rate)
     python benchmarks/zero_shot/run.py downstream full        # the prompt-tuning table for one base model
+    python benchmarks/zero_shot/run.py downstream full_lr3e-4 --seed 1   # ... of another seed (default 0)
     python benchmarks/zero_shot/run.py table                  # collect results into benchmarks/results/ (with
                                                               # the runs of the newest result file this root lacks)
     python benchmarks/zero_shot/run.py ship                   # export the best model as glip-train's shipped model
@@ -271,9 +272,24 @@ def downstream_config(paths: Paths, base: Path, method: str, shots: int, out: Pa
     }
 
 
-def downstream_run(paths: Paths, base_row: str, method: str, shots: int) -> dict:
-    base = train_row(paths, base_row, 0)
-    out = paths.downstream_run(base_row, method, shots)
+def downstream_base(row: str, seed: int = 0) -> str:
+    """The name of a downstream base model: its row, and its seed where that is not 0 (``full_lr3e-4_seed1``)."""
+    return row if seed == 0 else f"{row}_seed{seed}"
+
+
+def parse_downstream_base(base: str) -> tuple[str, int]:
+    """``"full"`` -> ("full", 0); ``"full_lr3e-4_seed1"`` -> ("full_lr3e-4", 1)."""
+    row, _, seed = base.rpartition("_seed")
+    return (row, int(seed)) if row else (base, 0)
+
+
+def base_model(paths: Paths, base: str) -> Path:
+    return train_row(paths, *parse_downstream_base(base))
+
+
+def downstream_run(paths: Paths, base_name: str, method: str, shots: int) -> dict:
+    base = base_model(paths, base_name)
+    out = paths.downstream_run(base_name, method, shots)
     done = out / ("model" if method == "full" else "adapter.safetensors")
     if not done.exists():
         import yaml
@@ -293,12 +309,12 @@ def downstream_run(paths: Paths, base_row: str, method: str, shots: int) -> dict
     return json.loads(result_file.read_text())
 
 
-def zero_shot_downstream(paths: Paths, base_row: str) -> dict:
+def zero_shot_downstream(paths: Paths, base_name: str) -> dict:
     """The base model on the downstream task before any tuning (the new names are words it never trained on)."""
-    out = paths.root / "downstream" / f"{base_row}_zero_shot"
+    out = paths.root / "downstream" / f"{base_name}_zero_shot"
     result_file = out / "metrics.json"
     if not result_file.is_file():
-        sh([*GLIP, "eval", "--protocol", "coco", "--weights", train_row(paths, base_row, 0), "--annotations",
+        sh([*GLIP, "eval", "--protocol", "coco", "--weights", base_model(paths, base_name), "--annotations",
             paths.downstream / "coco_val.json", "--out", out / "coco", *EVAL_SIZE, "--no-progress", "--quiet"],
            out / "eval.log")
         metrics = json.loads((out / "coco" / "metrics.json").read_text())["metrics"]
@@ -356,8 +372,10 @@ def commands(rows: dict, downstream_bases: list[str] = ()) -> list[str]:
     lines = [f"python benchmarks/zero_shot/run.py all --jobs 2 --seeds {','.join(map(str, common))}"]
     lines += [f"python benchmarks/zero_shot/run.py row {row} --seed {seed}"
               for row, r in rows.items() for seed in map(int, r["seeds"]) if seed not in common or "_lr" in row]
-    lines += [f"python benchmarks/zero_shot/run.py downstream {base}" for base in downstream_bases
-              if base not in ("A", "full")]
+    for base in downstream_bases:
+        if base not in ("A", "full"):
+            row, seed = parse_downstream_base(base)
+            lines.append(f"python benchmarks/zero_shot/run.py downstream {row}" + (f" --seed {seed}" if seed else ""))
     return lines
 
 
@@ -700,7 +718,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("what", choices=("setup", "row", "downstream", "table", "all", "ship"))
     ap.add_argument("name", nargs="?", help="row (A, B, C, full) or downstream base (A, full)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="`row`: the seed to train; `downstream`: the seed of the base model")
     ap.add_argument("--root", default=str(REPO / "runs" / "zero_shot"))
     ap.add_argument("--jobs", type=int, default=2, help="parallel jobs (one torch thread each)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
@@ -737,10 +755,11 @@ def main(argv=None) -> int:
         print(json.dumps(row_metrics(paths, args.name, args.seed), indent=2))
         return 0
     if args.what == "downstream":
-        print("zero-shot", zero_shot_downstream(paths, args.name))
+        base = downstream_base(args.name, args.seed)
+        print("zero-shot", zero_shot_downstream(paths, base))
         for method in METHODS:
             for shots in SHOTS:
-                print(method, shots, downstream_run(paths, args.name, method, shots))
+                print(method, shots, downstream_run(paths, base, method, shots))
         return 0
     if args.what == "all":
         if args.seeds:
