@@ -192,10 +192,23 @@ def test_the_table_takes_over_the_runs_an_earlier_result_file_holds_and_this_roo
         ["A_seed0", "C_lr3e-4_seed0", "classification_loss_per_250_steps:A_seed0", "pseudo_labels:C_seed0",
          "downstream:A/zero_shot"])
     assert "| A | 0,1 | 40.0 ± 10.0 |" in (tmp_path / "out" / f"zero_shot_{result['date']}.md").read_text()
-    # runs of another experiment (here: another schedule) never join the table
-    previous_file.write_text(json.dumps({**previous, "train_steps": setting["train_steps"] + 1}))
-    with pytest.raises(ValueError, match="train_steps"):
-        run_module.table(paths, tmp_path / "out", previous_file)
+    # a downstream table is one base model's: a base with runs here takes none of the earlier file's cells
+    (tmp_path / "root" / "downstream" / "A_zero_shot").mkdir(parents=True)
+    (tmp_path / "root" / "downstream" / "A_zero_shot" / "metrics.json").write_text('{"AP": 0.2}')
+    previous_file.write_text(json.dumps({**previous, "downstream": {"A/zero_shot": {"AP": 0.1},
+                                                                    "A/full/1": {"AP": 0.3}}}))
+    result = json.loads(run_module.table(paths, tmp_path / "out", previous_file).read_text())
+    assert result["downstream"] == {"A/zero_shot": {"AP": 0.2}}
+    # runs of another experiment (another schedule, another learning rate) never join the table: an error for a
+    # file asked for by name, a warning for the newest file found
+    other_lr = json.loads(json.dumps(setting))
+    other_lr["training"]["optim"]["lr"] *= 2
+    for other in ({"train_steps": setting["train_steps"] + 1}, other_lr):
+        previous_file.write_text(json.dumps({**previous, **other}))
+        with pytest.raises(ValueError, match="train_steps|training"):
+            run_module.table(paths, tmp_path / "out", previous_file)
+        lenient = json.loads(run_module.table(paths, tmp_path / "out", previous_file, strict=False).read_text())
+        assert list(lenient["rows"]) == ["A"] and list(lenient["rows"]["A"]["seeds"]) == ["1"]
 
 
 def test_the_row_order_is_each_learning_rates_series_in_the_papers_order(run_module):

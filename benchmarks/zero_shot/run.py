@@ -284,7 +284,10 @@ def parse_downstream_base(base: str) -> tuple[str, int]:
 
 
 def base_model(paths: Paths, base: str) -> Path:
-    return train_row(paths, *parse_downstream_base(base))
+    """A downstream base's model, trained and evaluated (a base trained here is also a row of the table)."""
+    row, seed = parse_downstream_base(base)
+    row_metrics(paths, row, seed)
+    return train_row(paths, row, seed)
 
 
 def downstream_run(paths: Paths, base_name: str, method: str, shots: int) -> dict:
@@ -428,14 +431,25 @@ def collect(paths: Paths) -> dict:
 
 
 #: what must be equal for runs of two result files to belong to one experiment
-SAME_EXPERIMENT = ("world", "downstream_world", "train_steps", "downstream_steps", "model")
+SAME_EXPERIMENT = ("world", "downstream_world", "train_steps", "downstream_steps", "model", "training",
+                   "downstream_training", "eval_sizes", "pseudo_threshold")
 
 
 def experiment_setting() -> dict:
+    """Everything that makes a row name mean one experiment: worlds, model, training and evaluation settings."""
+    def recipe(config: dict) -> dict:  # a run's config without its paths
+        data = {k: v for k, v in config["data"].items() if k != "train"}
+        return {"data": data, "optim": config["optim"], "schedule": config["schedule"], "ema": config["ema"]}
+
+    root = Paths(Path("<root>"))
     setting = {"world": WORLD, "downstream_world": {**DOWNSTREAM_WORLD, "detection_shapes": list(NEW_NAMES),
                                                     "names": NEW_NAMES},
                "train_steps": TRAIN_STEPS, "downstream_steps": DOWNSTREAM_STEPS,
-               "model": model_config(Path("<text tower>"), True)}
+               "model": model_config(Path("<text tower>"), True),
+               "training": recipe(row_config(root, "C", 0)),  # a row's lr: LR, or the one its name gives
+               "downstream_training": {m: recipe(downstream_config(root, Path("<base>"), m, 0, Path("<out>")))
+                                       for m in METHODS},
+               "eval_sizes": EVAL_SIZES, "pseudo_threshold": PSEUDO_THRESHOLD}
     return json.loads(json.dumps(setting))  # as a result file holds it (lists, string keys)
 
 
@@ -448,6 +462,7 @@ def merge_previous(found: dict, previous: dict, source: str) -> list[str]:
             raise ValueError(f"{source}: its {key!r} differs from this experiment's, so its runs cannot join this "
                              f"table (pass --merge none to leave it out)")
     taken = []
+    local_bases = {key.split("/")[0] for key in found["downstream"]}
     for row, data in previous["rows"].items():
         for seed, metrics in data["seeds"].items():
             if seed not in found["seeds"].setdefault(row, {}):
@@ -455,7 +470,8 @@ def merge_previous(found: dict, previous: dict, source: str) -> list[str]:
                 taken.append(f"{row}_seed{seed}")
     for key in ("classification_loss_per_250_steps", "pseudo_labels", "downstream"):
         for name, value in previous.get(key, {}).items():
-            if name not in found[key]:
+            # a downstream table is one base model's: all from here or all from the earlier file
+            if name not in found[key] and not (key == "downstream" and name.split("/")[0] in local_bases):
                 found[key][name] = value
                 taken.append(f"{key}:{name}")
     return taken
@@ -472,18 +488,26 @@ def curve_order(run: str) -> tuple:
     return *row_order(row), int(seed)
 
 
-def table(paths: Paths, out_dir: Path, previous: Path | None = None) -> Path:
+def table(paths: Paths, out_dir: Path, previous: Path | None = None, strict: bool = True) -> Path:
     """Write ``zero_shot_<date>.json`` and ``.md`` to ``out_dir``: this root's finished runs, with those of the
-    ``previous`` result file that this root lacks."""
+    ``previous`` result file that this root lacks. A ``previous`` file of another experiment raises, or with
+    ``strict=False`` (the newest file, found rather than named) is left out with a warning."""
     found = collect(paths)
-    merged = []
+    merged, earlier = [], {}
     if previous is not None:
-        merged = merge_previous(found, json.loads(previous.read_text()), str(previous))
+        earlier = json.loads(previous.read_text())
+        try:
+            merged = merge_previous(found, earlier, str(previous))
+        except ValueError as error:
+            if strict:
+                raise
+            print(f"run.py table: warning: {error}; the table holds this root's runs only", file=sys.stderr)
     rows = {}
     for row in sorted(found["seeds"], key=row_order):
         per_seed = dict(sorted(found["seeds"][row].items(), key=lambda kv: int(kv[0])))
         keys = sorted({k for v in per_seed.values() for k in v if k != "train_seconds"})
-        rows[row] = {"seeds": per_seed, "summary": {k: spread([v[k] for v in per_seed.values()]) for k in keys}}
+        rows[row] = {"seeds": per_seed,
+                     "summary": {k: spread([v[k] for v in per_seed.values() if k in v]) for k in keys}}
     bases = list(dict.fromkeys(key.split("/")[0] for key in found["downstream"]))
     bases = [b for b in ("A", "full") if b in bases] + sorted(set(bases) - {"A", "full"})
     downstream = {key: found["downstream"][key] for base in bases for key in found["downstream"]
@@ -498,8 +522,11 @@ def table(paths: Paths, out_dir: Path, previous: Path | None = None) -> Path:
         "pseudo_labels": found["pseudo_labels"], "downstream": downstream,
     }
     if merged:
-        result["merged_from"] = {"file": previous.name, "date": json.loads(previous.read_text())["date"],
-                                 "runs": merged}
+        record = {"file": previous.name, "date": earlier.get("date"), "machine": earlier.get("machine")}
+        if earlier.get("date") == date and earlier.get("merged_from"):
+            # a file merged into itself (the same date) keeps the record of where its runs came from
+            record = {k: v for k, v in earlier["merged_from"].items() if k != "runs"}
+        result["merged_from"] = {**record, "runs": merged}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"zero_shot_{date}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -599,8 +626,9 @@ def ship(paths: Paths, result_file: Path, dest: Path = SHIPPED_DIR, demo_image: 
     source = paths.run(row, seed) / "model"
     if not (source / "model.safetensors").is_file():
         raise FileNotFoundError(f"the best run, {row} seed {seed} ({result_file.name}), has no model under {source} "
-                                f"(its result came from another clone or machine): train it here with "
-                                f"`run.py row {row} --seed {seed}`, or ship from where it was trained")
+                                f"(its result came from another clone or machine): ship from where it was trained, "
+                                f"or train it here (`run.py row {row} --seed {seed}`, then `run.py table`, whose "
+                                f"metrics are then this model's) and ship again")
     model = GLIPModel.from_pretrained(source, test_min_size=SHIPPED_TEST_SIZE[0], test_max_size=SHIPPED_TEST_SIZE[1])
     staging = dest.with_name(dest.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
@@ -785,7 +813,8 @@ def main(argv=None) -> int:
                          for method in METHODS for shots in SHOTS]
             for f in jobs:
                 f.result()
-    print(table(paths, Path(args.results), previous_results(Path(args.results), args.merge, ap)))
+    print(table(paths, Path(args.results), previous_results(Path(args.results), args.merge, ap),
+                strict=args.merge != "latest"))
     return 0
 
 
