@@ -286,8 +286,8 @@ def parse_downstream_base(base: str) -> tuple[str, int]:
 def base_model(paths: Paths, base: str) -> Path:
     """A downstream base's model, trained and evaluated (a base trained here is also a row of the table)."""
     row, seed = parse_downstream_base(base)
-    row_metrics(paths, row, seed)
-    return train_row(paths, row, seed)
+    row_metrics(paths, row, seed)  # trains the row if needed
+    return paths.run(row, seed) / "model"
 
 
 def downstream_run(paths: Paths, base_name: str, method: str, shots: int) -> dict:
@@ -400,7 +400,13 @@ def downstream_bases(paths: Paths) -> list[str]:
     """The base rows with downstream runs: A and full (what `all` runs) first, then any other (`downstream ROW`)."""
     found = {d.name.split(f"_{m}_")[0] for m in METHODS for d in (paths.root / "downstream").glob(f"*_{m}_*shot")}
     found |= {d.name.removesuffix("_zero_shot") for d in (paths.root / "downstream").glob("*_zero_shot")}
-    return [b for b in ("A", "full") if b in found] + sorted(found - {"A", "full"})
+    return ordered_bases(found)
+
+
+def ordered_bases(bases) -> list[str]:
+    """Downstream bases in table order: A and full (what `all` runs) first, then the others by name."""
+    bases = set(bases)
+    return [b for b in ("A", "full") if b in bases] + sorted(bases - {"A", "full"})
 
 
 def collect(paths: Paths) -> dict:
@@ -508,8 +514,7 @@ def table(paths: Paths, out_dir: Path, previous: Path | None = None, strict: boo
         keys = sorted({k for v in per_seed.values() for k in v if k != "train_seconds"})
         rows[row] = {"seeds": per_seed,
                      "summary": {k: spread([v[k] for v in per_seed.values() if k in v]) for k in keys}}
-    bases = list(dict.fromkeys(key.split("/")[0] for key in found["downstream"]))
-    bases = [b for b in ("A", "full") if b in bases] + sorted(set(bases) - {"A", "full"})
+    bases = ordered_bases(key.split("/")[0] for key in found["downstream"])
     downstream = {key: found["downstream"][key] for base in bases for key in found["downstream"]
                   if key.split("/")[0] == base}
     date = _dt.date.today().isoformat()
