@@ -1,9 +1,8 @@
 """Training building blocks: run configs, overrides, parameter groups, LR schedules, the global-batch sampler,
-freezing modes, adapters and atomic checkpoint files."""
+freezing modes and adapters."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from glip_train import GLIP, GLIPConfig
 from glip_train.adapters import AdapterError, linear_probe_parameters, load_adapter, save_adapter
 from glip_train.training import ConfigError, TrainConfig, load_train_config
-from glip_train.training.checkpointing import atomic_torch_save, config_differences
+from glip_train.training.checkpointing import config_differences
 from glip_train.training.config import ScheduleConfig, apply_overrides
 from glip_train.training.data import GlobalBatchSampler
 from glip_train.training.optim import LRSchedule, parameter_groups
@@ -183,34 +182,3 @@ def test_adapters_round_trip_and_refuse_other_base_weights(small, minilm_dir, tm
     with pytest.raises(AdapterError, match="junk.safetensors"):
         load_adapter(fresh, tmp_path / "junk.safetensors")
     assert set(linear_probe_parameters(small)) <= {n for n, _ in small.named_parameters()}
-
-
-def test_a_write_that_dies_midway_leaves_the_previous_file_intact(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    atomic_torch_save({"step": 1}, path)
-
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt("killed while writing")
-
-    monkeypatch.setattr(os, "fsync", crash)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_torch_save({"step": 2}, path)
-    assert torch.load(path)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
-
-
-def test_atomic_writes_replace_whole_files_with_the_usual_permissions(tmp_path):
-    import os
-
-    from glip_train.training.checkpointing import atomic_write_text
-
-    target = tmp_path / "sub" / "config.yaml"
-    atomic_write_text(target, "a: 1\n")
-    atomic_write_text(target, "a: 2\n")
-    assert target.read_text() == "a: 2\n"
-    assert [p.name for p in target.parent.iterdir()] == ["config.yaml"]  # no temporary file left behind
-    umask = os.umask(0o022)
-    os.umask(umask)
-    plain = tmp_path / "plain"
-    plain.write_text("x")  # what an ordinary open() gives under this umask (0600 from mkstemp would differ)
-    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

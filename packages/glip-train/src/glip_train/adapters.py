@@ -77,7 +77,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, kind: str, extra: di
     """Write the trained part of ``model`` (``kind``: "prompt_tuning" or "linear_probe") to a safetensors file."""
     from safetensors.torch import save
 
-    from .training.checkpointing import atomic_write_bytes
+    from glip_data.io import atomic_write_bytes
 
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"adapter kind must be one of {ADAPTER_KINDS}; got {kind!r}")

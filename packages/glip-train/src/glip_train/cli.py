@@ -327,7 +327,7 @@ class OutputFolder:
     def write_pair(self, stem: str, record: dict, image: Any, result: dict, draw: bool) -> None:
         """``<stem>.jpg`` then ``<stem>.json``, each written to a temporary file and renamed; the JSON, renamed last,
         marks the result complete (a re-run skips only images whose JSON exists)."""
-        from .training.checkpointing import atomic_write_bytes, atomic_write_text
+        from glip_data.io import atomic_write_bytes, atomic_write_text
 
         if draw:
             import io

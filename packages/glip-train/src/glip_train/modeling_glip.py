@@ -215,7 +215,7 @@ class GLIP(nn.Module):
         from safetensors.torch import save
 
         from .adapters import save_adapter
-        from .training.checkpointing import atomic_write_bytes
+        from glip_data.io import atomic_write_bytes
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

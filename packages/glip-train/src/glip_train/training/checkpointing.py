@@ -1,17 +1,14 @@
-"""Training checkpoints: atomic writes, finding the last one, and refusing a resume with another config.
+"""Training checkpoints: finding the last one, and refusing a resume with another config.
 
-Every file is written to a temporary name in the same folder, flushed to disk and renamed over the target
-(``os.replace`` is atomic on POSIX and Windows), so a process killed mid-write leaves the previous checkpoint intact
-and never a truncated one. A checkpoint holds the model, the optimizer, the scheduler, the gradient scaler, the EMA
+Every file is written atomically (:mod:`glip_data.io`: a temporary name in the same folder, flushed and renamed), so
+a process killed mid-write leaves the previous checkpoint intact and never a truncated one. A checkpoint holds the model, the optimizer, the scheduler, the gradient scaler, the EMA
 weights, the step, the random-number states and the resolved config (also written beside it as ``config.yaml``).
 """
 from __future__ import annotations
 
-import io
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +16,6 @@ import numpy as np
 import torch
 
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_torch_save",
     "checkpoint_path",
     "list_checkpoints",
     "latest_checkpoint",
@@ -41,45 +35,6 @@ RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "keep_checkpoints", "data.
 
 class ResumeError(RuntimeError):
     """A checkpoint that cannot resume this run (another config, a damaged file); the message says why."""
-
-
-def _default_file_mode() -> int:
-    """0666 minus the process umask (what ``open(path, "w")`` would give)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; the result reads like any file the user writes
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:

@@ -387,7 +387,7 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> Path:
         """Write the config as YAML (``.yaml``/``.yml``) or JSON, atomically."""
-        from .checkpointing import atomic_write_text
+        from glip_data.io import atomic_write_text
 
         path = Path(path)
         data = self.to_dict()

@@ -32,11 +32,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from glip_data.io import atomic_torch_save, atomic_write_text
+
 from ..adapters import linear_probe_parameters, save_adapter
 from ..config import GLIPConfig
 from ..modeling_glip import GLIP
-from .checkpointing import (ResumeError, atomic_torch_save, atomic_write_text, checkpoint_path, config_differences,
-                            latest_checkpoint, prune_checkpoints, restore_rng_state, rng_state)
+from .checkpointing import (ResumeError, checkpoint_path, config_differences, latest_checkpoint, prune_checkpoints,
+                            restore_rng_state, rng_state)
 from .config import TrainConfig
 from .data import (Collator, GlobalBatchSampler, TrainBatch, TrainingSamples, build_sources, ensure_world,
                    resolve_world_file)
