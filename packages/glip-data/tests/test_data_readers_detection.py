@@ -110,6 +110,31 @@ def test_coco_structural_problems_raise_or_are_counted(tmp_path, patch, reason, 
     assert dropped.stats[reason] == 1
 
 
+def test_dropped_records_are_named_by_reason_and_capped(tmp_path):
+    from glip_data.readers.base import NAMED_DROPS
+
+    reader = COCODetection(coco_file(tmp_path, annotations=[
+        {"id": 1, "image_id": 7, "category_id": 99, "bbox": [0, 0, 2, 2]},
+        {"id": 2, "image_id": 5, "category_id": 3, "bbox": [0, 0, 2, 2]},
+        {"id": 3, "image_id": 7, "category_id": 3, "bbox": [5, 5, 0, 3]},
+        {"id": 4, "image_id": 9, "category_id": 3, "bbox": [45, 1, 5, 5]},
+        {"id": 5, "image_id": 7, "category_id": 3, "bbox": [90.5, 1, 20, 5]},  # clipped, kept: not a drop
+        {"id": 6, "image_id": 9, "category_id": 3, "bbox": [2, 2, 8, 4]},
+    ]), errors="drop")
+    assert reader.check.dropped == {
+        "unknown_category_id": ["annotations[0] (id=1, image_id=7): category_id 99 is not in 'categories'"],
+        "unknown_image_id": ["annotations[1] (id=2, image_id=5): image_id 5 is not in 'images'"],
+        "box_nonpositive_size": ["annotations[2] (id=3): bbox [5, 5, 0, 3]"],
+        "box_empty_after_clip": ["annotations[3] (id=4): bbox [45, 1, 5, 5]"],
+    }
+    assert all(reader.stats[reason] == 1 for reason in reader.check.dropped)
+    many = [{"id": i, "image_id": 7, "category_id": 42, "bbox": [0, 0, 2, 2]} for i in range(NAMED_DROPS + 5)]
+    capped = COCODetection(coco_file(tmp_path, annotations=many), errors="drop")
+    assert capped.stats["unknown_category_id"] == NAMED_DROPS + 5  # every drop counted, the first ones named
+    assert len(capped.check.dropped["unknown_category_id"]) == NAMED_DROPS
+    assert capped.image_path(0) == tmp_path / "a.jpg"
+
+
 def test_coco_missing_keys_name_file_and_record(tmp_path):
     path = coco_file(tmp_path, annotations=[{"id": 4, "image_id": 7, "bbox": [0, 0, 1, 1]}])
     with pytest.raises(ReaderError, match=r"coco\.json: annotations\[0\]: missing key\(s\) \['category_id'\]"):

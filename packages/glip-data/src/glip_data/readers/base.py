@@ -12,7 +12,9 @@ Bad input never passes silently. Two kinds of trouble are told apart:
   ``errors="drop"`` the record is dropped and counted under its reason in ``reader.stats``;
 * *box quality* (boxes reaching outside the image, boxes with no area): always fixed or dropped, and counted.
 
-``reader.report()`` prints the counts.
+``reader.report()`` prints the counts. Every record dropped for a problem or a box without area is also *named*:
+``reader.check.dropped`` holds, per reason, the first :data:`NAMED_DROPS` messages ``"<record>: <what is wrong>"``
+(``glip train`` reports them; the counts stay in ``reader.stats``).
 
 Box conventions (``box_convention``):
 
@@ -59,6 +61,8 @@ BOX_CONVENTIONS = ("official", "exact")
 BOX_NONPOSITIVE = "box_nonpositive_size"
 BOX_CLIPPED = "box_clipped"
 BOX_EMPTY_AFTER_CLIP = "box_empty_after_clip"
+#: dropped records named per reason in ``RecordChecker.dropped`` (the rest are only counted)
+NAMED_DROPS = 100
 
 
 class ReaderError(ValueError):
@@ -191,6 +195,10 @@ class RecordChecker:
         source: the file, for messages.
         errors: ``"raise"`` or ``"drop"``.
         stats: the counter of dropped records (a new one by default).
+
+    Attributes:
+        dropped: ``{reason: [message, ...]}``, the first :data:`NAMED_DROPS` dropped records of each reason, each
+            message ``"<record>: <what is wrong>"`` (``stats`` has the full counts).
     """
 
     def __init__(self, source: str | os.PathLike, errors: ErrorPolicy = "raise", stats: Counter | None = None) -> None:
@@ -199,12 +207,27 @@ class RecordChecker:
         self.source = source
         self.errors = errors
         self.stats = stats if stats is not None else Counter()
+        self.dropped: dict[str, list[str]] = {}
 
     def problem(self, reason: str, message: str) -> None:
-        """Raise ``message`` (prefixed with the file) or count it under ``reason``."""
+        """Raise ``message`` (``"<record>: <what is wrong>"``, prefixed with the file) or count and name it under
+        ``reason``."""
         if self.errors == "raise":
             raise ReaderError(f"{self.source}: {message}")
         self.stats[reason] += 1
+        self.name(reason, message)
+
+    def name(self, reason: str, message: str) -> None:
+        """Remember a dropped record (``message``: ``"<record>: <what is wrong>"``) if ``reason`` has room."""
+        named = self.dropped.setdefault(reason, [])
+        if len(named) < NAMED_DROPS:
+            named.append(message)
+
+    def name_rows(self, reason: str, rows: np.ndarray, describe: Any) -> None:
+        """Name the dropped rows ``rows`` of a reason (``describe(row) -> message``), as many as there is room for."""
+        room = NAMED_DROPS - len(self.dropped.get(reason, ()))
+        for row in rows[:max(room, 0)]:
+            self.name(reason, describe(int(row)))
 
     def count(self, reason: str, n: Any = 1) -> None:
         """Add ``n`` to ``stats[reason]`` (zero counts are not recorded): facts, not problems."""
@@ -245,10 +268,11 @@ class RecordChecker:
         """:func:`check_spans` with the policy (problem ``span_outside_caption``)."""
         try:
             return check_spans(spans, text, f"{self.source}: {where}")
-        except ReaderError:
+        except ReaderError as err:
             if self.errors == "raise":
                 raise
             self.stats["span_outside_caption"] += 1
+            self.name("span_outside_caption", str(err).removeprefix(f"{self.source}: "))
             return None
 
     # -- COCO-shaped files (COCO, Objects365, LVIS, MDETR) ------------------------------------------------------------
@@ -338,6 +362,7 @@ def sanitize_boxes(
     box_convention: str,
     stats: Counter,
     input_wh: np.ndarray | None = None,
+    on_drop: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Clip boxes to their images and find the ones to keep, counting every change.
 
@@ -348,6 +373,8 @@ def sanitize_boxes(
         stats: counter updated with :data:`BOX_NONPOSITIVE`, :data:`BOX_CLIPPED`, :data:`BOX_EMPTY_AFTER_CLIP`.
         input_wh: ``(K, 2)`` width/height as written in the file, when it has them (xywh formats); a box with
             ``w <= 0`` or ``h <= 0`` there is dropped as non-positive even if the convention would shift it.
+        on_drop: called as ``on_drop(reason, rows)`` with the ``(n,)`` rows dropped for each reason (to name them,
+            :meth:`RecordChecker.name_rows`).
 
     Returns:
         ``(clipped (K, 4) float64, keep (K,) bool)``.
@@ -371,6 +398,10 @@ def sanitize_boxes(
                           (BOX_CLIPPED, (changed & keep).sum())):
         if count:
             stats[reason] += int(count)
+    if on_drop is not None:
+        for reason, rows in ((BOX_NONPOSITIVE, nonpositive), (BOX_EMPTY_AFTER_CLIP, empty_after_clip)):
+            if rows.any():
+                on_drop(reason, np.nonzero(rows)[0])
     return clipped, keep
 
 
@@ -467,6 +498,11 @@ class GroundingReader(Dataset):
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return counts
 
+    def _line_box_namer(self, owner: list[int], boxes: list) -> Any:
+        """``on_drop`` of :func:`sanitize_boxes` for line-based files (``self._records[k][0]``: line number)."""
+        return lambda reason, rows: self.check.name_rows(
+            reason, rows, lambda i: f"line {self._records[owner[i]][0]}: box {boxes[i]!r}")
+
     def _training_box_counts(self) -> np.ndarray:
         """``(R,)`` number of non-crowd boxes of each record (``self._crowd``: ``(K,)`` bool, set by the reader)."""
         num_records = len(self._offsets) - 1
@@ -514,6 +550,10 @@ class GroundingReader(Dataset):
     def resolve_path(self, relative: str) -> Path:
         """Where an image named in the file lives on disk."""
         return self.image_root / relative
+
+    def image_path(self, index: int) -> Path:
+        """Where the image of sample ``index`` lives on disk (without reading it)."""
+        return Path(self._build_sample(index).image_path)
 
     def __getitem__(self, index: int) -> GroundingSample:
         n = len(self)

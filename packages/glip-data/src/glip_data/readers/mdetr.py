@@ -114,8 +114,13 @@ class MDETRGrounding(GroundingReader):
         xywh = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
         owner_arr = np.asarray(owner, dtype=np.int64)
         sizes = np.asarray([(e[2], e[3]) for e in self._entries], dtype=np.float64).reshape(-1, 2)
+
+        def name_boxes(reason: str, rows: np.ndarray) -> None:
+            self.check.name_rows(reason, rows, lambda i: f"annotation id={ids[i]!r} (image_id="
+                                                         f"{self._entries[owner[i]][0]!r}): bbox {bboxes[i]!r}")
+
         clipped, keep = sanitize_boxes(xywh_to_xyxy(xywh, legacy=self.legacy), sizes[owner_arr],
-                                       self.box_convention, self.stats, input_wh=xywh[:, 2:])
+                                       self.box_convention, self.stats, input_wh=xywh[:, 2:], on_drop=name_boxes)
         crowd_arr = np.asarray(crowd, dtype=bool)
         if crowd_arr.any():
             self._count("crowd_flagged", (crowd_arr & keep).sum())

@@ -302,7 +302,7 @@ class ODVGReader(GroundingReader):
         # files hold continuous xyxy: the official convention reads x2 - 1
         internal = convert_xyxy(raw, from_legacy=False, to_legacy=self.legacy)
         clipped, keep = sanitize_boxes(internal, sizes[owner_arr], self.box_convention, self.stats,
-                                       input_wh=raw[:, 2:] - raw[:, :2])
+                                       input_wh=raw[:, 2:] - raw[:, :2], on_drop=self._line_box_namer(owner, boxes))
         order = np.nonzero(keep)[0]
         order = order[np.argsort(owner_arr[order], kind="stable")]
         self._boxes = clipped[order].astype(np.float32)
