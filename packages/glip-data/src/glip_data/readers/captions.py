@@ -21,6 +21,7 @@ drops it at construction, which is equivalent), counted as ``too_few_boxes``. Ev
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -178,6 +179,9 @@ class CaptionReader(GroundingReader):
         counts = self._group_boxes(owner_arr[order], len(self._records))
         # A line whose boxes were all removed by box sanitising now has too few too.
         self._select_records(counts, self.min_boxes, "too_few_boxes")
+
+    def image_path(self, index: int) -> Path:
+        return self.resolve_path(self._records[int(self._order[index])][1])
 
     def _build_sample(self, index: int) -> GroundingSample:
         k, start, end = self._record_boxes(index)

@@ -16,6 +16,7 @@ Crowd boxes (``iscrowd = 1``) are not training boxes: they are left out of ``sam
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -220,7 +221,7 @@ class COCODetection(GroundingReader):
     def image_file(self, index: int) -> str:
         return self._files[self._order[index]].decode("utf-8")
 
-    def image_path(self, index: int):
+    def image_path(self, index: int) -> Path:
         return self.resolve_path(self.image_file(index))
 
     def _build_sample(self, index: int) -> GroundingSample:

@@ -13,6 +13,7 @@ order), ``sentence_id``, ``original_img_id``, ``dataset_name``, ``tokens_negativ
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -132,6 +133,9 @@ class MDETRGrounding(GroundingReader):
         self._phrase_ids = [phrase_ids[i] for i in order]
         self._crowd = crowd_arr[order]
         return self._group_boxes(owner_arr[order], len(self._entries))
+
+    def image_path(self, index: int) -> Path:
+        return self.resolve_path(self._entries[int(self._order[index])][1])
 
     def _build_sample(self, index: int) -> GroundingSample:
         k, start, end = self._record_boxes(index)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -320,6 +321,9 @@ class ODVGReader(GroundingReader):
     def num_boxes(self) -> int:
         """Training boxes (crowd boxes excluded) over the samples this reader yields."""
         return self._count_boxes(~self._crowd)
+
+    def image_path(self, index: int) -> Path:
+        return self.resolve_path(self._records[int(self._order[index])][1])
 
     def _build_sample(self, index: int) -> GroundingSample:
         k, start, end = self._record_boxes(index)
