@@ -166,8 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "  glip train my_run.yaml optim.lr=2e-4 data.batch_size=4\n"
                     "Fine-tune on a COCO-format dataset without writing a config:\n"
                     "  glip train --coco train.json --images DIR --init glip_tiny_model_o365_goldg_cc_sbu.pth\n"
-                    "Running the same command again resumes from the last checkpoint of output_dir. Several\n"
-                    "processes: torchrun --nproc_per_node=N -m glip_train.cli train CONFIG (gloo on CPU, NCCL on GPU).")
+                    "Running the same command again resumes from the last checkpoint of output_dir; a second run\n"
+                    "into an output_dir in use is refused. Annotations the readers drop and missing or unreadable\n"
+                    "images are named on stderr, listed in output_dir/skipped.json and make the exit code 1.\n"
+                    "Several processes: torchrun --nproc_per_node=N -m glip_train.cli train CONFIG (gloo on CPU,\n"
+                    "NCCL on GPU).")
     tr.add_argument("config", nargs="?", metavar="CONFIG", help="a training config (.yaml / .json) or a shipped name")
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.batch_size=4")
     tr.add_argument("--coco", metavar="FILE", help="fine-tune on this COCO-format training file (fixed class-order "
@@ -581,6 +584,8 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from glip_data.io import OutputLockedError
+
     from .training import Trainer, load_train_config
     from .training.finetune import coco_finetune_config
 
@@ -601,12 +606,20 @@ def _cmd_train(args) -> int:
         if flag is not None:
             overrides.append(f"{key}={flag}")
     config = load_train_config(args.config, overrides, base=base)
-    result = Trainer(config, progress=not args.quiet).train()
-    if not args.quiet and result is not None:
-        where = result.model_dir or result.adapter
-        print(f"glip train: {result.steps} steps; wrote {where} (skipped batches: {result.skipped_batches}, "
-              f"non-finite steps: {result.bad_steps})")
-    return EXIT_OK
+    try:
+        trainer = Trainer(config, progress=not args.quiet)
+    except OutputLockedError as exc:  # another run writes there: a usage error, refused before any work
+        raise UsageError(str(exc)) from None
+    result = trainer.train()
+    where = result.model_dir or result.adapter  # None on the other processes of a distributed run
+    if where is not None:
+        if not args.quiet:
+            print(f"glip train: {result.steps} steps; wrote {where} (skipped batches: {result.skipped_batches}, "
+                  f"non-finite steps: {result.bad_steps})")
+        if result.skipped:
+            print(f"glip train: {result.skipped.summary()}; all listed in {result.output_dir / 'skipped.json'}",
+                  file=sys.stderr)
+    return result.skipped.exit_code(EXIT_OK, EXIT_SKIPPED)
 
 
 def _cmd_eval(args) -> int:
