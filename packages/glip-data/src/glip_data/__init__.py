@@ -26,6 +26,7 @@ _LAZY = {
     "atomic_write_text": "io",
     "clean_temporaries": "io",
     "SkipReport": "report",
+    "ImageFrame": "images",
     "ImageLoadError": "images",
     "load_image": "images",
     "few_shot_indices": "sampling",

@@ -96,14 +96,18 @@ class GLIPProcessor:
                 self.test_size[1] if max_size is None else int(max_size))
 
     # ------------------------------------------------------------------------------------------------ images
-    def load_image(self, image: ImageInput, min_size: int | None = None, max_size: int | None = None):
-        """One image as an upright RGB PIL image, checked to survive the test resize (None: the model's sizes).
+    def load_image(self, image: ImageInput, min_size: int | None = None, max_size: int | None = None, *,
+                   frame: Any = "upright"):
+        """One image as an RGB PIL image, checked to survive the test resize (None: the model's sizes).
+
+        ``frame`` is :func:`glip_data.load_image`'s: upright by default; an image ``load_image`` returned before keeps
+        the frame it was loaded in.
 
         Raises:
             glip_data.ImageLoadError: naming the image (a path, or its index in the call) when it cannot be read or
                 has a size the resize cannot handle (e.g. a 1x4000 strip).
         """
-        pil = load_image(image)
+        pil = load_image(image, frame=frame)
         min_size, max_size = self.resize_limits(min_size, max_size)
         try:
             get_resize_size(pil.size, min_size, max_size)

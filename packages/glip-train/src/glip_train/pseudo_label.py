@@ -81,7 +81,7 @@ def pseudo_label(model: Any, captions: str | os.PathLike, out: str | os.PathLike
 
     Returns a :class:`PseudoLabelReport`; see the module doc for the rules.
     """
-    from glip_data import CaptionReader, ImageLoadError, find_noun_phrases, find_phrase_spans, spans_to_tokens
+    from glip_data import CaptionReader, ImageFrame, ImageLoadError, find_noun_phrases, find_phrase_spans, spans_to_tokens
     from glip_data import world_image_root
     from glip_data.readers import caption_record
 
@@ -136,7 +136,8 @@ def pseudo_label(model: Any, captions: str | os.PathLike, out: str | os.PathLike
                     _mark(log, line)
                     continue
                 try:
-                    image = processor.load_image(sample.image_path, min_size, max_size)
+                    image = processor.load_image(sample.image_path, min_size, max_size,
+                                                 frame=ImageFrame.matching(sample.width, sample.height))
                 except ImageLoadError as exc:
                     report.counts["skipped_unreadable_image"] += 1
                     report.failed.append(str(exc))

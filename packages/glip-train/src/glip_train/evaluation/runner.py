@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from glip_data import load_image
+from glip_data import ImageFrame, load_image
 
 from .datasets import (
     DetectionDataset,
@@ -80,11 +80,16 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
 
 
-def _read(path: Path, where: str, on_bad_image: str, counts: Counter) -> Any | None:
-    """The image as PIL RGB, or None (counted) when it cannot be read and ``on_bad_image="skip"``."""
+def _read(path: Path, where: str, frame: ImageFrame, on_bad_image: str, counts: Counter) -> Any | None:
+    """The image as PIL RGB in the frame of its annotation, or None (counted) when it cannot be read and
+    ``on_bad_image="skip"``.
+
+    The annotation's width/height choose between the stored pixels (the official loader's frame) and the EXIF
+    orientation applied (:meth:`glip_data.ImageFrame.matching`); images with an orientation are counted by how
+    their frame was chosen. The image reaches the model as loaded: the processor takes it in this frame.
+    """
     try:
-        # annotations refer to the stored pixels, as the official loader reads them (it ignores EXIF orientation)
-        return load_image(path, where=where, exif_transpose=False)
+        image = load_image(path, where=where, frame=frame)
     except OSError as exc:
         if on_bad_image == "raise":
             raise EvaluationError(f"{exc} (pass on_bad_image='skip' to evaluate it as an image without "
@@ -92,6 +97,10 @@ def _read(path: Path, where: str, on_bad_image: str, counts: Counter) -> Any | N
         counts["images_unreadable_skipped"] += 1
         warnings.warn(f"skipped: {exc}", stacklevel=3)
         return None
+    if image.info["exif_orientation"] != 1:
+        upright = "upright" if image.info["exif_applied"] else "as_stored"
+        counts[f"images_exif_read_{upright}_by_{image.info['frame_reason']}"] += 1
+    return image
 
 
 def _scale(image: Any, annotated: tuple[int, int], counts: Counter) -> tuple[float, float]:
@@ -141,8 +150,8 @@ def check_class_tokens(model: Any, dataset: DetectionDataset, classes_per_prompt
     return len(chunks)
 
 
-def _predict_in_batches(indices: Sequence[int], batch_size: int, desc: str, progress: bool, on_bad_image: str,
-                        image_of: Callable[[int], tuple[Any, str, tuple[int, int]]],
+def _predict_in_batches(indices: Sequence[int], protocol: EvalProtocol, desc: str, progress: bool,
+                        on_bad_image: str, image_of: Callable[[int], tuple[Any, str, tuple[int, int]]],
                         run: Callable[[list[int], list[Any]], tuple[list[dict], str]]
                         ) -> tuple[dict[int, ImagePredictions], Counter]:
     """The loop both kinds of protocol share: read each batch's images (an unreadable one is counted, or an error),
@@ -153,11 +162,12 @@ def _predict_in_batches(indices: Sequence[int], batch_size: int, desc: str, prog
     counts: Counter = Counter()
     out: dict[int, ImagePredictions] = {}
     bar = _progress(len(indices), desc, progress)
-    for batch in _batches(indices, batch_size):
+    for batch in _batches(indices, protocol.batch_size):
         loaded = []
         for i in batch:
-            path, where, _ = image_of(i)
-            image = _read(path, where, on_bad_image, counts)
+            path, where, (width, height) = image_of(i)
+            frame = ImageFrame.matching(width, height, ambiguous=protocol.image_frame)
+            image = _read(path, where, frame, on_bad_image, counts)
             if image is None:
                 out[i] = ImagePredictions.empty(unreadable=True)
             else:
@@ -195,7 +205,7 @@ def predict_detections(model: Any, protocol: DetectionProtocol, dataset: Detecti
             classes_per_prompt=protocol.classes_per_prompt, batch_size=len(images), min_size=protocol.min_size,
             max_size=protocol.max_size), where
 
-    return _predict_in_batches(indices, protocol.batch_size, f"{protocol.name} {dataset.name}", progress,
+    return _predict_in_batches(indices, protocol, f"{protocol.name} {dataset.name}", progress,
                                on_bad_image, image_of, run)
 
 
@@ -216,7 +226,7 @@ def predict_grounding(model: Any, protocol: FlickrProtocol, dataset: FlickrDatas
             max_detections=protocol.max_detections, batch_size=len(images), min_size=protocol.min_size,
             max_size=protocol.max_size), where
 
-    return _predict_in_batches(indices, protocol.batch_size, f"{protocol.name} {dataset.name}", progress,
+    return _predict_in_batches(indices, protocol, f"{protocol.name} {dataset.name}", progress,
                                on_bad_image, image_of, run)
 
 
