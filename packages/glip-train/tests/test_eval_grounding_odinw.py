@@ -45,6 +45,23 @@ def flickr(tmp_path, image_writer):
     return ann, tmp_path / "imgs", sentences
 
 
+def test_the_pre_flight_names_unreadable_phrases_before_the_model_loads(flickr, minilm_dir):
+    from glip_encoders import load_tokenizer
+
+    ann, images, _ = flickr
+    data = json.loads(ann.read_text())
+    data["images"][0].update(caption="a man with a \N{GRINNING FACE} .", tokens_positive_eval=[[[0, 5]], [[13, 14]]])
+    data["annotations"][1]["tokens_positive"] = [[13, 14]]
+    ann.write_text(json.dumps(data))
+
+    def never_loaded():
+        raise AssertionError("the model was loaded although the pre-flight should have failed")
+
+    with pytest.raises(EvaluationError, match="entry id 10 '\N{GRINNING FACE}': phrase is only unknown tokens"):
+        evaluate(never_loaded, "flickr30k", ann, images, tokenizer=load_tokenizer(minilm_dir), progress=False,
+                 verbose=False)
+
+
 def test_parse_flickr_sentence():
     sentence, phrases = parse_flickr_sentence("[/EN#12/people/other A tall man] looks at [/EN#9/scene the sea] .")
     assert sentence == "A tall man looks at the sea ."

@@ -23,11 +23,11 @@ import torch
 from PIL import Image
 
 from glip_data import ImageLoadError, TestTransform, chunk_classes, detection_prompt, find_noun_phrases
-from glip_data import find_phrase_spans, get_resize_size, load_image, pad_images, spans_to_tokens
+from glip_data import check_phrases, find_phrase_spans, get_resize_size, load_image, pad_images
 from glip_encoders import tokenize
 
 from .config import GLIPConfig, PostProcessConfig
-from .postprocess import ATSSPostProcessor, Detections, cap_detections
+from .postprocess import ATSSPostProcessor, Detections, cap_detections, passes_threshold
 
 __all__ = ["GLIPProcessor", "ImageBatch", "TextQuery", "ImageInput"]
 
@@ -141,24 +141,12 @@ class GLIPProcessor:
 
     def class_tokens(self, text: str, spans: Sequence[Sequence[tuple[int, int]]], names: Sequence[str]
                      ) -> list[list[int]]:
-        """Token indices of each entity of ``text`` (its character ``spans``); raise naming entities that map to no
-        token or lie beyond the text limit."""
-        tokens = spans_to_tokens(self.tokenizer, text, spans, max_length=None, warn=False)
-        empty = [names[i] for i, t in enumerate(tokens) if not t]
-        if empty:
-            raise ValueError(f"these phrases map to no tokens of {text!r}: {empty}")
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        if unk is not None:
-            ids = self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-            unreadable = [names[i] for i, t in enumerate(tokens) if all(ids[j] == unk for j in t)]
-            if unreadable:
-                raise ValueError(f"these phrases tokenize to nothing but the unknown token "
-                                 f"{self.tokenizer.unk_token!r}, so the model cannot read them: {unreadable}")
-        limit = self.max_text_len
-        over = [names[i] for i, t in enumerate(tokens) if max(t) >= limit]
-        if over:
-            raise ValueError(f"phrases beyond the {limit}-token limit of {text!r}: {over}")
-        return [list(t) for t in tokens]
+        """Token indices of each entity of ``text`` (its character ``spans``); raise naming the entities the model
+        cannot read (:func:`glip_data.check_phrases`: no token, only unknown tokens, beyond the text limit)."""
+        check = check_phrases(self.tokenizer, text, spans, max_length=self.max_text_len)
+        if not check.ok:
+            raise ValueError(check.error(names, text))
+        return check.tokens
 
     def detection_queries(self, num_images: int, classes: Any = None, prompt: Any = None,
                           classes_per_prompt: int | None = 40) -> tuple[list[TextQuery], list[list[str]]]:
@@ -292,7 +280,7 @@ class GLIPProcessor:
         labels = torch.cat([p.labels for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
         keep = cap_detections(scores, max_detections)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = scores >= threshold
+        keep = passes_threshold(scores, threshold)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         order = scores.argsort(descending=True, stable=True)
         boxes, scores, labels = boxes[order].cpu(), scores[order].cpu(), labels[order].cpu()
