@@ -162,7 +162,7 @@ def pseudo_label(model: Any, captions: str | os.PathLike, out: str | os.PathLike
             if loaded:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    parts = predict(model, [x[2] for x in loaded], queries, min_size=min_size, max_size=max_size,
+                    parts = predict(model, processor, [x[2] for x in loaded], queries, min_size=min_size, max_size=max_size,
                                     batch_size=len(loaded), max_detections_per_prompt=max_detections)
                 for (line, sample, image), dets, entities in zip(loaded, parts, entity_lists):
                     record = _record(sample, image, dets[0], entities, threshold, nms, report.counts)
