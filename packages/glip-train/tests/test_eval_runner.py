@@ -197,3 +197,21 @@ def test_protocol_validation_names_the_field():
     with pytest.raises(ValueError, match="unknown protocol"):
         get_protocol("voc")
     assert Counter(get_protocol("flickr30k", recall_at=[1, 3]).recall_at) == Counter((1, 3))
+
+
+def _never_loaded():
+    raise AssertionError("the model was loaded although the pre-flight should have failed")
+
+
+def test_the_pre_flight_names_unreadable_class_names_before_the_model_loads(tmp_path, detection_dataset_writer,
+                                                                            minilm_dir):
+    from glip_encoders import load_tokenizer
+
+    # an emoji is only BERT's unknown token; a zero-width space maps to no token
+    ann = detection_dataset_writer(tmp_path, SIZES[:1], [(1, "cat"), (4, "\N{GRINNING FACE}"), (6, "\u200b")],
+                                   [(0, 1, [1, 1, 9, 9])])
+    with pytest.raises(EvaluationError) as err:
+        evaluate(_never_loaded, "coco", ann, tokenizer=load_tokenizer(minilm_dir), progress=False, verbose=False)
+    message = str(err.value)
+    assert "ann.json" in message and "id 4 ('\N{GRINNING FACE}'): phrase is only unknown tokens" in message
+    assert f"id 6 ({chr(0x200B)!r}): phrase maps to no token" in message and "id 1" not in message

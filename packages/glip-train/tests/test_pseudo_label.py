@@ -1,6 +1,7 @@
 """Self-training: pseudo-labelling caption data with a teacher, resuming, grading, and the bad inputs of a long run."""
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -80,11 +81,38 @@ def test_bad_inputs_are_counted_never_a_crash(world, teacher, tmp_path):
     shift = 2
     for entity in lines[2]["entities"]:
         entity["tokens_positive"] = [[s + shift, e + shift] for s, e in entity["tokens_positive"]]
+    lines[2]["entities"].append({"tokens_positive": [[0, 1]]})  # the emoji: only the unknown token
+    lines[3]["caption"] += "  "
+    lines[3]["entities"].append({"tokens_positive": [[len(lines[3]["caption"]) - 1, len(lines[3]["caption"])]]})
     captions = tmp_path / "captions.jsonl"
     captions.write_text("".join(json.dumps(l) + "\n" for l in lines))
     report = pseudo_label(teacher, captions, tmp_path / "out.jsonl", images=str(world.image_root), threshold=0.0, **KW)
     assert report.counts["skipped_no_phrases"] == 1 and report.counts["skipped_unreadable_image"] == 1
     assert "does_not_exist.jpg" in report.failed[0] and report.counts["captions_written"] == 4
+    # the entities the model cannot read are skipped and named; their captions keep the readable ones
+    assert dict(report.phrases.counts) == {"phrase is only unknown tokens": 1, "phrase maps to no token": 1}
+    assert report.phrases.examples["phrase is only unknown tokens"] == [f"{captions}:3 '\N{GRINNING FACE}'"]
+    assert "phrase maps to no token 1" in report.summary()
+
+
+def test_pseudo_labels_keep_a_score_equal_to_the_threshold_as_detect_does():
+    from glip_data import GroundingSample
+    from glip_train import GLIPProcessor
+    from glip_train.postprocess import Detections
+    from glip_train.pseudo_label import _record
+
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 5.0, 5.0], [2.0, 2.0, 6.0, 6.0]])
+    scores = torch.tensor([0.5, 0.4999, 0.75])
+    labels = torch.zeros(3, dtype=torch.int64)
+    sample = GroundingSample(image_path="x.jpg", width=8, height=8, caption="a dog", boxes=torch.zeros(0, 4),
+                             tokens_positive=[], labels=torch.zeros(0, dtype=torch.int64),
+                             metadata={"file_name": "x.jpg", "line": 1})
+    image = type("Image", (), {"width": 8, "height": 8})()
+    record = _record(sample, image, Detections(boxes, scores, labels),
+                     [{"phrase": "a dog", "tokens_positive": [(0, 5)]}], 0.5, None, collections.Counter())
+    assert record["entities"][0]["scores"] == [0.5, 0.75]  # 0.5 >= 0.5 kept, 0.4999 dropped
+    result = GLIPProcessor.to_results([Detections(boxes, scores, labels)], ["a dog"], 0.5, None)
+    assert sorted(result["scores"].tolist()) == [0.5, 0.75]
 
 
 def test_grading_by_hand(tmp_path):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from glip_data.images import load_image as _load_image
+from glip_data.images import ImageFrame, load_image as _load_image
 from glip_data.sample import GroundingSample
 
 INDEX_NAME = "index.json"
@@ -291,7 +291,7 @@ def iter_shard(path: str | os.PathLike, *, load_image: bool = True, image_root: 
                     image = Path(image_root) / image
                 sample = record_to_sample(record, str(image), where)
                 if load_image:
-                    _attach(sample, _load_image(image, where=where), where)
+                    _attach(sample, image, where, where)
                 yield sample
         return
     with tarfile.open(path, mode="r|*") as tar:
@@ -313,7 +313,9 @@ def iter_shard(path: str | os.PathLike, *, load_image: bool = True, image_root: 
             yield _from_group(path, group_key, group, load_image)
 
 
-def _attach(sample: GroundingSample, image: Any, where: str) -> None:
+def _attach(sample: GroundingSample, source: Any, name: str, where: str) -> None:
+    """Load ``source`` in the frame of the record's width/height into ``sample.image``, checked against them."""
+    image = _load_image(source, where=name, frame=ImageFrame.matching(sample.width, sample.height))
     if image.size != (sample.width, sample.height):
         raise ValueError(f"{where}: image is {image.size[0]}x{image.size[1]} but the record says "
                          f"{sample.width}x{sample.height}")
@@ -334,7 +336,7 @@ def _from_group(path: Path, key: str, group: dict[str, bytes], load_image: bool)
     if load_image:
         if ext not in group:
             raise ValueError(f"{where}: the record names image {image_name!r}, which is not in the shard")
-        _attach(sample, _load_image(group[ext], where=f"{path}#{image_name}"), where)
+        _attach(sample, group[ext], f"{path}#{image_name}", where)
     return sample
 
 

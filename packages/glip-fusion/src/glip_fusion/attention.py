@@ -47,7 +47,7 @@ Deliberate differences from the official eager code (both documented in the READ
   softmax (a constant shift per row), up to float rounding.
 
 Every backend shares one input validation (:func:`_validate`); the fused kernel adds only its envelope
-(:mod:`glip_fusion.triton._limits`).
+(:mod:`glip_fusion.triton._envelope`).
 """
 
 from __future__ import annotations

@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--images", metavar="DIR", help="image folder (default: the captions file's folder)")
     pl.add_argument("--out", required=True, metavar="FILE", help="the pseudo-labelled caption file to write")
     pl.add_argument("--threshold", type=_probability, default=0.5, metavar="F",
-                    help="keep boxes whose score is above F (official CAPTION_CONF 0.5)")
+                    help="keep boxes whose score is at least F, as --threshold of glip detect (official "
+                         "CAPTION_CONF 0.5, there exclusive) [0.5]")
     pl.add_argument("--nms", type=_probability, default=None, metavar="IOU",
                     help="class-agnostic NMS over the kept boxes of an image at this IoU (default: off, official)")
     pl.add_argument("--min-boxes", type=int, default=1, metavar="N",
@@ -633,8 +634,9 @@ def _cmd_eval(args) -> int:
     if not Path(args.annotations).exists():
         raise UsageError(f"--annotations {args.annotations}: no such file or folder")
     init_distributed_from_env()
-    model = load_model(args)
-    evaluate(model, protocol, args.annotations, args.images, args.out or os.path.join("eval", protocol.name),
+    # the model loads only after every class name / phrase passed the readability check with its tokenizer
+    evaluate(lambda: load_model(args), protocol, args.annotations, args.images,
+             args.out or os.path.join("eval", protocol.name), tokenizer=_tokenizer_of(args.weights),
              on_bad_image=args.on_bad_image, progress=not args.no_progress, verbose=not args.quiet)
     return EXIT_OK
 
@@ -659,7 +661,7 @@ def _cmd_pseudo_label(args) -> int:
     if args.grade:
         grade = grade_pseudo_labels(args.out, args.grade)
         print(grade.summary())
-    return EXIT_SKIPPED if report.failed else EXIT_OK
+    return EXIT_SKIPPED if report.failed or report.phrases else EXIT_OK
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

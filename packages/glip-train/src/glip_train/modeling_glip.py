@@ -3,8 +3,8 @@
 :class:`GLIP` is only the network and its weights I/O: ``forward`` is the one network pass (inference, parity
 checks, and with ``targets`` the training losses); :meth:`GLIP.from_pretrained` / :meth:`GLIP.save_pretrained`
 read and write weights. Images, prompts and post-processing belong to :class:`glip_train.GLIPProcessor`;
-:meth:`GLIP.detect` / :meth:`GLIP.ground` are thin compositions of processor -> network -> processor
-(:mod:`glip_train.inference`), in the Hugging Face zero-shot-detection result shape.
+:meth:`GLIP.detect` / :meth:`GLIP.ground` hand the network and its processor to :mod:`glip_train.inference`, which
+composes processor -> network -> processor, in the Hugging Face zero-shot-detection result shape.
 """
 from __future__ import annotations
 
@@ -345,7 +345,7 @@ class GLIP(nn.Module):
         """
         from .inference import detect
 
-        return detect(self, images, classes=classes, prompt=prompt, threshold=threshold,
+        return detect(self, self.processor, images, classes=classes, prompt=prompt, threshold=threshold,
                       max_detections=max_detections, min_size=min_size, max_size=max_size, **options)
 
     def ground(self, images: ImageInput | Sequence[ImageInput], captions: str | Sequence[str], phrases: Any = None,
@@ -357,7 +357,7 @@ class GLIP(nn.Module):
         """
         from .inference import ground
 
-        return ground(self, images, captions, phrases=phrases, threshold=threshold, max_detections=max_detections,
+        return ground(self, self.processor, images, captions, phrases=phrases, threshold=threshold, max_detections=max_detections,
                       min_size=min_size, max_size=max_size, **options)
 
 

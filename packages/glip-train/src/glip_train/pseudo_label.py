@@ -7,8 +7,11 @@ reads (JSON Lines; see ``glip_data.CaptionReader``):
 
 * phrases are the line's annotated entities (their character spans are used as they are), or noun phrases found by
   the offline chunker;
-* the teacher grounds all phrases of a caption in one pass (entities beyond the 256-token text limit are dropped and
-  counted); boxes scoring **above** ``threshold`` are kept (official ``CAPTION_CONF`` 0.5), optionally followed by
+* the teacher grounds all phrases of a caption in one pass; an entity the model cannot read
+  (:func:`glip_data.check_phrases`: no token, only unknown tokens, beyond the 256-token text limit) is skipped and
+  named in the report's :class:`glip_data.SkipReport` (``report.phrases``); boxes scoring **at least**
+  ``threshold`` are kept (:func:`glip_train.postprocess.passes_threshold`, the rule of ``detect``; the official
+  ``CAPTION_CONF`` 0.5 keeps scores above it, which differs only for a score of exactly 0.5), optionally followed by
   class-agnostic NMS over the caption's kept boxes (official ``CAPTION_NMS``, off by default);
 * a caption with at least ``min_boxes`` kept boxes is written with, per entity, its spans, boxes and scores (boxes
   in the continuous convention of the caption format). Negative-caption packing happens when training reads the file.
@@ -39,13 +42,22 @@ class PseudoLabelReport:
     out: Path
     counts: Counter = field(default_factory=Counter)
     failed: list[str] = field(default_factory=list)
+    phrases: Any = None  # glip_data.SkipReport of the entities skipped because the model cannot read them
+
+    def __post_init__(self) -> None:
+        if self.phrases is None:
+            from glip_data import SkipReport
+
+            self.phrases = SkipReport("glip pseudo-label")
 
     def summary(self) -> str:
         c = self.counts
         parts = [f"{c['captions_written']} captions written ({c['boxes_kept']} boxes)",
                  f"{c['already_done']} already done"]
-        for key in sorted(k for k in c if k.startswith("skipped_") or k.startswith("entities_")):
+        for key in sorted(k for k in c if k.startswith("skipped_")):
             parts.append(f"{key.replace('_', ' ')}: {c[key]}")
+        if self.phrases:
+            parts.append(f"entities {self.phrases.summary()}")
         text = f"glip pseudo-label: {'; '.join(parts)} -> {self.out}"
         for name in self.failed[:10]:
             text += f"\n  unreadable image: {name}"
@@ -81,8 +93,8 @@ def pseudo_label(model: Any, captions: str | os.PathLike, out: str | os.PathLike
 
     Returns a :class:`PseudoLabelReport`; see the module doc for the rules.
     """
-    from glip_data import CaptionReader, ImageLoadError, find_noun_phrases, find_phrase_spans, spans_to_tokens
-    from glip_data import world_image_root
+    from glip_data import PHRASE_PROBLEMS, CaptionReader, ImageFrame, ImageLoadError, check_phrases, find_noun_phrases
+    from glip_data import find_phrase_spans, world_image_root
     from glip_data.readers import caption_record
 
     from .inference import predict
@@ -126,17 +138,19 @@ def pseudo_label(model: Any, captions: str | os.PathLike, out: str | os.PathLike
                     report.counts["skipped_no_phrases"] += 1
                     _mark(log, line)
                     continue
-                tokens = spans_to_tokens(processor.tokenizer, sample.caption, [e["tokens_positive"] for e in entities],
-                                         max_length=None, warn=False)
-                usable = [(e, t) for e, t in zip(entities, tokens) if t and max(t) < limit]
-                report.counts["entities_beyond_text_limit"] += sum(1 for t in tokens if t and max(t) >= limit)
-                report.counts["entities_without_tokens"] += sum(1 for t in tokens if not t)
+                check = check_phrases(processor.tokenizer, sample.caption, [e["tokens_positive"] for e in entities],
+                                      max_length=limit)
+                for j in check.unreadable():
+                    report.phrases.skip(PHRASE_PROBLEMS[check.status[j]],
+                                        f"{captions}:{line} {entities[j]['phrase']!r}")
+                usable = [(e, t) for e, t, s in zip(entities, check.tokens, check.status) if s == "ok"]
                 if not usable:
                     report.counts["skipped_no_readable_phrase"] += 1
                     _mark(log, line)
                     continue
                 try:
-                    image = processor.load_image(sample.image_path, min_size, max_size)
+                    image = processor.load_image(sample.image_path, min_size, max_size,
+                                                 frame=ImageFrame.matching(sample.width, sample.height))
                 except ImageLoadError as exc:
                     report.counts["skipped_unreadable_image"] += 1
                     report.failed.append(str(exc))
@@ -148,7 +162,7 @@ def pseudo_label(model: Any, captions: str | os.PathLike, out: str | os.PathLike
             if loaded:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    parts = predict(model, [x[2] for x in loaded], queries, min_size=min_size, max_size=max_size,
+                    parts = predict(model, processor, [x[2] for x in loaded], queries, min_size=min_size, max_size=max_size,
                                     batch_size=len(loaded), max_detections_per_prompt=max_detections)
                 for (line, sample, image), dets, entities in zip(loaded, parts, entity_lists):
                     record = _record(sample, image, dets[0], entities, threshold, nms, report.counts)
@@ -192,7 +206,9 @@ def _record(sample, image, detections, entities, threshold: float, nms: float | 
     """The caption line of one image: kept boxes grouped by entity (None when nothing was kept)."""
     from glip_data import batched_nms
 
-    keep = detections.scores > threshold
+    from .postprocess import passes_threshold
+
+    keep = passes_threshold(detections.scores, threshold)
     boxes, scores, labels = detections.boxes[keep], detections.scores[keep], detections.labels[keep]
     counts["boxes_below_threshold"] += int((~keep).sum())
     if nms is not None and boxes.numel():

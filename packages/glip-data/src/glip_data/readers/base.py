@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import Dataset
 
 from glip_data.boxes import clip_boxes, nonempty_boxes
-from glip_data.images import load_image as _load_image
+from glip_data.images import ImageFrame, load_image as _load_image
 from glip_data.sample import GroundingSample
 
 BoxConvention = Literal["official", "exact"]
@@ -586,15 +586,16 @@ class GroundingReader(Dataset):
         return sample
 
     def load_image(self, sample: GroundingSample) -> GroundingSample:
-        """Decode ``sample.image_path`` into ``sample.image`` (:func:`glip_data.load_image`: PIL RGB, upright by its
-        EXIF orientation) and check it against the annotated size.
+        """Decode ``sample.image_path`` into ``sample.image`` (:func:`glip_data.load_image`: PIL RGB, in the frame of
+        the annotation, :meth:`glip_data.ImageFrame.matching` its width and height) and check it against the
+        annotated size.
 
         Raises:
             ImageLoadError: the file is missing or cannot be decoded (an ``OSError`` naming the file and the record).
             ReaderError: the decoded size differs from the annotation's ``width``/``height``.
         """
         where = f"{self.ann_file.name}, image id {sample.metadata.get('image_id')!r}"
-        image = _load_image(sample.image_path, where=where)
+        image = _load_image(sample.image_path, where=where, frame=ImageFrame.matching(sample.width, sample.height))
         self._check_size(sample, image)
         sample.image = image
         return sample

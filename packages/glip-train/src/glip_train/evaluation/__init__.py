@@ -16,7 +16,6 @@ import importlib
 # names resolve lazily, so that ``glip --help`` and the argument parser of ``glip eval`` import no torch
 _LAZY = {
     "EvaluationError": "datasets", "load_detection_dataset": "datasets", "load_flickr_dataset": "datasets",
-    "xyxy_to_xywh": "detections",
     "gather_to_main": "distributed", "init_distributed_from_env": "distributed", "shard_indices": "distributed",
     "numpy_float_alias": "lvis_compat",
     "coco_box_metrics": "metrics", "grounding_recall": "metrics", "lvis_box_metrics": "metrics",
@@ -56,5 +55,4 @@ __all__ = [
     "numpy_float_alias",
     "parse_overrides",
     "shard_indices",
-    "xyxy_to_xywh",
 ]

@@ -116,6 +116,7 @@ def load_model(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``glip eval`` for parsed options; returns the exit code."""
+    from ..cli import _tokenizer_of
     from .datasets import EvaluationError
     from .distributed import init_distributed_from_env
     from .runner import evaluate
@@ -123,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         protocol = protocol_from_args(args)
         init_distributed_from_env()
-        model = load_model(args)
-        evaluate(model, protocol, args.annotations, args.images, args.out or os.path.join("eval", protocol.name),
+        # the model loads only after every class name / phrase passed the readability check with its tokenizer
+        evaluate(lambda: load_model(args), protocol, args.annotations, args.images,
+                 args.out or os.path.join("eval", protocol.name),
+                 tokenizer=_tokenizer_of(args.weights) if args.weights else None,
                  on_bad_image=args.on_bad_image, progress=not args.no_progress, verbose=not args.quiet)
     except (EvaluationError, ValueError, FileNotFoundError) as exc:
         print(f"glip eval: error: {exc}", file=sys.stderr)

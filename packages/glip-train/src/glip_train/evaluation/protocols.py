@@ -53,10 +53,16 @@ class _InferenceSettings:
     min_size: Union[int, None] = None
     max_size: Union[int, None] = None
     batch_size: int = 1  # images per forward pass; the official numbers use 1 (padding changes GLIP's outputs)
+    # the pixel frame of an image whose EXIF orientation the annotated width/height cannot settle (a square image,
+    # an upside-down one): "stored" as the official loader reads every image, or "upright" (glip_data.ImageFrame)
+    image_frame: str = "stored"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"{type(self).__name__}.name must be a non-empty string, got {self.name!r}")
+        if self.image_frame not in ("stored", "upright"):
+            raise ValueError(f"{type(self).__name__}.image_frame must be 'stored' or 'upright', "
+                             f"got {self.image_frame!r}")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"{type(self).__name__}.threshold must be in [0, 1], got {self.threshold!r}")
         _positive_int(self, "batch_size")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from glip_data import load_image
+from glip_data import ImageFrame, load_image
 
 from .datasets import (
     DetectionDataset,
@@ -80,11 +80,16 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
 
 
-def _read(path: Path, where: str, on_bad_image: str, counts: Counter) -> Any | None:
-    """The image as PIL RGB, or None (counted) when it cannot be read and ``on_bad_image="skip"``."""
+def _read(path: Path, where: str, frame: ImageFrame, on_bad_image: str, counts: Counter) -> Any | None:
+    """The image as PIL RGB in the frame of its annotation, or None (counted) when it cannot be read and
+    ``on_bad_image="skip"``.
+
+    The annotation's width/height choose between the stored pixels (the official loader's frame) and the EXIF
+    orientation applied (:meth:`glip_data.ImageFrame.matching`); images with an orientation are counted by how
+    their frame was chosen. The image reaches the model as loaded: the processor takes it in this frame.
+    """
     try:
-        # annotations refer to the stored pixels, as the official loader reads them (it ignores EXIF orientation)
-        return load_image(path, where=where, exif_transpose=False)
+        image = load_image(path, where=where, frame=frame)
     except OSError as exc:
         if on_bad_image == "raise":
             raise EvaluationError(f"{exc} (pass on_bad_image='skip' to evaluate it as an image without "
@@ -92,6 +97,10 @@ def _read(path: Path, where: str, on_bad_image: str, counts: Counter) -> Any | N
         counts["images_unreadable_skipped"] += 1
         warnings.warn(f"skipped: {exc}", stacklevel=3)
         return None
+    if image.info["exif_orientation"] != 1:
+        upright = "upright" if image.info["exif_applied"] else "as_stored"
+        counts[f"images_exif_read_{upright}_by_{image.info['frame_reason']}"] += 1
+    return image
 
 
 def _scale(image: Any, annotated: tuple[int, int], counts: Counter) -> tuple[float, float]:
@@ -110,39 +119,82 @@ def _call_model(fn, where: str, **kwargs) -> list[dict[str, Any]]:
         raise EvaluationError(f"{where}: the model refused the input: {exc}") from exc
 
 
-def check_class_tokens(model: Any, dataset: DetectionDataset, classes_per_prompt: int) -> int | None:
-    """Check every class name of ``dataset`` maps to tokens within the model's text limit (when the model exposes
-    its ``tokenizer``) and return the number of prompts per image (None when it cannot be known).
+def _listed(items: list[str], limit: int = 10) -> str:
+    return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_class_tokens(tokenizer: Any, dataset: DetectionDataset, classes_per_prompt: int,
+                       max_text_len: int = 256) -> int | None:
+    """Pre-flight: check that the model can read every class name of ``dataset`` (the readability rule
+    :func:`glip_data.check_phrases`, in the prompts the model will be given) and return the number of prompts per
+    image (None without a tokenizer: nothing can be checked).
 
     Raises:
-        EvaluationError: a name that maps to no token or does not fit alone in a prompt (file, id and name).
+        EvaluationError: names that map to no token, only to unknown tokens, or beyond the text limit, or that do
+            not fit alone in a prompt (the file, and each id, name and problem).
     """
-    tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return None
-    from glip_data import chunk_classes, detection_prompt, spans_to_tokens
+    from glip_data import PHRASE_PROBLEMS, check_phrases, chunk_classes, detection_prompt
 
-    max_tokens = int(getattr(getattr(model, "config", None), "max_text_len", 256))
     names = dataset.class_names
     try:
-        chunks = chunk_classes(names, tokenizer, max_classes=classes_per_prompt or None, max_tokens=max_tokens)
+        chunks = chunk_classes(names, tokenizer, max_classes=classes_per_prompt or None, max_tokens=max_text_len)
     except ValueError as exc:
         raise EvaluationError(f"{dataset.ann_file}: {exc}") from None
+    bad = []
     for chunk in chunks:
         prompt, spans = detection_prompt([names[i] for i in chunk])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # reported below, with the file and the category
-            tokens = spans_to_tokens(tokenizer, prompt, spans)
-        empty = [chunk[j] for j, t in enumerate(tokens) if not t]
-        if empty:
-            bad = ", ".join(f"id {dataset.category_ids[i]!r} ({names[i]!r})" for i in empty)
-            raise EvaluationError(f"{dataset.ann_file}: category name(s) that map to no token: {bad}; give them a "
-                                  "usable name with a class-name override file")
+        check = check_phrases(tokenizer, prompt, spans, max_length=max_text_len)
+        bad += [f"id {dataset.category_ids[chunk[j]]!r} ({names[chunk[j]]!r}): {PHRASE_PROBLEMS[check.status[j]]}"
+                for j in check.unreadable()]
+    if bad:
+        raise EvaluationError(f"{dataset.ann_file}: category names the model cannot read: {_listed(bad)}; give them "
+                              "a usable name with a class-name override file (--prompt-file)")
     return len(chunks)
 
 
-def _predict_in_batches(indices: Sequence[int], batch_size: int, desc: str, progress: bool, on_bad_image: str,
-                        image_of: Callable[[int], tuple[Any, str, tuple[int, int]]],
+def check_phrase_tokens(tokenizer: Any, dataset: FlickrDataset, max_text_len: int = 256) -> None:
+    """Pre-flight of grounding: check that the model can read every phrase of every sentence (the readability rule
+    :func:`glip_data.check_phrases`, each phrase at its first occurrence as the model grounds it). No tokenizer:
+    nothing is checked.
+
+    Raises:
+        EvaluationError: the file, and each unreadable phrase with its entry id and problem.
+    """
+    if tokenizer is None:
+        return
+    from glip_data import PHRASE_PROBLEMS, check_phrases, find_phrase_spans
+
+    bad = []
+    for entry in dataset.entries:
+        spans = find_phrase_spans(entry.caption, entry.phrases)
+        check = check_phrases(tokenizer, entry.caption, spans, max_length=max_text_len)
+        bad += [f"entry id {entry.entry_id!r} {entry.phrases[j]!r}: {PHRASE_PROBLEMS[check.status[j]]}"
+                for j in check.unreadable()]
+    if bad:
+        raise EvaluationError(f"{dataset.ann_file}: {len(bad)} phrase(s) the model cannot read: {_listed(bad)}")
+
+
+def _text_limit(model: Any) -> int:
+    return int(getattr(getattr(model, "config", None), "max_text_len", 256))
+
+
+def _ready(model: Any, protocol: EvalProtocol, method: str) -> tuple[Any, EvalProtocol]:
+    """The model to run (a model function is called now, after the pre-flight) and the protocol with unset test
+    sizes resolved to the model's own (recorded resolved)."""
+    if not callable(getattr(model, method, None)) and callable(model):
+        model = model()
+    _check_model(model, method)
+    processor = getattr(model, "processor", None)
+    if hasattr(processor, "resize_limits"):
+        min_size, max_size = processor.resize_limits(protocol.min_size, protocol.max_size)
+        protocol = dataclasses.replace(protocol, min_size=min_size, max_size=max_size)
+    return model, protocol
+
+
+def _predict_in_batches(indices: Sequence[int], protocol: EvalProtocol, desc: str, progress: bool,
+                        on_bad_image: str, image_of: Callable[[int], tuple[Any, str, tuple[int, int]]],
                         run: Callable[[list[int], list[Any]], tuple[list[dict], str]]
                         ) -> tuple[dict[int, ImagePredictions], Counter]:
     """The loop both kinds of protocol share: read each batch's images (an unreadable one is counted, or an error),
@@ -153,11 +205,12 @@ def _predict_in_batches(indices: Sequence[int], batch_size: int, desc: str, prog
     counts: Counter = Counter()
     out: dict[int, ImagePredictions] = {}
     bar = _progress(len(indices), desc, progress)
-    for batch in _batches(indices, batch_size):
+    for batch in _batches(indices, protocol.batch_size):
         loaded = []
         for i in batch:
-            path, where, _ = image_of(i)
-            image = _read(path, where, on_bad_image, counts)
+            path, where, (width, height) = image_of(i)
+            frame = ImageFrame.matching(width, height, ambiguous=protocol.image_frame)
+            image = _read(path, where, frame, on_bad_image, counts)
             if image is None:
                 out[i] = ImagePredictions.empty(unreadable=True)
             else:
@@ -195,7 +248,7 @@ def predict_detections(model: Any, protocol: DetectionProtocol, dataset: Detecti
             classes_per_prompt=protocol.classes_per_prompt, batch_size=len(images), min_size=protocol.min_size,
             max_size=protocol.max_size), where
 
-    return _predict_in_batches(indices, protocol.batch_size, f"{protocol.name} {dataset.name}", progress,
+    return _predict_in_batches(indices, protocol, f"{protocol.name} {dataset.name}", progress,
                                on_bad_image, image_of, run)
 
 
@@ -216,7 +269,7 @@ def predict_grounding(model: Any, protocol: FlickrProtocol, dataset: FlickrDatas
             max_detections=protocol.max_detections, batch_size=len(images), min_size=protocol.min_size,
             max_size=protocol.max_size), where
 
-    return _predict_in_batches(indices, protocol.batch_size, f"{protocol.name} {dataset.name}", progress,
+    return _predict_in_batches(indices, protocol, f"{protocol.name} {dataset.name}", progress,
                                on_bad_image, image_of, run)
 
 
@@ -371,6 +424,7 @@ def evaluate(
     images: str | Path | None = None,
     out_dir: str | Path | None = None,
     *,
+    tokenizer: Any = None,
     on_bad_image: str = "raise",
     progress: bool = True,
     verbose: bool = True,
@@ -381,9 +435,13 @@ def evaluate(
     Under ``torchrun`` (an initialised process group) every rank predicts its shard of the images; rank 0 gathers,
     scores, writes and prints, and returns the result (the other ranks return None).
 
+    Before any image is read, every class name (detection) or phrase (grounding) is checked with the readability
+    rule (:func:`glip_data.check_phrases`), so that an input the model cannot read fails at once, naming it.
+
     Args:
         model: anything with the :class:`~glip_train.evaluation.Detector` methods (a ``glip_train.GLIP`` in eval
-            mode).
+            mode), or a function of no arguments returning one: it is called after the annotations were read and
+            checked, so that a bad input fails before the model loads (``glip eval`` does that).
         protocol: a name of :data:`~glip_train.evaluation.PROTOCOLS` or a protocol instance.
         annotations: the annotation file (COCO / LVIS / MDETR format); for ``odinw`` a folder, a manifest or a list.
         images: the image folder (default: the annotation file's folder; for a synthetic world's file, the world's
@@ -393,16 +451,16 @@ def evaluate(
             scored as one without detections).
         progress: show a progress bar (rank 0).
         verbose: print the table and the report.
+        tokenizer: the model's tokenizer for the pre-flight (default: the model's ``tokenizer`` attribute; without
+            one nothing is checked before the model runs).
         overrides: protocol parameters to change (``classes_per_prompt=...``, ``max_detections=...``, ...).
 
     Raises:
         EvaluationError: bad input (the file and the record are named).
     """
     protocol = get_protocol(protocol, **overrides)
-    processor = getattr(model, "processor", None)
-    if hasattr(processor, "resize_limits"):  # unset test sizes: the model's own, recorded resolved
-        min_size, max_size = processor.resize_limits(protocol.min_size, protocol.max_size)
-        protocol = dataclasses.replace(protocol, min_size=min_size, max_size=max_size)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    text_limit = _text_limit(model)
     if images is None and isinstance(annotations, (str, Path)):  # a synthetic world's file finds its images
         from glip_data import world_image_root
 
@@ -415,8 +473,9 @@ def evaluate(
     sources = {"annotations": str(annotations) if isinstance(annotations, (str, Path)) else annotations,
                "images": None if images is None else str(images)}
     if isinstance(protocol, FlickrProtocol):
-        _check_model(model, "ground")
         dataset = load_flickr_dataset(annotations, images, sentences_dir=protocol.sentences_dir)
+        check_phrase_tokens(tokenizer, dataset, text_limit)
+        model, protocol = _ready(model, protocol, "ground")
         preds, counts = predict_grounding(model, protocol, dataset, shard_indices(len(dataset), *info),
                                           on_bad_image=on_bad_image, progress=show)
         preds, counts = _gather(preds, counts, len(dataset))
@@ -429,20 +488,21 @@ def evaluate(
         result = _finish(protocol, metrics, counts, out, sources, verbose)
         barrier()
         return result
-    _check_model(model, "detect")
     if isinstance(protocol, ODinWProtocol):
-        return _evaluate_odinw(model, protocol, annotations, images, out, on_bad_image, show, verbose, sources)
+        return _evaluate_odinw(model, protocol, annotations, images, out, on_bad_image, show, verbose, sources,
+                               tokenizer, text_limit)
     kind = "lvis" if isinstance(protocol, LVISProtocol) else "coco"
     dataset = load_detection_dataset(annotations, images, kind=kind, class_names=protocol.class_names)
-    metrics, counts = _run_detection(model, protocol, dataset, out, on_bad_image, show)
+    prompts = check_class_tokens(tokenizer, dataset, protocol.classes_per_prompt, text_limit)
+    model, protocol = _ready(model, protocol, "detect")
+    metrics, counts = _run_detection(model, protocol, dataset, out, on_bad_image, show, prompts)
     if metrics is None:
         return None
     return _finish(protocol, metrics, counts, out, sources, verbose)
 
 
-def _run_detection(model, protocol, dataset, out, on_bad_image, show):
+def _run_detection(model, protocol, dataset, out, on_bad_image, show, prompts):
     info = dist_info()
-    prompts = check_class_tokens(model, dataset, protocol.classes_per_prompt)
     preds, counts = predict_detections(model, protocol, dataset, shard_indices(len(dataset), *info),
                                        on_bad_image=on_bad_image, progress=show)
     preds, counts = _gather(preds, counts, len(dataset))
@@ -461,7 +521,8 @@ def _run_detection(model, protocol, dataset, out, on_bad_image, show):
     return metrics, counts
 
 
-def _evaluate_odinw(model, protocol: ODinWProtocol, annotations, images, out, on_bad_image, show, verbose, sources):
+def _evaluate_odinw(model, protocol: ODinWProtocol, annotations, images, out, on_bad_image, show, verbose, sources,
+                    tokenizer, text_limit):
     entries = discover_odinw(annotations, images, protocol.dataset_glob)
     overrides: dict[str, Any] = {}
     if protocol.class_names is not None:
@@ -473,19 +534,24 @@ def _evaluate_odinw(model, protocol: ODinWProtocol, annotations, images, out, on
             extra = sorted(set(overrides) - known) if isinstance(overrides, dict) else overrides
             raise EvaluationError(f"{protocol.class_names}: ODinW class names are {{dataset name: overrides}}; "
                                   f"unknown datasets {extra}; known: {sorted(known)}")
-    per_dataset: dict[str, Any] = {}
-    counts: Counter = Counter()
-    all_records: dict[str, Any] = {}
-    for entry in entries:
+    datasets, prompts = [], []
+    for entry in entries:  # every dataset read and checked before the model runs on any
         dataset = load_detection_dataset(entry.ann_file, entry.image_root, kind="coco", name=entry.name)
         if entry.name in overrides:
             dataset.class_names = load_class_names(overrides[entry.name], dataset.category_ids, dataset.class_names,
                                                    where=f"{entry.ann_file} ({entry.name})")
+        datasets.append(dataset)
+        prompts.append(check_class_tokens(tokenizer, dataset, protocol.classes_per_prompt, text_limit))
+    model, protocol = _ready(model, protocol, "detect")
+    per_dataset: dict[str, Any] = {}
+    counts: Counter = Counter()
+    all_records: dict[str, Any] = {}
+    for entry, dataset, prompts_per_image in zip(entries, datasets, prompts):
         sub_out = None
         if out is not None and dist_info().is_main:
             sub_out = out / "datasets" / entry.name
             sub_out.mkdir(parents=True, exist_ok=True)
-        metrics, sub_counts = _run_detection(model, protocol, dataset, sub_out, on_bad_image, show)
+        metrics, sub_counts = _run_detection(model, protocol, dataset, sub_out, on_bad_image, show, prompts_per_image)
         if metrics is None:
             continue
         per_dataset[entry.name] = metrics
