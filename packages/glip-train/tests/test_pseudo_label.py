@@ -58,21 +58,180 @@ def test_threshold_and_nms_and_min_boxes(world, teacher, tmp_path):
     assert strict.counts["captions_written"] == 0 and strict.counts["skipped_too_few_boxes"] == 6
 
 
-def test_an_interrupted_run_resumes_where_it_stopped(world, teacher, tmp_path):
+def fake_predict(model, images, queries, **kwargs):
+    """A fast, deterministic stand-in for the teacher's forward pass: per entity one box, scored 0.9 (kept) for
+    captions of even length and 0.2 (too few boxes) for the others."""
+    from types import SimpleNamespace
+
+    out = []
+    for query in queries:
+        w, h = images[query.image_index].size
+        n = len(query.labels)
+        score = 0.9 if len(query.text) % 2 == 0 else 0.2
+        out.append([SimpleNamespace(boxes=torch.tensor([[1.0, 1.0, w / 2, h / 2]] * n).reshape(-1, 4),
+                                    scores=torch.full((n,), score), labels=torch.tensor(query.labels))])
+    return out
+
+
+class Killed(BaseException):
+    """What a kill looks like to the writer: the process stops in the middle of a write."""
+
+
+def _streams(real, budget: list[int] | None = None, sizes: list[int] | None = None):
+    """``_open_append`` whose streams record the size of every write (``sizes``) and, with a ``budget``, stop for good
+    after ``budget[0]`` bytes in all (the bytes before the cut are written, as a kill inside ``write`` leaves them)."""
+
+    class Stream:
+        def __init__(self, path):
+            self.fh = real(path)
+
+        def write(self, text: str) -> int:
+            data = text.encode("utf-8")
+            if sizes is not None:
+                sizes.append(len(data))
+            if budget is not None and len(data) > budget[0]:
+                self.fh.buffer.write(data[: budget[0]])
+                self.fh.flush()
+                budget[0] = 0
+                raise Killed
+            if budget is not None:
+                budget[0] -= len(data)
+            return self.fh.write(text)
+
+        def flush(self):
+            self.fh.flush()
+
+        def close(self):
+            self.fh.close()
+
+    return Stream
+
+
+def test_a_kill_at_any_point_of_any_write_then_a_resume_labels_every_caption_exactly_once(world, teacher, tmp_path,
+                                                                                          monkeypatch):
+    import glip_train.inference
+    import glip_train.pseudo_label as pl
+
+    monkeypatch.setattr(glip_train.inference, "predict", fake_predict)
+    real = pl._open_append
+    sizes: list[int] = []
+    monkeypatch.setattr(pl, "_open_append", _streams(real, sizes=sizes))
+    reference = tmp_path / "reference.jsonl"
+    pseudo_label(teacher, world.captions_train, reference, threshold=0.5, **KW)
+    expected_out = reference.read_text()
+    expected_done = sorted(reference.with_name("reference.jsonl.progress").read_text().splitlines())
+    written = len(expected_out.splitlines())
+    assert 0 < written < 6 and len(expected_done) == 6 - written  # both kinds of "done" are exercised
+    assert len(sizes) == 6
+    # every distinct state: before each write, one byte into it, halfway, one byte short, and after the last
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    cuts = sorted({s + d for s, n in zip(starts, sizes) for d in (0, 1, n // 2, n - 1)} | {sum(sizes)})
+    for cut in cuts:
+        out = tmp_path / f"cut{cut}" / "pseudo.jsonl"
+        monkeypatch.setattr(pl, "_open_append", _streams(real, budget=[cut]))
+        try:
+            pseudo_label(teacher, world.captions_train, out, threshold=0.5, **KW)
+        except Killed:
+            pass
+        monkeypatch.setattr(pl, "_open_append", real)
+        report = pseudo_label(teacher, world.captions_train, out, threshold=0.5, **KW)
+        assert out.read_text() == expected_out, cut
+        assert sorted(out.with_name("pseudo.jsonl.progress").read_text().splitlines()) == expected_done, cut
+        assert report.counts["already_done"] + report.counts["captions_written"] + \
+            report.counts["skipped_too_few_boxes"] == 6
+
+
+def test_a_resume_keeps_one_line_per_caption_of_an_older_run(world, teacher, tmp_path, monkeypatch):
+    import glip_train.inference
+
+    monkeypatch.setattr(glip_train.inference, "predict", fake_predict)
     out = tmp_path / "pseudo.jsonl"
-    pseudo_label(teacher, world.captions_train, out, threshold=0.0, max_detections=3, **KW)
+    pseudo_label(teacher, world.captions_train, out, threshold=0.5, **KW)
     full = out.read_text().splitlines()
-    # simulate a kill after the third caption, in the middle of writing the fourth line
-    progress = out.with_name(out.name + ".progress")
-    done = progress.read_text().splitlines()
-    out.write_text("\n".join(full[:3]) + "\n" + full[3][:10])
-    progress.write_text("\n".join(done[:3]) + "\n")
-    report = pseudo_label(teacher, world.captions_train, out, threshold=0.0, max_detections=3, **KW)
-    assert report.counts["already_done"] == 3 and report.counts["captions_written"] == 3
-    assert out.read_text().splitlines() == full
+    # an older version killed between writing a line and recording it wrote that caption twice
+    out.write_text("\n".join(full[:1] + full[:1] + full[1:]) + "\n")
+    report = pseudo_label(teacher, world.captions_train, out, threshold=0.5, **KW)
+    assert out.read_text().splitlines() == full and report.counts["captions_written"] == 0
 
 
-def test_bad_inputs_are_counted_never_a_crash(world, teacher, tmp_path):
+KILL_SCRIPT = """
+import sys, time
+import torch
+import glip_train.inference, glip_train.pseudo_label as pl
+from glip_train import GLIP
+sys.path.insert(0, {tests!r})
+from test_pseudo_label import fake_predict
+glip_train.inference.predict = fake_predict
+real = pl._open_append
+class Slow:
+    def __init__(self, path):
+        self.fh = real(path)
+    def write(self, text):
+        half = len(text) // 2
+        self.fh.write(text[:half]); self.fh.flush(); time.sleep(0.15)  # a kill often lands mid-line
+        return self.fh.write(text[half:])
+    def flush(self):
+        self.fh.flush()
+    def close(self):
+        self.fh.close()
+pl._open_append = Slow
+model = GLIP.from_pretrained({weights!r}).eval()
+pl.pseudo_label(model, {captions!r}, {out!r}, threshold=0.5, min_size=64, max_size=96, progress=False)
+"""
+
+
+def test_a_process_killed_with_sigkill_resumes_exactly_once(world, teacher, tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import glip_train.inference
+
+    monkeypatch.setattr(glip_train.inference, "predict", fake_predict)
+    reference = tmp_path / "reference.jsonl"
+    pseudo_label(teacher, world.captions_train, reference, threshold=0.5, **KW)
+    weights = teacher.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "pseudo.jsonl"
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), weights=str(weights),
+                                captions=str(world.captions_train), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.is_file() and out.stat().st_size > 10):  # killed once the first line is being written
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    pseudo_label(teacher, world.captions_train, out, threshold=0.5, **KW)
+    assert out.read_text() == reference.read_text()
+
+
+def test_a_second_run_on_the_same_output_is_refused(world, teacher, tmp_path):
+    import subprocess
+    import sys
+
+    from glip_data.io import OutputLockedError
+
+    out = tmp_path / "pseudo.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from glip_data.io import RunLock; "
+        f"lock = RunLock.for_output({str(out)!r}, 'glip pseudo-label').acquire(); print('locked', flush=True); "
+        "time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLockedError, match=f"{out} is in use by another run \\(glip pseudo-label, pid"):
+            pseudo_label(teacher, world.captions_train, out, threshold=0.0, **KW)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
+
+
+def test_bad_inputs_are_counted_never_a_crash(world, teacher, tmp_path, capsys):
     lines = [json.loads(l) for l in world.captions_train.read_text().splitlines()]
     lines[0]["entities"] = []  # a caption without phrases
     lines[1]["image"] = "captions/does_not_exist.jpg"
@@ -85,6 +244,12 @@ def test_bad_inputs_are_counted_never_a_crash(world, teacher, tmp_path):
     report = pseudo_label(teacher, captions, tmp_path / "out.jsonl", images=str(world.image_root), threshold=0.0, **KW)
     assert report.counts["skipped_no_phrases"] == 1 and report.counts["skipped_unreadable_image"] == 1
     assert "does_not_exist.jpg" in report.failed[0] and report.counts["captions_written"] == 4
+    err = capsys.readouterr().err.splitlines()  # each skip named with its file and line
+    assert f"glip pseudo-label: skipped {captions}: line 1: caption without phrases" in err
+    assert any(line.startswith(f"glip pseudo-label: skipped {captions}: line 2: unreadable image (") for line in err)
+    recorded = json.loads((tmp_path / "out.jsonl.report.json").read_text())["skipped"]
+    assert recorded == report.skipped and recorded["by_reason"] == {"caption without phrases": 1,
+                                                                    "unreadable image": 1}
 
 
 def test_grading_by_hand(tmp_path):

@@ -26,7 +26,7 @@ from glip_data import ImageLoadError, TestTransform, chunk_classes, detection_pr
 from glip_data import find_phrase_spans, get_resize_size, load_image, pad_images, spans_to_tokens
 from glip_encoders import tokenize
 
-from .config import GLIPConfig, PostProcessConfig
+from .model_config import GLIPConfig, PostProcessConfig
 from .postprocess import ATSSPostProcessor, Detections, cap_detections
 
 __all__ = ["GLIPProcessor", "ImageBatch", "TextQuery", "ImageInput"]

@@ -191,20 +191,25 @@ class RecordChecker:
         source: the file, for messages.
         errors: ``"raise"`` or ``"drop"``.
         stats: the counter of dropped records (a new one by default).
+        skips: a :class:`glip_data.report.SkipReport` that also names each dropped record (a command's report).
     """
 
-    def __init__(self, source: str | os.PathLike, errors: ErrorPolicy = "raise", stats: Counter | None = None) -> None:
+    def __init__(self, source: str | os.PathLike, errors: ErrorPolicy = "raise", stats: Counter | None = None,
+                 skips: Any = None) -> None:
         if errors not in ("raise", "drop"):
             raise ValueError(f"errors must be 'raise' or 'drop', got {errors!r}")
         self.source = source
         self.errors = errors
         self.stats = stats if stats is not None else Counter()
+        self.skips = skips
 
     def problem(self, reason: str, message: str) -> None:
-        """Raise ``message`` (prefixed with the file) or count it under ``reason``."""
+        """Raise ``message`` (prefixed with the file) or count it under ``reason`` (and name it in ``skips``)."""
         if self.errors == "raise":
             raise ReaderError(f"{self.source}: {message}")
         self.stats[reason] += 1
+        if self.skips is not None:
+            self.skips.skip(reason.replace("_", " "), self.source, message)
 
     def count(self, reason: str, n: Any = 1) -> None:
         """Add ``n`` to ``stats[reason]`` (zero counts are not recorded): facts, not problems."""
@@ -401,6 +406,8 @@ class GroundingReader(Dataset):
             (:func:`glip_data.positive_map.build_positive_map`, ``max_text_len`` columns).
         max_text_len: columns of the positive map (the model's 256).
         dataset_name: name recorded in ``sample.metadata["dataset"]`` (default: the file's stem).
+        skips: a :class:`glip_data.report.SkipReport` naming every dropped record and skipped image (a command's
+            report; the counts are in ``stats`` either way).
     """
 
     task: str = "grounding"
@@ -417,6 +424,7 @@ class GroundingReader(Dataset):
         tokenizer: Any = None,
         max_text_len: int = 256,
         dataset_name: str | None = None,
+        skips: Any = None,
     ) -> None:
         super().__init__()
         self.ann_file = Path(ann_file)
@@ -424,7 +432,7 @@ class GroundingReader(Dataset):
         self.load_images = bool(load_image)
         self.box_convention = check_convention(box_convention)
         self.stats: Counter = Counter()
-        self.check = RecordChecker(self.ann_file, errors, self.stats)  # validates ``errors``
+        self.check = RecordChecker(self.ann_file, errors, self.stats, skips)  # validates ``errors``
         self.errors = errors
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
@@ -531,7 +539,10 @@ class GroundingReader(Dataset):
                 if self.on_bad_image == "raise":
                     raise
                 self.stats["image_unreadable"] += 1
-                warnings.warn(f"{err}; skipping to the next index", stacklevel=2)
+                if self.check.skips is not None:
+                    self.check.skips.skip("unreadable image", sample.image_path, str(err))
+                else:
+                    warnings.warn(f"{err}; skipping to the next index", stacklevel=2)
                 continue
             return self._finish(sample)
         raise OSError(f"{self.ann_file}: no readable image in the whole dataset")

@@ -133,10 +133,10 @@ class CaptionReader(GroundingReader):
                     if not isinstance(ent_scores, list) or len(ent_scores) != len(ent_boxes) \
                             or not all(_is_number(s) for s in ent_scores):
                         raise ReaderError(f"{ewhere}: 'scores' must be one number per box")
-                except ReaderError:
+                except ReaderError as err:
                     if self.errors == "raise":
                         raise
-                    self.stats["bad_entity"] += 1
+                    self._problem("bad_entity", str(err).removeprefix(f"{self.ann_file}: "))
                     ok = False
                     break
                 entity_spans.append([list(s) for s in ent_spans])

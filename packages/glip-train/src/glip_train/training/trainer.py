@@ -35,7 +35,7 @@ from torch import nn
 from glip_data.io import atomic_torch_save, atomic_write_text
 
 from ..adapters import linear_probe_parameters, save_adapter
-from ..config import GLIPConfig
+from ..model_config import GLIPConfig
 from ..modeling_glip import GLIP
 from .checkpointing import (ResumeError, checkpoint_path, config_differences, latest_checkpoint, prune_checkpoints,
                             restore_rng_state, rng_state)
