@@ -268,3 +268,49 @@ def test_grading_by_hand(tmp_path):
     assert grade.precision == pytest.approx(1 / 3) and grade.recall == pytest.approx(1 / 2)
     perfect = grade_pseudo_labels(truth, truth)
     assert perfect.precision == 1.0 and perfect.recall == 1.0
+
+
+def test_the_command_checks_its_inputs_before_the_teacher_loads(world, tmp_path, monkeypatch, capsys):
+    import glip_train.cli.pseudo_label as command
+    from glip_train.cli import main
+
+    def never(args, choice):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(command, "load_model", never)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "a.jpg", "width": 10, "height": 10}) + "\n")
+    out = tmp_path / "out.jsonl"
+    for argv, message in ((["--captions", str(bad)], f"{bad}: line 1: missing key(s) ['caption']"),
+                          (["--captions", str(tmp_path / "nope.jsonl")], "--captions"),
+                          (["--captions", str(world.captions_train), "--grade", str(tmp_path / "nope")], "--grade"),
+                          (["--captions", str(world.captions_train), "--weights", str(tmp_path / "w.pth")],
+                           "--weights"),
+                          (["--captions", str(world.captions_train), "--out", str(tmp_path)], "is a folder")):
+        code = main(["pseudo-label", "--out", str(out), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+    assert not out.exists()
+
+
+def test_the_command_names_records_and_exits_1_on_skips(world, teacher, tmp_path, monkeypatch, capsys):
+    import glip_train.cli.pseudo_label as command
+    import glip_train.inference
+    from glip_train.cli import main
+
+    monkeypatch.setattr(glip_train.inference, "predict", fake_predict)
+    monkeypatch.setattr(command, "load_model", lambda args, choice: teacher)
+    lines = [json.loads(line) for line in world.captions_train.read_text().splitlines()]
+    lines[3]["entities"] = []
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out.jsonl"
+    argv = ["pseudo-label", "--captions", str(captions), "--images", str(world.image_root), "--out", str(out),
+            "--min-size", "64", "--max-size", "96", "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"glip pseudo-label: skipped {captions}: line 4: caption without phrases",
+                   f"glip pseudo-label: skipped 1 input: caption without phrases 1 (recorded in {out}.report.json)"]
+    report = json.loads((tmp_path / "out.jsonl.report.json").read_text())
+    assert report["skipped"]["by_reason"] == {"caption without phrases": 1} and report["threshold"] == 0.5
+    assert main(argv) == 0 and "already done" not in capsys.readouterr().err  # resumed: nothing left, nothing skipped

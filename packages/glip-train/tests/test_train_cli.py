@@ -128,7 +128,11 @@ def test_unreadable_and_unusable_images_are_named_skipped_and_the_run_continues(
     for name in ("c.png", "strip.png", "missing.png"):
         assert name in out.stderr
     assert "2 processed, 0 already done, 3 skipped" in out.stdout
+    assert "glip detect: skipped 3 inputs: no such file or folder 1, unreadable image 2" in out.stderr
     assert (out_dir / "a.json").exists() and (out_dir / "b.json").exists()
+    record = json.loads((out_dir / "glip-run.json").read_text())  # the skips are recorded with the outputs
+    assert record["processed"] == 2 and record["skipped"]["by_reason"] == {"no such file or folder": 1,
+                                                                           "unreadable image": 2}
     assert not (out_dir / "c.json").exists() and not (out_dir / "strip.json").exists()
 
 
