@@ -118,25 +118,16 @@ def test_convert_names_the_file_and_the_missing_key(tmp_path, capsys):
         assert not (tmp_path / f"out.{to}").exists()
 
 
-def test_convert_is_locked_and_writes_the_odvg_pair_atomically(world_dir, tmp_path, capsys, monkeypatch):
-    import subprocess
-    import sys
-
+def test_convert_is_locked_and_writes_the_odvg_pair_atomically(world_dir, tmp_path, capsys, monkeypatch,
+                                                              lock_holder):
     import glip_data.io
 
     src, dst = world_dir / "detection_train.json", tmp_path / "d.jsonl"
     argv = ["convert", str(src), str(dst), "--from", "coco", "--to", "odvg", "--quiet"]
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from glip_data.io import RunLock; "
-        f"lock = RunLock.for_output({str(dst)!r}, 'glip-data convert').acquire(); print('locked', flush=True); "
-        "time.sleep(60)")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        assert main(argv) == 2
-        assert f"glip-data convert: error: {dst} is in use by another run (glip-data convert" in capsys.readouterr().err
-    finally:
-        holder.kill()
-        holder.wait()
+    release = lock_holder(dst, "glip-data convert")
+    assert main(argv) == 2
+    assert f"glip-data convert: error: {dst} is in use by another run (glip-data convert" in capsys.readouterr().err
+    release()
     assert main(argv) == 0
     first = dst.read_bytes()
     real = glip_data.io.atomic_write_text

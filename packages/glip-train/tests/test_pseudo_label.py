@@ -210,24 +210,13 @@ def test_a_process_killed_with_sigkill_resumes_exactly_once(world, teacher, tmp_
     assert out.read_text() == reference.read_text()
 
 
-def test_a_second_run_on_the_same_output_is_refused(world, teacher, tmp_path):
-    import subprocess
-    import sys
-
+def test_a_second_run_on_the_same_output_is_refused(world, teacher, tmp_path, lock_holder):
     from glip_data.io import OutputLockedError
 
     out = tmp_path / "pseudo.jsonl"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from glip_data.io import RunLock; "
-        f"lock = RunLock.for_output({str(out)!r}, 'glip pseudo-label').acquire(); print('locked', flush=True); "
-        "time.sleep(60)")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputLockedError, match=f"{out} is in use by another run \\(glip pseudo-label, pid"):
-            pseudo_label(teacher, world.captions_train, out, threshold=0.0, **KW)
-    finally:
-        holder.kill()
-        holder.wait()
+    lock_holder(out, "glip pseudo-label")
+    with pytest.raises(OutputLockedError, match=f"{out} is in use by another run \\(glip pseudo-label, pid"):
+        pseudo_label(teacher, world.captions_train, out, threshold=0.0, **KW)
     assert not out.exists()
 
 

@@ -9,14 +9,16 @@ from ._common import EXIT_CODES_HELP, EXIT_OK, UsageError
 __all__ = ["add_parser", "run"]
 
 
+DESCRIPTION = ("Read an official GLIP checkpoint (its 'model' weights, or 'model_ema' with --ema), map it strictly "
+               "onto glip's modules, and write DST_DIR with config.json, model.safetensors and the tokenizer. DST_DIR "
+               "is written under a temporary name beside it and renamed when complete (a killed run leaves DST_DIR as "
+               "it was; the next run removes the leftovers), and locked against a second writer. Reports what was "
+               "dropped.")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="official .pth -> safetensors model directory", epilog=EXIT_CODES_HELP,
-                       description="Read an official GLIP checkpoint (its 'model' weights, or 'model_ema' with --ema), "
-                                   "map it strictly onto glip's modules, and write DST_DIR with config.json, "
-                                   "model.safetensors and the tokenizer. DST_DIR is written under a temporary name "
-                                   "beside it and renamed when complete (a killed run leaves DST_DIR as it was; the "
-                                   "next run removes the leftovers), and locked against a second writer. Reports what "
-                                   "was dropped.")
+                       description=DESCRIPTION)
     p.add_argument("src", metavar="SRC.pth", help="the official checkpoint (or a weights-recipe .json)")
     p.add_argument("dst", metavar="DST_DIR", help="the output directory (must not exist, or be empty)")
     p.add_argument("--ema", action="store_true", help="convert the 'model_ema' weights instead of 'model'")
