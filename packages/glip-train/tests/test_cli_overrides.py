@@ -1,14 +1,11 @@
 """The one key=value grammar (``glip train`` overrides, ``glip eval --set``) and the shared validators."""
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from glip_train.evaluation.protocols import get_protocol, parse_overrides
 from glip_train.overrides import OverrideError, apply_overrides, parse_value
 from glip_train.training import ConfigError, load_train_config
-from glip_train.validators import check_int, check_number, optional_positive_int, positive_int, probability
 
 BASE = {"model": {"small": {"text_encoder_dir": "minilm"}},
         "data": {"train": [{"kind": "coco", "annotations": "train.json"}]}}
@@ -62,21 +59,3 @@ def test_values_a_field_cannot_take_are_rejected_by_its_own_validation():
         get_protocol("coco", **parse_overrides("coco", ["threshold=high"]))
     with pytest.raises(ConfigError, match=r"data.batch_size: must be an integer >= 1; got 2.5"):
         load_train_config(None, ["data.batch_size=2.5"], base=BASE)
-
-
-def test_validators():
-    assert check_int(3, "n") == 3 and check_int(0, "n", low=0) == 0
-    for bad in (0, True, 1.0, "1"):
-        with pytest.raises(ValueError, match=r"^n: must be an integer >= 1; got "):
-            check_int(bad, "n")
-    with pytest.raises(ConfigError):
-        check_int(-1, "n", error=ConfigError)
-    assert check_number(1.0, "x", low=0.0, high=1.0, low_open=True) == 1.0
-    with pytest.raises(ValueError, match=r"x: must be in \(0.0, 1.0\]; got 0.0"):
-        check_number(0.0, "x", low=0.0, high=1.0, low_open=True)
-    assert positive_int("4") == 4 and optional_positive_int("None") is None and optional_positive_int("2") == 2
-    assert probability("0") == 0.0 and probability("1") == 1.0
-    for fn, text in ((positive_int, "0"), (positive_int, "x"), (probability, "1.5"), (probability, "nan"),
-                     (optional_positive_int, "0")):
-        with pytest.raises(argparse.ArgumentTypeError):
-            fn(text)

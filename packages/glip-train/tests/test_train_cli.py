@@ -256,7 +256,7 @@ def test_convert_end_to_end_and_destination_checks(parity_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "glip_t" in out.stdout and "231,780,222 parameters" in out.stdout
     assert sorted(p.name for p in converted.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".glip_t.")]  # no staging folder left
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".glip-tmp")]  # no staging folder left
     from safetensors import safe_open
 
     with torch.device("meta"):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from glip_data.report import EXIT_CODES_HELP, EXIT_OK, EXIT_SKIPPED, SkipReport, UsageError, run_command
+from glip_data.validators import non_negative_int, positive_int, probability
 
 READER_FORMATS = ("auto", "coco", "o365", "lvis", "mdetr", "odvg", "captions", "shards")
 HIST_BINS = (32, 64, 128, 256)
@@ -329,15 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     _reader_options(p)
     p.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="local Hugging Face tokenizer folder: print the prompt-length histogram in tokens")
-    p.add_argument("--max-text-len", type=int, default=256,
+    p.add_argument("--max-text-len", type=positive_int, default=256,
                    help="the model's text length; longer prompts are counted and their lost boxes reported "
                         "(default 256)")
-    p.add_argument("--render", type=int, default=0, metavar="N", help="render N random samples (needs --out)")
+    p.add_argument("--render", type=non_negative_int, default=0, metavar="N",
+                   help="render N random samples (needs --out)")
     p.add_argument("--out", metavar="DIR", default=None, help="folder for the rendered pictures")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random choice of samples to render (default 0)")
-    p.add_argument("--score-threshold", type=float, default=0.5,
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the random choice of samples to render (default 0)")
+    p.add_argument("--score-threshold", type=probability, default=0.5,
                    help="captions: keep boxes with score > this (default 0.5)")
-    p.add_argument("--min-boxes", type=int, default=1,
+    p.add_argument("--min-boxes", type=non_negative_int, default=1,
                    help="captions: leave out lines with fewer kept boxes (default 1; 0 keeps caption-only lines)")
     p.add_argument("--json", action="store_true", help="also print the counts as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -366,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     _reader_options(p)
     p.add_argument("--kind", default="tar", choices=("tar", "jsonl"), help="shard kind (default tar)")
-    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000); write at least "
+    p.add_argument("--per-shard", type=positive_int, default=1000,
+                   help="samples per shard (default 1000); write at least "
                    "world_size x workers shards")
     p.add_argument("--gzip", action="store_true", help="gzip the shards")
     p.add_argument("--relative-paths", action="store_true",
@@ -379,15 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "caption-only, COCO evaluation and LVIS evaluation files (see glip_data.synth). "
                                    "The same seed gives byte-identical files.")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
-    p.add_argument("--num-detection", type=int, default=None, help="detection training images (default 200)")
-    p.add_argument("--num-grounding", type=int, default=None, help="grounding training images (default 200)")
-    p.add_argument("--num-captions", type=int, default=None, help="caption-only images (default 64)")
-    p.add_argument("--num-val", type=int, default=None, help="evaluation images (default 96)")
-    p.add_argument("--min-size", type=int, default=None, help="smallest image side in pixels (default 128)")
-    p.add_argument("--max-size", type=int, default=None, help="largest image side in pixels (default 320)")
-    p.add_argument("--max-objects", type=int, default=None, help="most objects per image (default 4)")
-    p.add_argument("--captions-per-image", type=int, default=None, help="grounding sentences per image (default 2)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of everything (default 0)")
+    p.add_argument("--num-detection", type=non_negative_int, default=None,
+                   help="detection training images (default 200)")
+    p.add_argument("--num-grounding", type=non_negative_int, default=None,
+                   help="grounding training images (default 200)")
+    p.add_argument("--num-captions", type=non_negative_int, default=None, help="caption-only images (default 64)")
+    p.add_argument("--num-val", type=non_negative_int, default=None, help="evaluation images (default 96)")
+    p.add_argument("--min-size", type=positive_int, default=None, help="smallest image side in pixels (default 128)")
+    p.add_argument("--max-size", type=positive_int, default=None, help="largest image side in pixels (default 320)")
+    p.add_argument("--max-objects", type=positive_int, default=None, help="most objects per image (default 4)")
+    p.add_argument("--captions-per-image", type=positive_int, default=None,
+                   help="grounding sentences per image (default 2)")
     p.add_argument("--detection-shapes", default=None, metavar="A,B,...",
                    help="shapes labelled in the detection set (default circle,square,triangle,star,hexagon; the "
                         "others appear only in captions and evaluation)")

@@ -28,7 +28,7 @@ import re
 import typing
 from typing import Any, Union
 
-from .validators import NONE_WORDS
+from glip_data.validators import NONE_WORDS
 
 __all__ = ["OverrideError", "apply_overrides", "field_type", "parse_for", "parse_value", "split_assignment"]
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from ..validators import positive_int, probability
+from glip_data.validators import positive_int, probability
 from ._common import EXIT_OK, EXIT_SKIPPED, UsageError, skip_report
 from ._model import add_model_options, check_model_options, load_model
 

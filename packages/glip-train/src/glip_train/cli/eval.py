@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ..validators import non_negative_int, optional_positive_int, positive_int
+from glip_data.validators import non_negative_int, optional_positive_int, positive_int
 from ._common import EXIT_CODES_HELP, EXIT_OK, EXIT_SKIPPED, UsageError, run_command
 from ._model import add_model_options, check_model_options, load_model, text_side
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..validators import non_negative_int, positive_int, probability
+from glip_data.validators import non_negative_int, positive_int, probability
 from ._common import EXIT_CODES_HELP, EXIT_OK, EXIT_SKIPPED, UsageError, skip_report
 from ._model import add_model_options, check_model_options, load_model
 

@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
-from ..validators import check_int, check_number
+from glip_data.validators import check_int, check_number
 
 __all__ = [
     "BOX_CONVENTIONS",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..validators import check_choice, check_int, check_number
+from glip_data.validators import check_choice, check_int, check_number
 
 __all__ = [
     "DatasetConfig",

@@ -1,5 +1,5 @@
-"""Value checks shared by every command-line option and every config (training runs, evaluation protocols): one rule
-and one message per kind of value.
+"""Value checks shared by every command-line option (``glip`` and ``glip-data``) and every config (training runs,
+evaluation protocols): one rule and one message per kind of value.
 
 Config checks raise ``error`` (a ``ValueError`` subclass of the caller's, e.g. ``ConfigError``) with the message
 ``"<name>: must be ...; got <value>"``. The argparse types at the end check command-line text with the same rules;
