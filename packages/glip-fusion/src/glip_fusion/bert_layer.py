@@ -1,4 +1,4 @@
-"""The head BERT layer of GLIP's fusion tower: a post-LN BERT layer with GLIP's +-50000 clamps.
+"""The head BERT layer of GLIP's fusion tower: a post-LN BERT layer with GLIP's ±50000 clamps.
 
 Plain torch with Hugging Face ``BertLayer`` parameter names, so the tower's ``{i}.attention.self.query.weight`` ...
 load by prefix. Shapes: B batch, M text tokens, C hidden width.
