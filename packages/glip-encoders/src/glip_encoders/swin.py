@@ -177,6 +177,23 @@ def window_plan(batch: int, height: int, width: int, window_size: int, shift_siz
     return WindowPlan(tuple(chunks))
 
 
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _linear(x: torch.Tensor, linear: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    """``linear(x)`` (then exact GELU) for inference, no autograd: on CPU float32 outside autocast, oneDNN's inner
+    product with the bias and GELU applied in the kernel. oneDNN runs AVX-512 kernels where MKL's sgemm may not
+    (AMD EPYC, one core: 100-110 vs 90-100 GFLOP/s on the fused Swin chunk shapes; the Swin body 5% faster);
+    equal to float rounding."""
+    if (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")):
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")
+    y = linear(x)
+    return F.gelu(y) if gelu else y
+
+
 class SwinBlock(SwinTransformerBlock):
     """timm's ``SwinTransformerBlock`` with the official GLIP forward order (LN1 -> pad -> roll -> W-MSA).
 
@@ -243,6 +260,12 @@ class SwinBlock(SwinTransformerBlock):
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
 
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+        if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none" and isinstance(mlp.norm, nn.Identity):
+            return _linear(_linear(x, mlp.fc1, gelu=True), mlp.fc2)
+        return mlp(x)
+
     def fused_forward(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
         """:meth:`forward` for inference (eval mode, no autograd), equal to float rounding: window by window
         instead of map-wide passes.
@@ -272,14 +295,14 @@ class SwinBlock(SwinTransformerBlock):
             if chunk.padding is not None:
                 h.index_fill_(0, chunk.padding, 0.0)  # official: zero padding after norm1
             n = rows.shape[0] // tokens
-            q, k, v = attn.qkv(h).view(n, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = _linear(h, attn.qkv).view(n, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
             mask = bias if chunk.mask is None else bias + chunk.mask
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)  # (n, heads, w*w, D)
             o = o.transpose(1, 2).reshape(n * tokens, C)  # free: the CPU kernel writes (n, w*w, heads, D)
             if chunk.keep is not None:
                 o, rows = o.index_select(0, chunk.keep), rows.index_select(0, chunk.keep)
-            rows += attn.proj(o)
-            rows += self.mlp(self.norm2(rows))
+            rows += _linear(o, attn.proj)
+            rows += self._mlp(self.norm2(rows))
             out.index_copy_(0, chunk.scatter, rows)
         return out.view(B, H, W, C)
 
@@ -299,7 +322,8 @@ class PatchMerging(TimmPatchMerging):
         H2, W2 = (H + 1) // 2, (W + 1) // 2
         # (B, H2, dy, W2, dx, C) -> (B, H2, W2, dx, dy, C): the four sub-grids in the official order, in one copy
         x = x.view(B, H2, 2, W2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H2, W2, 4 * C)
-        return self.reduction(self.norm(x))
+        x = self.norm(x)
+        return self.reduction(x) if torch.is_grad_enabled() else _linear(x, self.reduction)
 
 
 class SwinStage(nn.Module):
