@@ -105,10 +105,11 @@ def shifted_window_mask(
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
 
 
-#: tokens per chunk of the fused inference path: the chunk's activations (incl. the 4C-wide MLP hidden) stay in the
-#: cache; measured on a GLIP-T stage-1 block at 800x1216 (1 thread): 1024 beats 512 and 2048 by 7-10%, the
-#: unchunked block is 1.3x slower
-FUSED_CHUNK_TOKENS = 1024
+#: tokens per chunk of the fused inference path: the chunk's activations stay in the cache (L2/L3). Measured on the
+#: GLIP-T Swin body at 800x1216 with the oneDNN linears: 1024..16384 within 5% of each other (8192-16384 best, 1 and
+#: 2 threads, CPU time), the map-wide path 1.3x slower; with the machine oversubscribed (2 threads, load 10) small
+#: chunks are 2x slower (many short parallel regions wait for descheduled threads), 16384 is not
+FUSED_CHUNK_TOKENS = 8192
 
 
 @dataclass(frozen=True)
