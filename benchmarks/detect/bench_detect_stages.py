@@ -7,8 +7,8 @@ Three variants of the same model (the synthetic GLIP-T weights recipe in assets/
 alternated image by image inside one process, medians over ``--repeats``:
 
 * ``official-mode``: what the official code computes, as our code runs it: the eager ``reference`` attention
-  backend, text padded to 256 tokens, torchvision's deformable convolution (the official code itself is not
-  installable here; this path is its stand-in);
+  backend, text padded to 256 tokens, torchvision's deformable convolution, the map-wide eager Swin blocks (the
+  official code itself is not installable here; this path is its stand-in);
 * ``ours``: our path with the factored X-MHA turned off (``auto`` attention backend = two SDPA calls on CPU, text
   padded to the longest prompt, the gather + GEMM deformable convolution);
 * ``ours+factored``: the defaults, which add the X-MHA computed with the image-side projections folded into the
@@ -53,26 +53,29 @@ STAGES = ("backbone", "bert", "x_mha", "head_bert", "dyconv", "head", "postproce
 
 
 class StageTimer:
-    """Wall time per stage of ``GLIP.detect`` through forward (pre-)hooks on the stage modules."""
+    """Time per stage of ``GLIP.detect`` through forward (pre-)hooks on the stage modules (``clock``: wall time
+    by default). ``backbone`` (Swin + FPN) is also split into ``backbone_body`` and ``fpn``."""
 
-    def __init__(self, model):
-        from glip_fusion import BertEncoderLayer, DyConv, VLFuse
+    #: the stage of each fusion-tower module type
+    KINDS = {"VLFuse": "x_mha", "BertEncoderLayer": "head_bert", "DyConv": "dyconv"}
 
+    def __init__(self, model, clock=time.perf_counter):
+        self.clock = clock
         self.times: dict[str, float] = defaultdict(float)
         self._starts: dict[int, float] = {}
-        kinds = {VLFuse: "x_mha", BertEncoderLayer: "head_bert", DyConv: "dyconv"}
-        self._modules = [(model.backbone, "backbone"), (model.language_backbone, "bert"),
+        self._modules = [(model.backbone, "backbone"), (model.backbone.body, "backbone_body"),
+                         (model.backbone.fpn, "fpn"), (model.language_backbone, "bert"),
                          (model.head, "head_total"), (model.head.dyhead_tower, "tower")]
         for module in model.head.dyhead_tower:
-            self._modules.append((module, kinds[type(module)]))
+            self._modules.append((module, self.KINDS[type(module).__name__]))
         self._handles = []
 
     def _pre(self, module, args):
-        self._starts[id(module)] = time.perf_counter()
+        self._starts[id(module)] = self.clock()
 
     def _post(self, stage):
         def hook(module, args, output):
-            self.times[stage] += time.perf_counter() - self._starts.pop(id(module))
+            self.times[stage] += self.clock() - self._starts.pop(id(module))
         return hook
 
     @contextlib.contextmanager
@@ -86,11 +89,11 @@ class StageTimer:
         timer = self
 
         def timed_call(self_, *args, **kwargs):
-            start = time.perf_counter()
+            start = timer.clock()
             try:
                 return original(self_, *args, **kwargs)
             finally:
-                timer.times["postprocess"] += time.perf_counter() - start
+                timer.times["postprocess"] += timer.clock() - start
 
         postprocess.ATSSPostProcessor.__call__ = timed_call
         try:
@@ -103,7 +106,8 @@ class StageTimer:
 
     def result(self, total: float) -> dict[str, float]:
         t = dict(self.times)
-        out = {k: t.get(k, 0.0) for k in ("backbone", "bert", "x_mha", "head_bert", "dyconv", "postprocess")}
+        out = {k: t.get(k, 0.0) for k in ("backbone", "backbone_body", "fpn", "bert", "x_mha", "head_bert", "dyconv",
+                                          "postprocess")}
         out["head"] = t.get("head_total", 0.0) - t.get("tower", 0.0)
         out["total"] = total
         out["other"] = total - sum(out[k] for k in ("backbone", "bert", "head", "postprocess")) - t.get("tower", 0.0)
@@ -121,6 +125,7 @@ def configure(model, variant: str) -> dict:
             # None: the module's own rule (factored on CPU for prompts shorter than a head), the default
             m.factored = None if variant == "ours+factored" else False
     set_dcn_impl(model, "torchvision" if official else "auto")
+    model.backbone.body.set_fused_inference(not official)  # official: the map-wide eager Swin blocks
     return dict(pad_text_to_max=official)
 
 

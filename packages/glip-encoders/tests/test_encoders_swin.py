@@ -22,6 +22,7 @@ from glip_encoders.swin import (
     checkpoint_filter_fn,
     shifted_window_mask,
     to_official_state_dict,
+    window_plan,
 )
 from torch import nn
 
@@ -150,6 +151,7 @@ def random_official_sd(cfg: SwinConfig, seed: int = 0) -> dict[str, torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------ forward parity
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "map-wide"])
 @pytest.mark.parametrize(
     "cfg, size",
     [
@@ -157,10 +159,12 @@ def random_official_sd(cfg: SwinConfig, seed: int = 0) -> dict[str, torch.Tensor
         (SwinConfig(16, (2, 2, 2, 2), (2, 2, 4, 4), window_size=3, drop_path_rate=0.0), (66, 101)),  # patch padding
     ],
 )
-def test_swin_matches_official_statement(cfg, size):
+def test_swin_matches_official_statement(cfg, size, fused):
+    """Both inference forms (eval, no grad): the fused window-by-window blocks and the map-wide ones."""
     torch.manual_seed(0)
     sd = random_official_sd(cfg)
     model = SwinBackbone(cfg).eval()
+    model.set_fused_inference(fused)
     model.load_state_dict(checkpoint_filter_fn(sd, model), strict=True)
     images = torch.randn(2, 3, *size)
     with torch.no_grad():
@@ -170,6 +174,38 @@ def test_swin_matches_official_statement(cfg, size):
     for o, r in zip(ours, ref):
         assert o.shape == r.shape
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("chunk_tokens", [16, 48, 10_000])  # one window per chunk, three, all
+def test_fused_block_equals_map_wide_block(shift, chunk_tokens):
+    """``fused_forward`` (window chunks, SDPA, padding skipped after attention) equals the map-wide forward to float
+    rounding (the attention's softmax is computed in another order: ~1e-7 relative per block) on a padded map,
+    two images, with a non-zero norm1 bias so that the zeroed padding matters."""
+    torch.manual_seed(0)
+    block = SwinBlock(dim=8, num_heads=2, window_size=4, shift_size=shift).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.5)
+    x = torch.randn(2, 6, 11, 8)  # padded to 8 x 12
+    with torch.no_grad():
+        ref = block(x)
+        ours = block.fused_forward(x, window_plan(2, 6, 11, 4, shift, x.device, chunk_tokens=chunk_tokens))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_window_plan_by_hand():
+    """A 3x3 map, window 2, shift 1: padded to 4x4, rolled by -1, so window (0, 0) holds map cells (1..2, 1..2)
+    (rows 4, 5, 7, 8); window (1, 1) holds padded cells (3, 3), (3, 0), (0, 3), (0, 0): only map row 0 is real,
+    and it straddles all four regions."""
+    plan = window_plan(1, 3, 3, 2, 1, torch.device("cpu"), chunk_tokens=4)
+    first, last = plan.chunks[0], plan.chunks[-1]
+    assert first.gather.tolist() == [4, 5, 7, 8] and first.padding is None and first.mask is None
+    assert last.gather.tolist() == [0, 0, 0, 0]  # padding reads row 0 (zeroed after norm1)
+    assert last.padding.tolist() == [0, 1, 2] and last.keep.tolist() == [3] and last.scatter.tolist() == [0]
+    assert (last.mask[0, 0] == -100).sum() == 4 * 4 - 4  # four regions, one token each
+    scatter = torch.cat([c.scatter for c in plan.chunks])
+    assert sorted(scatter.tolist()) == list(range(9))  # every map token written exactly once
 
 
 def test_block_pads_before_rolling_unlike_stock_timm():

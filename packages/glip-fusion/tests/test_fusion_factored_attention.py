@@ -117,3 +117,68 @@ def test_module_takes_the_factored_path_only_where_it_pays():
         fusion_block.factored_bi_mha = original
     for a, b in zip(auto, plain):  # float32: one reassociation of sums of ~10 products of O(1) values
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("image_mask", [None, "tail", "head"])
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("chunk", [4, 7, 1000])
+def test_chunks_equal_the_reference(image_mask, skip, chunk, monkeypatch):
+    """Without autograd the image tokens go in chunks with an online text-direction softmax; chunks of 4 and 7 over
+    23 tokens: uneven last chunk, image 1's masked tokens (15..22, or 0..9) fill whole chunks, before or after its
+    first valid token, image 2 has no valid token."""
+    import glip_fusion.factored_attention as fa
+
+    monkeypatch.setattr(fa, "CHUNK_TOKENS", chunk)
+    m = _module(skip=skip)
+    v, l, tm, im = _inputs()
+    if image_mask == "head":
+        im[1] = True
+        im[1, :10] = False
+    im = None if image_mask is None else im
+    with torch.no_grad():
+        want = m(v, l, tm, im)
+        got = factored_bi_mha(m, v, l, tm, im)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **F64)
+
+
+def test_visible_second_clamp_keeps_one_chunk(monkeypatch):
+    """A clamp whose exp does not underflow changes the text softmax relative to the final column maximum, which an
+    online pass cannot know: those inputs go in one chunk and still equal the reference."""
+    import glip_fusion.factored_attention as fa
+
+    monkeypatch.setattr(fa, "CHUNK_TOKENS", 4)
+    m = _module(clamp=2.0)
+    v, l, tm, im = _inputs()
+    with torch.no_grad():
+        want = m(v, l, tm, im)
+        got = factored_bi_mha(m, v, l, tm, im)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **F64)
+
+
+@pytest.mark.parametrize("chunk", [5, 1000])
+def test_block_in_factored_order_equals_the_projected_block(chunk, monkeypatch):
+    """BiAttentionBlock takes factored_bi_attention_block (layer norm and residual inside the chunks) exactly where
+    its X-MHA takes the factored path; it equals the block with the projected reference X-MHA."""
+    import glip_fusion.factored_attention as fa
+    import glip_fusion.fusion_block as fusion_block
+    from glip_fusion import BiAttentionBlock
+
+    monkeypatch.setattr(fa, "CHUNK_TOKENS", chunk)
+    torch.manual_seed(0)
+    block = BiAttentionBlock(12, 10, 32, 4, dropout=0.0).double().eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(0.4 * torch.randn(p.shape, dtype=p.dtype))
+    v, l, tm, im = _inputs()
+    calls = []
+    monkeypatch.setattr(fusion_block, "factored_bi_attention_block",
+                        lambda *a: calls.append(1) or fa.factored_bi_attention_block(*a))
+    with torch.no_grad():
+        got = block(v, l, tm, im)  # 6 text tokens < head_dim 8, CPU, no grad: factored
+        block.attn.factored = False
+        want = block(v, l, tm, im)
+    assert calls == [1]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **F64)

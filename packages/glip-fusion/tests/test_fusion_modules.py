@@ -114,7 +114,9 @@ def test_flatten_split_round_trip_and_row_major_order():
     assert torch.equal(tokens[0, 24 + 1 * 3 + 2], feats[1][0, :, 1, 2])  # level 1, y=1, x=2
     assert torch.equal(tokens[0, 30 + 1], feats[2][0, :, 0, 1])
     back = split_levels(tokens, sizes)
-    assert all(torch.equal(a, b) and b.is_contiguous() for a, b in zip(feats, back))
+    assert all(torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last) for a, b in zip(feats, back))
+    single = split_levels(tokens[:1], sizes)  # one image: views of the tokens
+    assert all(b.data_ptr() == tokens[:1, start].data_ptr() for b, start in zip(single, (0, 24, 30)))
     with pytest.raises(ValueError, match="tokens must have shape"):
         split_levels(tokens[:, :-1], sizes)
 

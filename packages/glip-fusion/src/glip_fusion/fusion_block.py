@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._validation import as_bool_mask
 from .attention import BACKEND_ENV_VAR, bi_attention
-from .factored_attention import factored_bi_mha, factored_pays
+from .factored_attention import factored_bi_attention_block, factored_bi_mha, factored_pays
 from .levels import flatten_levels, split_levels
 
 __all__ = ["BiMultiHeadAttention", "BiAttentionBlock", "VLFuse"]
@@ -154,6 +154,8 @@ class BiAttentionBlock(nn.Module):
     def forward(self, v: torch.Tensor, l: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
                 image_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """v ``(B, N, v_dim)``, l ``(B, M, l_dim)`` -> ``(v', l')`` of the same shapes."""
+        if self.attn.uses_factored(v, l.shape[1]):  # the whole block in the factored order, chunk by chunk
+            return factored_bi_attention_block(self, v, l, text_mask, image_mask)
         v = self.layer_norm_v(v)
         l = self.layer_norm_l(l)
         delta_v, delta_l = self.attn(v, l, text_mask, image_mask)

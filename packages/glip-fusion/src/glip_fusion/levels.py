@@ -32,14 +32,17 @@ def flatten_levels(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list
 
 
 def split_levels(tokens: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-    """Inverse of :func:`flatten_levels`: ``(B, N, C)`` -> ``[(B, C, H_l, W_l)]`` (contiguous)."""
+    """Inverse of :func:`flatten_levels`: ``(B, N, C)`` -> ``[(B, C, H_l, W_l)]`` in channels-last memory (the
+    tokens' own layout: for one image, views of ``tokens`` without a copy). The convolutions of DyConv and the head
+    run on channels-last maps at least as fast on CPU, and :func:`flatten_levels` of them reads rows."""
     counts = [h * w for h, w in sizes]
     if tokens.dim() != 3 or tokens.shape[1] != sum(counts):
         raise ValueError(f"tokens must have shape (B, N={sum(counts)}, C) for level sizes {list(sizes)}; "
                          f"got {tuple(tokens.shape)}")
     B, _, C = tokens.shape
     chunks = torch.split(tokens, counts, dim=1)
-    return [c.transpose(1, 2).reshape(B, C, h, w).contiguous() for c, (h, w) in zip(chunks, sizes)]
+    return [c.reshape(B, h, w, C).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+            for c, (h, w) in zip(chunks, sizes)]
 
 
 def level_image_masks(image_sizes: Sequence[tuple[int, int]], feature_sizes: Sequence[tuple[int, int]],
