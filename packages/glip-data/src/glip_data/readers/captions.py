@@ -57,7 +57,8 @@ def caption_record(
     """Build one caption line (e.g. from a pseudo-labeller's predictions).
 
     Args:
-        entities: dicts with ``tokens_positive`` (list of ``[start, end)``), optional ``phrase``, and optionally
+        entities: dicts with ``tokens_positive`` (list of ``[start, end)``), optional ``phrase`` and ``category_id``
+            (the class of a class-list pseudo-label), and optionally
             ``boxes`` (``(n, 4)`` xyxy in ``box_convention``, e.g. a model's output) and ``scores`` (``n``).
         box_convention: the convention of the given boxes; they are stored as continuous xyxy, so reading the line
             back with the same convention returns the same boxes.
@@ -71,6 +72,8 @@ def caption_record(
         if "phrase" in ent:
             out["phrase"] = ent["phrase"]
         out["tokens_positive"] = [list(s) for s in spans]
+        if ent.get("category_id") is not None:  # a class-list pseudo-label: the class's id
+            out["category_id"] = int(ent["category_id"])
         if ent.get("boxes") is not None:
             boxes = np.asarray(ent["boxes"], dtype=np.float64).reshape(-1, 4)
             scores = np.asarray(ent.get("scores", np.ones(len(boxes))), dtype=np.float64).reshape(-1)
