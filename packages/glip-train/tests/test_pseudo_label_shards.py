@@ -208,3 +208,81 @@ def test_class_lists_label_image_folders_and_write_a_coco_file(world, teacher, t
     assert {i["file_name"] for i in coco["images"]} == {r["image"] for r in found.values()}
     assert all((images / i["file_name"]).is_file() for i in coco["images"])  # names relative to the folder
     assert len(coco["annotations"]) == report.counts["boxes_kept"]
+
+
+# ---- the command line under torchrun: any world size, killed anywhere -----------------------------------------------
+
+def _cli(nproc: int, *args: str) -> list[str]:
+    import socket
+    import sys
+
+    if nproc == 1:
+        return [sys.executable, "-m", "glip_train.cli", "pseudo-label", *args]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={port}", "-m", "glip_train.cli", "pseudo-label", *args]
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def many(world, tmp_path_factory):
+    """The world's 7 caption images as 7 shards of one sample: room for kills between shards."""
+    out = tmp_path_factory.mktemp("pl_many")
+    write_img2dataset_shards(CaptionReader(world.captions_train, world.image_root, min_boxes=0), out,
+                             samples_per_shard=1, progress=False)
+    return out
+
+
+ARGS = ("--threshold", "0.3", "--min-size", "96", "--max-size", "160", "--batch-size", "2", "--quiet")
+
+
+def test_one_and_two_gloo_processes_write_identical_shards(web, tmp_path):
+    import subprocess
+
+    subprocess.run(_cli(1, "--captions", str(web), "--out", str(tmp_path / "one"), *ARGS), check=True, env=_env(),
+                   timeout=600)
+    subprocess.run(_cli(2, "--captions", str(web), "--out", str(tmp_path / "two"), *ARGS), check=True, env=_env(),
+                   timeout=600)
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    one, two = (json.loads((tmp_path / d / "index.json").read_text())["shards"] for d in ("one", "two"))
+    assert one == two
+
+
+def test_a_job_killed_with_sigkill_and_resumed_by_another_world_size_labels_everything_once(many, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    clean = tmp_path / "clean"
+    subprocess.run(_cli(1, "--captions", str(many), "--out", str(clean), *ARGS), check=True, env=_env(),
+                   timeout=600)
+    out = tmp_path / "out"
+    job = subprocess.Popen(_cli(2, "--captions", str(many), "--out", str(out), *ARGS), env=_env(),
+                           start_new_session=True)
+    deadline = time.time() + 600
+    while len(list(out.glob("*.tar"))) < 2 and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if job.poll() is None:
+        os_kill = __import__("os").killpg
+        os_kill(job.pid, signal.SIGKILL)  # the launcher and both ranks, mid-shard
+    job.wait(timeout=60)
+    done = len(list(out.glob("*.tar")))
+    assert 2 <= done < 7, f"{done} shards finished before the kill"
+    subprocess.run(_cli(1, "--captions", str(many), "--out", str(out), *ARGS), check=True, env=_env(), timeout=600)
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["shards"]) == 7 and index["unfinished"] == []
+    assert not list(out.glob(".*glip-tmp"))
+    written = records(out)
+    skipped = {name.split("#")[1].split(":")[0] for entry in index["shards"]
+               for names in entry["skipped"]["examples"].values() for name in names}
+    assert not set(written) & skipped and set(written) | skipped == {f"{i:09d}" for i in range(7)}
+    for i in range(7):  # the same labels as an uninterrupted single process
+        assert (out / f"{i:05d}.tar").read_bytes() == (clean / f"{i:05d}.tar").read_bytes()

@@ -580,10 +580,12 @@ def _remote_error(kind: str, message: str) -> Exception:
 
 
 def open_shard_job(source: str | os.PathLike, out: str | os.PathLike, *, tokenizer: Any, max_text_len: int = 256,
-                   **settings: Any) -> ShardJob:
+                   command: str = "glip pseudo-label", stream: Any = "stderr", **settings: Any) -> ShardJob:
     """Open a :class:`ShardJob` (collectively under ``torchrun``) with the labelling ``settings``
-    (:data:`LABEL_SETTINGS`); ``tokenizer`` is the teacher's, to check phrases."""
-    return ShardJob(source, out, {**settings, "tokenizer": tokenizer, "max_text_len": max_text_len})
+    (:data:`LABEL_SETTINGS`); ``tokenizer`` is the teacher's, to check phrases; ``stream`` where skips are named
+    (None: only recorded)."""
+    return ShardJob(source, out, {**settings, "tokenizer": tokenizer, "max_text_len": max_text_len},
+                    command=command, stream=stream)
 
 
 def write_coco(out_dir: str | os.PathLike, path: str | os.PathLike, classes: list[str]) -> Path:
