@@ -30,12 +30,16 @@ def world(tmp_path_factory):
         seed=6, num_detection=1, num_grounding=1, num_captions=7, num_val=1, min_size=96, max_size=128))
 
 
+def _web(world, out: Path, per_shard: int) -> Path:
+    """The world's caption images as img2dataset shards of ``per_shard`` samples."""
+    reader = CaptionReader(world.captions_train, world.image_root, min_boxes=0)
+    write_img2dataset_shards(reader, out, samples_per_shard=per_shard, progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def web(world, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pl_web")
-    write_img2dataset_shards(CaptionReader(world.captions_train, world.image_root, min_boxes=0), out,
-                             samples_per_shard=3, progress=False)
-    return out  # 00000.tar (3), 00001.tar (3), 00002.tar (1)
+    return _web(world, tmp_path_factory.mktemp("pl_web"), 3)  # 00000.tar (3), 00001.tar (3), 00002.tar (1)
 
 
 def run_job(source, out, model, **changes):
@@ -234,10 +238,7 @@ def _env() -> dict:
 @pytest.fixture(scope="module")
 def many(world, tmp_path_factory):
     """The world's 7 caption images as 7 shards of one sample: room for kills between shards."""
-    out = tmp_path_factory.mktemp("pl_many")
-    write_img2dataset_shards(CaptionReader(world.captions_train, world.image_root, min_boxes=0), out,
-                             samples_per_shard=1, progress=False)
-    return out
+    return _web(world, tmp_path_factory.mktemp("pl_many"), 1)
 
 
 ARGS = ("--threshold", "0.3", "--min-size", "96", "--max-size", "160", "--batch-size", "2", "--quiet")

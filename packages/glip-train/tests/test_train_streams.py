@@ -11,27 +11,20 @@ import pytest
 import torch
 import yaml
 
-from glip_data import CaptionReader, SynthConfig, generate_world, write_shards
+from glip_data import CaptionReader, write_shards
 from glip_train.training import ResumeError, Trainer, load_train_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_trainer import Interrupted, KillAfter, _env, _free_port, _weights, tiny_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("stream_world")
-    generate_world(folder, config=SynthConfig(seed=3, num_detection=8, num_grounding=8, num_captions=7, num_val=2,
-                                              min_size=64, max_size=64, max_objects=2))
-    return folder
+from test_train_trainer import (Interrupted, KillAfter, _env, _free_port, _weights, tiny_config,  # noqa: E402
+                                world)  # noqa: F401  (the tiny world, a fixture)
 
 
 @pytest.fixture(scope="module")
 def shards(world, tmp_path_factory):
-    """The world's captions with their true boxes as caption shards of 2 (stand-ins for pseudo-labels): 4 shards of
-    2, 2, 2 and 1 records."""
+    """The world's 4 captions with their true boxes as caption shards of 3 and 1 records (stand-ins for
+    pseudo-labels)."""
     out = tmp_path_factory.mktemp("caption_shards")
-    write_shards(CaptionReader(world / "captions_train_gt.jsonl", world / "images"), out, samples_per_shard=2,
+    write_shards(CaptionReader(world / "captions_train_gt.jsonl", world / "images"), out, samples_per_shard=3,
                  progress=False)
     return out
 
@@ -103,7 +96,7 @@ def test_a_folder_without_an_index_is_named_before_anything_is_built(world, tmp_
 
 
 def test_two_gloo_processes_stream_unequal_shards_with_equal_steps(world, shards, tmp_path):
-    # 7 records in shards of 2, 2, 2, 1: the two processes' readers get 3 and 4 records per pass, and the run still
+    # 4 records in shards of 3 and 1: the two processes' readers get 3 and 1 records per pass, and the run still
     # ends on both with identical replicas (the streams never end; the global batch order decides the steps)
     path = stream_config(world, shards, tmp_path, **{"data.batch_size": 1, "device": "cpu", "schedule.max_iter": 5})
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
