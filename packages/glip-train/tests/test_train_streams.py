@@ -106,3 +106,24 @@ def test_two_gloo_processes_stream_unequal_shards_with_equal_steps(world, shards
     assert result["steps"] == 5 and result["world_size"] == 2 and len(set(result["weights_sha256"])) == 1
     state = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint_00000005.pt", weights_only=False)
     assert sorted(state["data"]["positions"]["2:" + shards.name]) == [0, 1]  # each process recorded its reader
+
+
+def test_streamed_detection_records_get_sampled_prompts_from_the_index_categories(world, tmp_path):
+    from glip_data import COCODetection
+
+    from glip_train import GLIP
+    from glip_train.training.data import build_data, build_sources
+
+    write_shards(COCODetection(world / "detection_train.json", world / "images"), tmp_path / "det",
+                 samples_per_shard=4, progress=False)
+    config = load_train_config(stream_config(world, tmp_path / "det", tmp_path / "run"))
+    config = type(config).from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "train": [
+        {"kind": "shards", "annotations": str(tmp_path / "det"), "negatives": 2}]}})
+    model = GLIP.from_pretrained()
+    data = build_data(config, build_sources(config.data, seed=0), model)
+    names = set(json.loads((tmp_path / "det" / "index.json").read_text())["categories"].values())
+    for index in range(3):
+        sample = data.samples[(0, index)]
+        assert sample.metadata["task"] == "detection" and sample.metadata["stream_position"][2] == index + 1
+        phrases = {sample.caption[s:e] for spans in sample.tokens_positive for s, e in spans}
+        assert phrases and phrases <= names  # every box points at its class name in the sampled prompt

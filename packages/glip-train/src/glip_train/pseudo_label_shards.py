@@ -83,7 +83,9 @@ class InputShard:
             yield stem, {ext.lower(): data}
 
     def describe(self) -> str:
-        return str(self.path) if self.files is None else f"{self.path} ({self.files[0]} ... {self.files[-1]})"
+        """The shard's absolute path (a folder slice: the folder and its first and last file)."""
+        path = self.path.resolve()
+        return str(path) if self.files is None else f"{path} ({self.files[0]} ... {self.files[-1]})"
 
 
 def input_shards(source: str | os.PathLike, *, images_ok: bool, shard_size: int) -> list[InputShard]:
