@@ -11,7 +11,7 @@ from PIL import Image
 
 from glip_data import ImageLoadError
 from glip_train import GLIP, GLIPConfig, GLIPProcessor, PostProcessConfig
-from glip_train.checkpoint import CheckpointError
+from glip_train.official_checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")

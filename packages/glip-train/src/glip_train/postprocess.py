@@ -18,7 +18,7 @@ import torch
 from glip_data.boxes import batched_nms, clip_boxes
 
 from .box_ops import BoxCoder
-from .config import PostProcessConfig
+from .model_config import PostProcessConfig
 
 __all__ = ["PostProcessConfig", "Detections", "aggregate_token_scores", "cap_detections", "passes_threshold",
            "ATSSPostProcessor"]

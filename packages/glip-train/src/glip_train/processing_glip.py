@@ -32,7 +32,7 @@ from glip_data import ImageLoadError, TestTransform, chunk_classes, detection_pr
 from glip_data import check_phrases, find_phrase_spans, get_resize_size, load_image, pad_images
 from glip_encoders import tokenize
 
-from .config import GLIPConfig, PostProcessConfig
+from .model_config import GLIPConfig, PostProcessConfig
 from .postprocess import ATSSPostProcessor, Detections, cap_detections, passes_threshold
 
 if TYPE_CHECKING:

@@ -199,8 +199,7 @@ class CaptionReader(GroundingReader):
             except ReaderError as err:
                 if self.errors == "raise":
                     raise
-                self.stats["bad_entity"] += 1
-                self.check.name("bad_entity", str(err).removeprefix(f"{self.ann_file}: "))
+                self._problem("bad_entity", str(err).removeprefix(f"{self.ann_file}: "))
                 continue
             rec_boxes = [row[0] for row in rows]
             rec_scores = [row[1] for row in rows]

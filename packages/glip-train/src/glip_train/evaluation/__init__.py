@@ -23,7 +23,8 @@ _LAZY = {
     "PROTOCOLS": "protocols", "DetectionProtocol": "protocols", "FlickrProtocol": "protocols",
     "LVISProtocol": "protocols", "ODinWProtocol": "protocols", "get_protocol": "protocols",
     "parse_overrides": "protocols",
-    "EvalResult": "runner", "evaluate": "runner", "evaluate_detections": "runner",
+    "EvalData": "runner", "EvalResult": "runner", "evaluate": "runner", "evaluate_detections": "runner",
+    "load_eval_data": "runner",
 }
 
 
@@ -37,6 +38,7 @@ __all__ = [
     "PROTOCOLS",
     "DetectionProtocol",
     "Detector",
+    "EvalData",
     "EvalResult",
     "EvaluationError",
     "FlickrProtocol",
@@ -50,6 +52,7 @@ __all__ = [
     "grounding_recall",
     "init_distributed_from_env",
     "load_detection_dataset",
+    "load_eval_data",
     "load_flickr_dataset",
     "lvis_box_metrics",
     "numpy_float_alias",

@@ -192,9 +192,12 @@ def load_results(source: str | Path | list, dataset: DetectionDataset) -> Result
 
 
 def write_results(path: Path, records: Iterable[dict[str, Any]]) -> int:
-    """Stream records to a JSON list file (one detection per line); returns how many were written."""
+    """Stream records to a JSON list file (one detection per line) under a temporary name, renamed into place when
+    complete (a killed run never leaves a truncated file); returns how many were written."""
+    from glip_data.io import atomic_open
+
     n = 0
-    with open(path, "w", encoding="utf-8") as fh:
+    with atomic_open(path) as fh:
         fh.write("[")
         for rec in records:
             fh.write(("\n" if n == 0 else ",\n") + json.dumps(rec, separators=(",", ":")))
