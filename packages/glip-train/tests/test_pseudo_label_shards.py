@@ -282,8 +282,8 @@ def test_a_job_killed_with_sigkill_and_resumed_by_another_world_size_labels_ever
     assert len(index["shards"]) == 7 and index["unfinished"] == []
     assert not list(out.glob(".*glip-tmp"))
     written = records(out)
-    skipped = {name.split("#")[1].split(":")[0] for entry in index["shards"]
-               for names in entry["skipped"]["examples"].values() for name in names}
+    skipped = {name.split("#")[1].split(":")[0] for entry in index["shards"] for part in ("skipped", "filtered")
+               for names in entry[part]["examples"].values() for name in names}
     assert not set(written) & skipped and set(written) | skipped == {f"{i:09d}" for i in range(7)}
     for i in range(7):  # the same labels as an uninterrupted single process
         assert (out / f"{i:05d}.tar").read_bytes() == (clean / f"{i:05d}.tar").read_bytes()

@@ -25,8 +25,9 @@ The rules that make the output the same for any number of processes and restarts
   read) batched as ``[k * B, (k + 1) * B)``: the same batches, so the same numbers, whatever the world size (the
   model in eval mode; on CPUs the thread count of each process can change the last bits of a float).
 
-Skipped samples (no caption, bad metadata, unreadable image, no phrase, no readable phrase, too few boxes) are
-counted and named per shard; a shard that is not a readable archive is named, not written, and retried by the next
+Skipped samples (no caption, bad metadata, unreadable image, no phrase, no readable phrase) are counted and named
+per shard and make the exit code 1; samples labelled with fewer than ``min_boxes`` boxes are *filtered* (counted
+and named per shard, not a skip: the teacher read them, as ``glip_train.pseudo_label`` counts them); a shard that is not a readable archive is named, not written, and retried by the next
 run. See ``docs/self_training.md``.
 """
 from __future__ import annotations
@@ -180,7 +181,7 @@ class ShardJobReport:
     Attributes:
         out: the output folder; shards: input shards; done_before: finished by earlier runs; labelled: finished by
         this run (all ranks); failed: ``(shard, message)`` of shards that could not be read (retried next run);
-        counts: samples read / written and boxes, all finished shards; skipped: every skipped sample of every
+        counts: samples read / written / filtered (too few boxes) and boxes, all finished shards; skipped: every skipped sample of every
         finished shard (a ``glip_data.SkipReport``, to_dict form merged).
     """
 
@@ -196,7 +197,7 @@ class ShardJobReport:
         c = self.counts
         return (f"glip pseudo-label: {self.labelled} shards labelled, {self.done_before} done before, "
                 f"{len(self.failed)} unreadable of {self.shards}; {c['samples']} samples, {c['written']} written "
-                f"({c['boxes_kept']} boxes); {self.skipped.summary() if self.skipped else 'skipped nothing'} -> "
+                f"({c['boxes_kept']} boxes), {c['filtered']} with too few boxes; {self.skipped.summary() if self.skipped else 'skipped nothing'} -> "
                 f"{self.out}")
 
     def exit_code(self, ok: int = 0, skipped: int = 1) -> int:
@@ -363,7 +364,8 @@ class ShardJob:
             report.skipped = SkipReport(self.command, stream=None)
             for entry in self.write_index(report.failed)["shards"]:  # every finished shard, this run's and before
                 report.counts.update({"samples": entry["samples"], "written": entry["written"],
-                                      "boxes_kept": entry["boxes_kept"]})
+                                      "boxes_kept": entry["boxes_kept"],
+                                      "filtered": entry.get("filtered", {}).get("total", 0)})
                 report.skipped.merge(entry["skipped"])
         return report
 
@@ -378,6 +380,7 @@ class ShardJob:
         # every skipped sample of the shard, and the phrases the teacher cannot read (of samples written or not)
         named = SkipReport(self.command, stream=None, keep=1 << 62)
         named.phrases = SkipReport(self.command, stream=None, keep=1 << 62)
+        named.filtered = SkipReport(self.command, stream=None, keep=1 << 62)  # labelled, too few boxes: not a skip
         counts: Counter = Counter()
         records: list[tuple[str, bytes, str, dict[str, Any]]] = []
         batch: list[dict[str, Any]] = []
@@ -399,7 +402,7 @@ class ShardJob:
                  "written": len(records), "boxes_kept": counts["boxes_kept"],
                  "boxes_below_threshold": counts["boxes_below_threshold"],
                  "boxes_removed_by_nms": counts["boxes_removed_by_nms"], "skipped": named.to_dict(),
-                 "skipped_phrases": named.phrases.to_dict()}
+                 "skipped_phrases": named.phrases.to_dict(), "filtered": named.filtered.to_dict()}
         atomic_write_json(self.out / f"{shard.name}{STATS_SUFFIX}", entry)  # the entry first: the shard vouches
         with atomic_open(self.out / f"{shard.name}.tar", "wb") as fh, \
                 tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -517,7 +520,7 @@ class ShardJob:
         out = []
         for item, (caption, entities, kept) in zip(batch, grouped_all):
             if kept < min_boxes:
-                self._skip(named, "too few boxes", item["where"], f"{kept} at or above the threshold")
+                named.filtered.skip("too few boxes", item["where"], f"{kept} at or above the threshold")
                 continue
             counts["boxes_kept"] += kept
             extra = {"image_id": item["meta"]["image_id"]} if item["meta"].get("image_id") is not None else {}
