@@ -57,6 +57,15 @@ def test_img2dataset_layout_round_trips_captions_and_phrases(world, web):
         assert ext == "jpg" and data == (world.image_root / line["image"]).read_bytes()  # copied, not re-encoded
 
 
+def test_the_shard_command_writes_the_same_img2dataset_shards(world, web, tmp_path):
+    from glip_data.cli import main
+
+    assert main(["shard", str(world.captions_train), str(tmp_path / "cli"), "--images", str(world.image_root),
+                 "--kind", "img2dataset", "--per-shard", "3", "--quiet"]) == 0
+    for name in ("00000.tar", "00001.tar", "00002.tar"):  # caption lines without boxes kept, as the fixture keeps them
+        assert (tmp_path / "cli" / name).read_bytes() == (web / name).read_bytes()
+
+
 def test_sources_folder_glob_braces_list_and_missing_files(web, tmp_path):
     shards = [web / f"0000{i}.tar" for i in range(3)]
     assert resolve_shards(web) == shards
