@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from .pseudo_label import group_by_entity
+
 __all__ = ["ShardJob", "ShardJobReport", "InputShard", "open_shard_job", "ground_batch", "group_by_entity",
            "weights_digest", "write_coco"]
 
@@ -135,30 +137,6 @@ def ground_batch(model: Any, images: list[Any], captions: list[str], entities: l
         parts = predict(model, model.processor, images, queries, min_size=min_size, max_size=max_size,
                         batch_size=len(images), max_detections_per_prompt=max_detections)
     return [dets[0] for dets in parts]
-
-
-def group_by_entity(detections: Any, entities: list[dict[str, Any]], threshold: float, nms: float | None,
-                    counts: Counter) -> tuple[list[dict[str, Any]], int]:
-    """The boxes scoring at least ``threshold`` (:func:`glip_train.postprocess.passes_threshold`), optionally
-    class-agnostic NMS over them, grouped by entity: ``(entities with boxes and scores, boxes kept)``."""
-    from glip_data import batched_nms
-
-    from .postprocess import passes_threshold
-
-    keep = passes_threshold(detections.scores, threshold)
-    boxes, scores, labels = detections.boxes[keep], detections.scores[keep], detections.labels[keep]
-    counts["boxes_below_threshold"] += int((~keep).sum())
-    if nms is not None and boxes.numel():
-        order = batched_nms(boxes, scores, torch.zeros_like(labels), nms, legacy=True)
-        counts["boxes_removed_by_nms"] += int(boxes.shape[0] - order.numel())
-        boxes, scores, labels = boxes[order], scores[order], labels[order]
-    grouped = []
-    for index, entity in enumerate(entities):
-        mine = labels == index
-        if bool(mine.any()):
-            grouped.append({**entity, "tokens_positive": [list(s) for s in entity["tokens_positive"]],
-                            "boxes": boxes[mine].tolist(), "scores": [round(float(s), 5) for s in scores[mine]]})
-    return grouped, int(boxes.shape[0])
 
 
 def weights_digest(model: torch.nn.Module) -> str:
