@@ -287,3 +287,20 @@ def test_a_job_killed_with_sigkill_and_resumed_by_another_world_size_labels_ever
     assert not set(written) & skipped and set(written) | skipped == {f"{i:09d}" for i in range(7)}
     for i in range(7):  # the same labels as an uninterrupted single process
         assert (out / f"{i:05d}.tar").read_bytes() == (clean / f"{i:05d}.tar").read_bytes()
+
+
+def test_command_line_mistakes_are_one_line_before_the_teacher_loads(web, tmp_path, capsys):
+    from glip_train.cli import main
+
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"{web / '00000.tar'}\n{web / 'gone.tar'}\n")
+    cases = [(["--captions", str(listing), "--out", str(tmp_path / "a")], "do not exist: " + str(web / "gone.tar")),
+             (["--captions", str(web), "--out", str(tmp_path / "b"), "--images", str(tmp_path)],
+              "--images applies to a JSON Lines --captions file"),
+             (["--captions", str(web), "--out", str(tmp_path / "c"), "--coco", str(tmp_path / "c.json")],
+              "--coco needs --classes")]
+    for argv, message in cases:
+        assert main(["pseudo-label", *argv, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
