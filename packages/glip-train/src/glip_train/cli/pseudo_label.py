@@ -68,8 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _is_caption_file(source: str) -> bool:
-    path = Path(source)
-    return path.is_file() and path.name.lower().endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))
+    """A JSON Lines caption file by its name (a missing one is then named as such); anything else is shards."""
+    return Path(source).name.lower().endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))
 
 
 def run(args: argparse.Namespace) -> int:
