@@ -56,7 +56,7 @@ def records(out: Path) -> dict[str, dict]:
     return found
 
 
-def test_output_shards_hold_caption_records_with_the_input_keys_and_images(world, web, teacher, tmp_path):
+def test_output_shards_hold_caption_records_with_the_input_keys_and_images(world, web, teacher, tmp_path, capsys):
     report = run_job(web, tmp_path / "out", teacher, threshold=0.3)
     assert report.labelled == 3 and report.counts["samples"] == 7 and not report.failed
     lines = [json.loads(x) for x in world.captions_train.read_text().splitlines()]
@@ -83,6 +83,13 @@ def test_output_shards_hold_caption_records_with_the_input_keys_and_images(world
     streamed = list(ShardedStream(tmp_path / "out", load_image=True))
     assert len(streamed) == sum(1 for r in found.values() if any(s > 0.5 for e in r["entities"] for s in e["scores"]))
     assert all(s.image.size == (s.width, s.height) for s in streamed)
+    from glip_data.cli import main as glip_data_main
+
+    capsys.readouterr()
+    assert glip_data_main(["inspect", str(tmp_path / "out"), "--json", "--quiet"]) == 0  # glip-data counts them
+    printed = capsys.readouterr().out
+    counted = json.loads(printed[printed.index("{\n"):])
+    assert counted["samples"] == len(streamed) and counted["boxes"] == sum(len(s.boxes) for s in streamed)
 
 
 def _shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
