@@ -254,10 +254,21 @@ def shard_cmd(args: argparse.Namespace, out=None, skips: SkipReport | None = Non
     out = out or sys.stdout
     from glip_data.shards import write_shards
 
+    # img2dataset: web captions come without boxes, so caption lines without boxes are kept
     reader = make_reader(args.src, args.format, images=args.images, label_map=args.label_map,
-                         box_convention=args.box_convention, errors=args.errors, skips=skips)
+                         box_convention=args.box_convention, errors=args.errors, skips=skips,
+                         min_boxes=0 if args.kind == "img2dataset" else 1)
     if not hasattr(reader, "__len__"):
         raise UsageError(f"{args.src} is already shards")
+    if args.kind == "img2dataset":  # the layout web downloads come in: the input of glip pseudo-label over shards
+        from glip_data.webdataset import write_img2dataset_shards
+
+        if args.gzip or args.relative_paths:
+            raise UsageError(f"{'--gzip' if args.gzip else '--relative-paths'} does not apply to --kind img2dataset")
+        stats = write_img2dataset_shards(reader, args.out, samples_per_shard=args.per_shard, progress=not args.quiet)
+        print(f"wrote {len(stats)} img2dataset shards, {sum(s['count'] for s in stats)} samples, to {args.out}",
+              file=out)
+        return {"shards": stats, "num_samples": sum(s["count"] for s in stats)}
     index = write_shards(reader, args.out, kind=args.kind, samples_per_shard=args.per_shard, compress=args.gzip,
                          image_root=args.images if args.kind == "jsonl" and args.relative_paths else None,
                          progress=not args.quiet)
@@ -364,11 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shard", epilog=EXIT_CODES_HELP, help="write a dataset as tar or jsonl shards for streaming",
                        description="Turn any readable dataset into shards (tar: images inside, WebDataset-style; "
-                                   "jsonl: image paths) plus an index.json, for glip_data.shards.ShardedStream.")
+                                   "jsonl: image paths) plus an index.json, for glip_data.shards.ShardedStream; or "
+                                   "(--kind img2dataset) into shards in img2dataset's layout ({key}.jpg, {key}.txt "
+                                   "caption, {key}.json metadata with the entities), the input glip pseudo-label "
+                                   "reads.")
     p.add_argument("src", help="annotation file")
     p.add_argument("out", help="output folder")
     _reader_options(p)
-    p.add_argument("--kind", default="tar", choices=("tar", "jsonl"), help="shard kind (default tar)")
+    p.add_argument("--kind", default="tar", choices=("tar", "jsonl", "img2dataset"), help="shard kind (default tar)")
     p.add_argument("--per-shard", type=positive_int, default=1000,
                    help="samples per shard (default 1000); write at least "
                    "world_size x workers shards")

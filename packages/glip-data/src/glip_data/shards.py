@@ -27,12 +27,13 @@ smallest share (known from the index), so all ranks run the same number of steps
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import tarfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from glip_data.images import ImageFrame, load_image as _load_image
 from glip_data.sample import GroundingSample
+from glip_data.webdataset import CorruptShardError, add_member, iter_tar_samples
 
 INDEX_NAME = "index.json"
 FORMAT_NAME = "glip-data-shards"
@@ -107,14 +109,6 @@ def record_to_sample(record: dict[str, Any], image_path: str, where: str = "") -
 # writing
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # reproducible archives
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 class _ShardWriter:
     def __init__(self, out: Path, kind: str, compress: bool, prefix: str) -> None:
         self.out, self.kind, self.compress, self.prefix = out, kind, compress, prefix
@@ -145,9 +139,9 @@ class _ShardWriter:
     def write(self, record: dict[str, Any], image_name: str | None, image_bytes: bytes | None) -> None:
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
         if self.kind == "tar":
-            _add_bytes(self._handle, f"{record['key']}.json", data)
+            add_member(self._handle, f"{record['key']}.json", data)
             if image_name is not None:
-                _add_bytes(self._handle, image_name, image_bytes)
+                add_member(self._handle, image_name, image_bytes)
         else:
             self._handle.write(data)
         self.shards[-1]["count"] += 1
@@ -301,13 +295,48 @@ def _kind_of(path: Path) -> str:
 
 
 def iter_shard(path: str | os.PathLike, *, load_image: bool = True, image_root: str | os.PathLike | None = None,
-               keep: Any = None) -> Iterator[GroundingSample]:
-    """Yield the samples of one shard, in order. ``keep(position) -> bool`` selects records by their position."""
+               keep: Any = None, captions: CaptionFilter | None = None) -> Iterator[GroundingSample]:
+    """Yield the samples of one shard, in order. ``keep(position) -> bool`` selects records by their position.
+
+    Caption records (pseudo-labels: ``entities`` with boxes and scores instead of ``boxes``/``labels``) are filtered
+    by ``captions`` (default: the official score > 0.5, at least one box); a record it leaves out is not yielded.
+    """
+    for _, sample in iter_positioned(path, load_image=load_image, image_root=image_root, keep=keep,
+                                     captions=captions):
+        if sample is not None:
+            yield sample
+
+
+@dataclass(frozen=True)
+class CaptionFilter:
+    """How caption records (pseudo-labels) become training samples: boxes scoring above ``score_threshold`` (the
+    official ``CAPTION_CONF`` 0.5), at least ``min_boxes`` of them (official 1); ``stats`` counts what is left out."""
+
+    score_threshold: float = 0.5
+    min_boxes: int = 1
+    stats: Counter = field(default_factory=Counter, compare=False)
+
+
+def iter_positioned(path: str | os.PathLike, *, load_image: bool = True,
+                    image_root: str | os.PathLike | None = None, keep: Any = None,
+                    captions: CaptionFilter | None = None,
+                    on_error: Callable[[str, str], None] | None = None,
+                    ) -> Iterator[tuple[int, GroundingSample | None]]:
+    """``(position, sample)`` for every record of one shard that ``keep(position)`` selects; the sample is None for
+    a caption record ``captions`` leaves out (too few boxes above its threshold), and, with ``on_error``, for a
+    record that cannot be used (malformed, or its image unreadable): ``on_error(record, message)`` names it.
+
+    Raises:
+        ValueError: a malformed record or a missing image member, naming the shard and the record;
+            glip_data.webdataset.CorruptShardError for a damaged archive; glip_data.ImageLoadError for an image that
+            cannot be decoded.
+    """
     path = Path(path)
     kind = _kind_of(path)
-    position = -1
+    captions = captions if captions is not None else CaptionFilter()
     if kind == "jsonl":
         opener = gzip.open if path.name.endswith(".gz") else open
+        position = -1
         with opener(path, "rt", encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, start=1):
                 if not line.strip():
@@ -316,35 +345,50 @@ def iter_shard(path: str | os.PathLike, *, load_image: bool = True, image_root: 
                 if keep is not None and not keep(position):
                     continue
                 where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-                image = Path(record.get("image", ""))
-                if not image.is_absolute() and image_root is not None:
-                    image = Path(image_root) / image
-                sample = record_to_sample(record, str(image), where)
-                if load_image:
-                    _attach(sample, image, where, where)
-                yield sample
+                yield position, _guarded(where, on_error, _from_line, line, where, image_root, load_image, captions)
         return
-    with tarfile.open(path, mode="r|*") as tar:
-        # Members of one sample are consecutive and share the key (the name up to the first dot).
-        group_key: str | None = None
-        group: dict[str, bytes] = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-            if key != group_key:
-                if group_key is not None and (keep is None or keep(position)):
-                    yield _from_group(path, group_key, group, load_image)
-                group_key, group = key, {}
-                position += 1
-            if keep is None or keep(position):  # skipped records are not even read
-                group[ext] = tar.extractfile(member).read()
-        if group_key is not None and (keep is None or keep(position)):
-            yield _from_group(path, group_key, group, load_image)
+    for position, key, group in iter_tar_samples(path, keep=keep):  # records left out are not even read
+        yield position, _guarded(f"{path}#{key}", on_error, _from_group, path, key, group, load_image, captions)
+
+
+def _guarded(where: str, on_error: Callable[[str, str], None] | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; with ``on_error``, a record that cannot be used is named there and gives None."""
+    if on_error is None:
+        return fn(*args)
+    try:
+        return fn(*args)
+    except (ValueError, OSError) as err:  # ReaderError, ImageLoadError: the message names the record
+        on_error(where, str(err))
+        return None
+
+
+def _from_line(line: str, where: str, image_root: str | os.PathLike | None, load_image: bool,
+               captions: CaptionFilter) -> GroundingSample | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+    image = Path(record.get("image", ""))
+    if not image.is_absolute() and image_root is not None:
+        image = Path(image_root) / image
+    sample = _to_sample(record, str(image), where, captions)
+    if sample is not None and load_image:
+        _attach(sample, image, where, where)
+    return sample
+
+
+def _to_sample(record: dict[str, Any], image_path: str, where: str,
+               captions: CaptionFilter) -> GroundingSample | None:
+    """A glip-data record, or a caption record (``entities`` and no ``labels``) filtered by ``captions``."""
+    if "entities" in record and "labels" not in record:
+        from glip_data.readers.captions import caption_record_to_sample
+
+        sample = caption_record_to_sample(record, image_path, where, score_threshold=captions.score_threshold,
+                                          min_boxes=captions.min_boxes, stats=captions.stats)
+        if sample is not None:
+            sample.metadata["shard_key"] = record.get("key")
+        return sample
+    return record_to_sample(record, image_path, where)
 
 
 def _attach(sample: GroundingSample, source: Any, name: str, where: str) -> None:
@@ -356,7 +400,8 @@ def _attach(sample: GroundingSample, source: Any, name: str, where: str) -> None
     sample.image = image
 
 
-def _from_group(path: Path, key: str, group: dict[str, bytes], load_image: bool) -> GroundingSample:
+def _from_group(path: Path, key: str, group: dict[str, bytes], load_image: bool,
+                captions: CaptionFilter) -> GroundingSample | None:
     where = f"{path}#{key}"
     if "json" not in group:
         raise ValueError(f"{where}: no {key}.json in the shard (members: {sorted(group)})")
@@ -366,8 +411,8 @@ def _from_group(path: Path, key: str, group: dict[str, bytes], load_image: bool)
         raise ValueError(f"{where}.json: not valid JSON ({err})") from None
     image_name = record.get("image", "")
     ext = image_name.partition(".")[2]
-    sample = record_to_sample(record, f"{path}#{image_name}", where)
-    if load_image:
+    sample = _to_sample(record, f"{path}#{image_name}", where, captions)
+    if sample is not None and load_image:
         if ext not in group:
             raise ValueError(f"{where}: the record names image {image_name!r}, which is not in the shard")
         _attach(sample, group[ext], f"{path}#{image_name}", where)
@@ -392,6 +437,20 @@ def _resolve_source(source: Any) -> tuple[list[Path], dict[str, Any] | None, Pat
     if not paths:
         raise ValueError("no shards given")
     return paths, None, None
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a reader of a :class:`ShardedStream` stands: in the stream's ``epoch`` (pass over its shards), at its
+    ``shard``-th shard of that pass (an index into the reader's own shards), after ``offset`` records of it (kept or
+    not). Plain data: ``StreamPosition(*tuple)`` round-trips through a checkpoint."""
+
+    epoch: int = 0
+    shard: int = 0
+    offset: int = 0
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return (self.epoch, self.shard, self.offset)
 
 
 class ShardedStream(IterableDataset):
@@ -436,11 +495,72 @@ class ShardedStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _shard_order(self) -> list[int]:
+    def _shard_order(self, epoch: int | None = None) -> list[int]:
         order = list(range(len(self.shards)))
         if self.shuffle:
-            order = [int(i) for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
+            epoch = self.epoch if epoch is None else epoch
+            order = [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(len(order))]
         return order
+
+    def iter_from(self, reader: int, readers: int, start: StreamPosition | None = None, *,
+                  captions: CaptionFilter | None = None, on_error: Callable[[str, str], None] | None = None,
+                  ) -> Iterator[tuple[GroundingSample, StreamPosition]]:
+        """The endless stream of reader ``reader`` of ``readers``, from ``start``: each sample with the position
+        just after it, so that ``iter_from(reader, readers, position)`` continues exactly there.
+
+        The stream's epochs follow each other; epoch ``e`` deals the shards of its order (seeded by ``(seed, e)``
+        with ``shuffle``) round-robin to the readers, as :meth:`assignment` does, and a reader reads its shards in
+        that order, each from its first record to its last (no sample shuffling: a position is exact). With fewer
+        shards than readers every reader scans every shard and keeps every ``readers``-th record.
+
+        Args:
+            captions: the filter of caption records (default official); records it leaves out are passed over.
+            on_error: name and pass over records that cannot be used (malformed, unreadable image) and shards that
+                cannot be read (``on_error(what, message)``); without it they raise.
+
+        Raises:
+            ValueError: an epoch in which this reader finds no usable sample at all (the stream would never yield).
+        """
+        if not 0 <= reader < readers:
+            raise ValueError(f"reader {reader} is not in [0, {readers})")
+        position = start or StreamPosition()
+        epoch, first, offset = position.epoch, position.shard, position.offset
+        while True:
+            order = self._shard_order(epoch)
+            strided = len(order) < readers
+            mine = order if strided else order[reader::readers]
+            base = sum(self._count(order[j]) for j in range(first)) if strided else 0
+            found = False
+            for j in range(first, len(mine)):
+                skip, stride_base = offset, base
+
+                def keep(pos: int, skip: int = skip, stride_base: int = stride_base) -> bool:
+                    return pos >= skip and (not strided or (stride_base + pos) % readers == reader)
+
+                records = iter_positioned(self.shards[mine[j]], load_image=self.load_image,
+                                          image_root=self.image_root, keep=keep, captions=captions,
+                                          on_error=on_error)
+                try:
+                    for pos, sample in records:
+                        if sample is not None:
+                            found = True
+                            yield sample, StreamPosition(epoch, j, pos + 1)
+                except ValueError as err:  # a damaged archive: the rest of the shard cannot be read
+                    if on_error is None or not isinstance(err, CorruptShardError):
+                        raise
+                    on_error(str(self.shards[mine[j]]), str(err))
+                if strided:
+                    base += self._count(mine[j])
+                offset = 0
+            whole_pass = epoch != position.epoch or (position.shard == 0 and position.offset == 0)
+            if not found and whole_pass:
+                raise ValueError(f"{len(self.shards)} shards ({self.num_samples} records): reader {reader} of "
+                                 f"{readers} finds no usable sample in a whole pass; write more shards or use fewer "
+                                 "processes / DataLoader workers")
+            epoch, first = epoch + 1, 0
+
+    def _count(self, i: int) -> int:
+        return self.counts[i] if self.counts is not None else _count_records(self.shards[i])
 
     def assignment(self, reader: int, readers: int) -> tuple[list[int], bool, int | None]:
         """What reader ``reader`` of ``readers`` reads: ``(shard indices, strided, sample limit)``.
@@ -572,5 +692,5 @@ class MixedStream(IterableDataset):
             yield sample
 
 
-__all__ = ["INDEX_NAME", "MixedStream", "ShardedStream", "dist_info", "iter_shard", "record_to_sample",
-           "sample_to_record", "write_shards"]
+__all__ = ["INDEX_NAME", "CaptionFilter", "MixedStream", "ShardedStream", "StreamPosition", "dist_info", "iter_shard",
+           "iter_positioned", "record_to_sample", "sample_to_record", "write_shards"]

@@ -271,8 +271,10 @@ def _entities(sample, phrases: str, find_noun_phrases, find_phrase_spans) -> lis
     return [{"phrase": p, "tokens_positive": s} for p, s in zip(found, find_phrase_spans(sample.caption, found))]
 
 
-def _record(sample, image, detections, entities, threshold: float, nms: float | None, counts: Counter):
-    """The caption line of one image: kept boxes grouped by entity (None when nothing was kept)."""
+def group_by_entity(detections: Any, entities: list[dict[str, Any]], threshold: float, nms: float | None,
+                    counts: Counter) -> tuple[list[dict[str, Any]], int]:
+    """The boxes scoring at least ``threshold`` (:func:`glip_train.postprocess.passes_threshold`), optionally
+    class-agnostic NMS over them, grouped by entity: ``(entities with boxes and scores, boxes kept)``."""
     from glip_data import batched_nms
 
     from .postprocess import passes_threshold
@@ -284,17 +286,23 @@ def _record(sample, image, detections, entities, threshold: float, nms: float | 
         order = batched_nms(boxes, scores, torch.zeros_like(labels), nms, legacy=True)
         counts["boxes_removed_by_nms"] += int(boxes.shape[0] - order.numel())
         boxes, scores, labels = boxes[order], scores[order], labels[order]
-    if boxes.numel() == 0:
-        return None
     grouped = []
     for index, entity in enumerate(entities):
         mine = labels == index
         if bool(mine.any()):
-            grouped.append({"phrase": entity["phrase"], "tokens_positive": [list(s) for s in entity["tokens_positive"]],
+            grouped.append({**entity, "tokens_positive": [list(s) for s in entity["tokens_positive"]],
                             "boxes": boxes[mine].tolist(), "scores": [round(float(s), 5) for s in scores[mine]]})
+    return grouped, int(boxes.shape[0])
+
+
+def _record(sample, image, detections, entities, threshold: float, nms: float | None, counts: Counter):
+    """The caption line of one image: kept boxes grouped by entity (None when nothing was kept)."""
+    grouped, kept = group_by_entity(detections, entities, threshold, nms, counts)
+    if kept == 0:
+        return None
     extra = {"image_id": sample.metadata.get("image_id")} if sample.metadata.get("image_id") is not None else {}
     return {"image": sample.metadata["file_name"], "width": image.width, "height": image.height,
-            "caption": sample.caption, "entities": grouped, "box_convention": "official", "boxes_kept": len(boxes),
+            "caption": sample.caption, "entities": grouped, "box_convention": "official", "boxes_kept": kept,
             "source_line": int(sample.metadata["line"]), **extra}
 
 

@@ -21,6 +21,7 @@ drops it at construction, which is equivalent), counted as ``too_few_boxes``. Ev
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ def caption_record(
     """Build one caption line (e.g. from a pseudo-labeller's predictions).
 
     Args:
-        entities: dicts with ``tokens_positive`` (list of ``[start, end)``), optional ``phrase``, and optionally
+        entities: dicts with ``tokens_positive`` (list of ``[start, end)``), optional ``phrase`` and ``category_id``
+            (the class of a class-list pseudo-label), and optionally
             ``boxes`` (``(n, 4)`` xyxy in ``box_convention``, e.g. a model's output) and ``scores`` (``n``).
         box_convention: the convention of the given boxes; they are stored as continuous xyxy, so reading the line
             back with the same convention returns the same boxes.
@@ -70,6 +72,8 @@ def caption_record(
         if "phrase" in ent:
             out["phrase"] = ent["phrase"]
         out["tokens_positive"] = [list(s) for s in spans]
+        if ent.get("category_id") is not None:  # a class-list pseudo-label: the class's id
+            out["category_id"] = int(ent["category_id"])
         if ent.get("boxes") is not None:
             boxes = np.asarray(ent["boxes"], dtype=np.float64).reshape(-1, 4)
             scores = np.asarray(ent.get("scores", np.ones(len(boxes))), dtype=np.float64).reshape(-1)
@@ -80,6 +84,77 @@ def caption_record(
         out_entities.append(out)
     return {"image": image, "width": int(width), "height": int(height), "caption": caption,
             "entities": out_entities, **extra}
+
+
+def parse_entities(entities: Any, caption: str, where: str) -> tuple[list[list[list[int]]], list[tuple]]:
+    """Check a caption line's entities: ``(spans of every entity, one row per box: (box, score, spans, entity
+    index))``. Boxes without scores score 1.0.
+
+    Raises:
+        ReaderError: naming the first entity that is malformed (``where`` entity ``e``: what is wrong).
+    """
+    if not isinstance(entities, list):
+        raise ReaderError(f"{where}: 'entities' must be a list")
+    entity_spans, rows = [], []
+    for e, ent in enumerate(entities):
+        ewhere = f"{where} entity {e}"
+        require(ent, ("tokens_positive",), ewhere)
+        spans = check_spans(ent["tokens_positive"], caption, ewhere)
+        boxes = ent.get("boxes", [])
+        scores = ent.get("scores", [1.0] * len(boxes) if isinstance(boxes, list) else None)
+        if not isinstance(boxes, list) or not all(_is_box(b) for b in boxes):
+            raise ReaderError(f"{ewhere}: 'boxes' must be a list of [x1, y1, x2, y2]")
+        if not isinstance(scores, list) or len(scores) != len(boxes) or not all(_is_number(x) for x in scores):
+            raise ReaderError(f"{ewhere}: 'scores' must be one number per box")
+        entity_spans.append([list(s) for s in spans])
+        rows.extend((box, float(score), spans, e) for box, score in zip(boxes, scores))
+    return entity_spans, rows
+
+
+def caption_record_to_sample(record: dict[str, Any], image_path: str, where: str, *, score_threshold: float = 0.5,
+                             min_boxes: int = 1, box_convention: str = "official",
+                             stats: Counter | None = None) -> GroundingSample | None:
+    """One caption line (a record of a pseudo-labelled shard) as a sample, filtered as :class:`CaptionReader`
+    filters a file: boxes scoring above ``score_threshold``, clipped to the image; None when fewer than
+    ``min_boxes`` remain (counted in ``stats`` as ``too_few_boxes``).
+
+    Raises:
+        ReaderError: a malformed record, naming ``where``.
+    """
+    stats = stats if stats is not None else Counter()
+    require(record, ("width", "height", "caption"), where)
+    width, height, caption = record["width"], record["height"], record["caption"]
+    if not _is_number(width) or not _is_number(height) or width <= 0 or height <= 0:
+        raise ReaderError(f"{where}: bad image size {width!r} x {height!r}")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ReaderError(f"{where}: empty caption")
+    entity_spans, rows = parse_entities(record.get("entities", []), caption, where)
+    kept = [row for row in rows if row[1] > score_threshold]
+    if len(rows) > len(kept):
+        stats["box_below_score_threshold"] += len(rows) - len(kept)
+    raw = np.asarray([row[0] for row in kept], dtype=np.float64).reshape(-1, 4)
+    internal = convert_xyxy(raw, from_legacy=False, to_legacy=is_legacy(box_convention))
+    sizes = np.tile(np.asarray([[width, height]], dtype=np.float64), (len(kept), 1))
+    clipped, keep = sanitize_boxes(internal, sizes, box_convention, stats, input_wh=raw[:, 2:] - raw[:, :2])
+    kept = [row for row, ok in zip(kept, keep) if ok]
+    if len(kept) < min_boxes:
+        stats["too_few_boxes"] += 1
+        return None
+    metadata = {"task": "caption", "file_name": record.get("image"), "box_convention": box_convention,
+                "scores": [row[1] for row in kept], "entity_index": [row[3] for row in kept],
+                "entities_tokens_positive": entity_spans}
+    if record.get("image_id") is not None:
+        metadata["image_id"] = record["image_id"]
+    return GroundingSample(
+        image_path=image_path,
+        width=int(width),
+        height=int(height),
+        boxes=as_boxes_tensor(clipped[keep].astype(np.float32)),
+        caption=caption,
+        tokens_positive=[[tuple(s) for s in row[2]] for row in kept],
+        labels=torch.ones(len(kept), dtype=torch.int64),
+        metadata=metadata,
+    )
 
 
 class CaptionReader(GroundingReader):
@@ -119,35 +194,17 @@ class CaptionReader(GroundingReader):
                 self._problem("bad_record", f"line {lineno}: 'entities' must be a list")
                 continue
             k = len(self._records)
-            rec_boxes, rec_scores, rec_spans, rec_ent = [], [], [], []
-            ok = True
-            entity_spans = []
-            for e, ent in enumerate(entities):
-                ewhere = f"{where} entity {e}"
-                try:
-                    require(ent, ("tokens_positive",), ewhere)
-                    ent_spans = check_spans(ent["tokens_positive"], caption, ewhere)
-                    ent_boxes = ent.get("boxes", [])
-                    ent_scores = ent.get("scores", [1.0] * len(ent_boxes) if isinstance(ent_boxes, list) else None)
-                    if not isinstance(ent_boxes, list) or not all(_is_box(b) for b in ent_boxes):
-                        raise ReaderError(f"{ewhere}: 'boxes' must be a list of [x1, y1, x2, y2]")
-                    if not isinstance(ent_scores, list) or len(ent_scores) != len(ent_boxes) \
-                            or not all(_is_number(s) for s in ent_scores):
-                        raise ReaderError(f"{ewhere}: 'scores' must be one number per box")
-                except ReaderError as err:
-                    if self.errors == "raise":
-                        raise
-                    self._problem("bad_entity", str(err).removeprefix(f"{self.ann_file}: "))
-                    ok = False
-                    break
-                entity_spans.append([list(s) for s in ent_spans])
-                for b, s in zip(ent_boxes, ent_scores):
-                    rec_boxes.append(b)
-                    rec_scores.append(float(s))
-                    rec_spans.append(ent_spans)
-                    rec_ent.append(e)
-            if not ok:
+            try:
+                entity_spans, rows = parse_entities(entities, caption, where)
+            except ReaderError as err:
+                if self.errors == "raise":
+                    raise
+                self._problem("bad_entity", str(err).removeprefix(f"{self.ann_file}: "))
                 continue
+            rec_boxes = [row[0] for row in rows]
+            rec_scores = [row[1] for row in rows]
+            rec_spans = [row[2] for row in rows]
+            rec_ent = [row[3] for row in rows]
             passing = sum(1 for s in rec_scores if s > self.score_threshold)
             self._count("box_below_score_threshold", len(rec_scores) - passing)
             if passing < self.min_boxes:
@@ -216,4 +273,4 @@ class CaptionReader(GroundingReader):
                 "min_boxes": self.min_boxes}
 
 
-__all__ = ["CaptionReader", "caption_record"]
+__all__ = ["CaptionReader", "caption_record", "caption_record_to_sample", "parse_entities"]

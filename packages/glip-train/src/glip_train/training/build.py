@@ -50,9 +50,20 @@ def check_inputs(config: TrainConfig, world: Any = None) -> None:
         raise FileNotFoundError(f"init: {config.init} does not exist (an official .pth, a model folder, a weights "
                                 f"recipe, or '{SHIPPED_INIT}' for the shipped model)")
     for i, spec in enumerate(config.data.train):
+        if spec.kind == "shards":
+            _check_shard_folder(f"data.train.{i}", spec.annotations)
+            continue
         _check_files(f"data.train.{i}", spec.annotations, spec.images, world)
     if config.data.val is not None:
         _check_files("data.val", config.data.val["annotations"], config.data.val.get("images"), world)
+
+
+def _check_shard_folder(where: str, folder: str) -> None:
+    from glip_data.shards import INDEX_NAME
+
+    if not (Path(folder) / INDEX_NAME).is_file() and not (Path(folder).name == INDEX_NAME and Path(folder).is_file()):
+        raise FileNotFoundError(f"{where}.annotations: {folder} is not a shard folder (no {INDEX_NAME}: write one "
+                                "with `glip pseudo-label` or `glip-data shard`)")
 
 
 def _check_files(where: str, annotations: str, images: str | None, world: Any) -> None:

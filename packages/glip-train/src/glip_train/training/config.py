@@ -31,7 +31,7 @@ __all__ = [
     "apply_overrides",
 ]
 
-DATASET_KINDS = ("coco", "objects365", "lvis", "mdetr", "odvg", "captions")
+DATASET_KINDS = ("coco", "objects365", "lvis", "mdetr", "odvg", "captions", "shards")
 DETECTION_KINDS = ("coco", "objects365", "lvis")
 PROMPT_MODES = ("fixed", "sampled")
 TRAIN_MODES = ("full", "prompt_tuning", "linear_probe")
@@ -67,8 +67,10 @@ class DatasetConfig:
     Attributes:
         kind: "coco" (COCO-format detection; also ODinW / Roboflow exports), "objects365", "lvis", "mdetr"
             (grounding: Flickr30k / GoldG / the synthetic world's grounding file), "odvg", "captions" (captions with
-            pseudo-labels, JSON Lines).
-        annotations: the annotation file.
+            pseudo-labels, JSON Lines), "shards" (streamed, not loaded: a shard folder with its ``index.json`` --
+            ``glip pseudo-label`` output or ``glip-data shard`` output -- read split by process and DataLoader worker;
+            its caption records follow the captions options, its detection records the detection ones).
+        annotations: the annotation file (for "shards": the shard folder).
         images: the image folder (None: the annotation file's folder).
         weight: sampling weight in the mixture of sources.
         prompt: detection sources only: "fixed" — every class in id order (the official COCO fine-tuning prompt,
@@ -79,7 +81,8 @@ class DatasetConfig:
         few_shot_seed: shuffles the image order before the greedy rule (None: the official id order).
         min_score: captions: keep pseudo-label boxes scoring strictly above this (official 0.5).
         min_boxes: captions: leave out captions with fewer kept boxes (official 1).
-        pack_captions: captions: pack random other captions as negatives (official caption packing).
+        pack_captions: captions: pack random other captions as negatives (official caption packing; a streamed
+            source draws them from the captions of the same shard).
     """
 
     kind: str

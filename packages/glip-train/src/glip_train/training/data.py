@@ -76,6 +76,56 @@ class _Source(Dataset):
         return self.dataset.caption_texts()
 
 
+class _StreamSource:
+    """A source streamed from shards (``kind: shards``), never loaded whole: each reader -- one per process and
+    DataLoader worker -- reads its own shards, in order, endlessly (:meth:`glip_data.ShardedStream.iter_from`).
+
+    ``len()`` is the number of records (the mixture's epoch length counts it as a map-style source's length). The
+    samples a reader hands out depend only on where it starts, so a position saved in a checkpoint continues the
+    stream exactly. Records that cannot be used (an unreadable image, a damaged shard) are passed over and travel
+    in the next sample's ``metadata["unreadable_images"]`` for the trainer's skip report.
+    """
+
+    task = "stream"
+
+    def __init__(self, spec: DatasetConfig, seed: int):
+        self.stream = gd.ShardedStream(spec.annotations, shuffle=True, seed=seed, load_image=True)
+        if not self.stream.num_samples:
+            raise ValueError(f"{spec.annotations}: its index lists no record")
+        self.captions = gd.shards.CaptionFilter(spec.min_score, max(1, spec.min_boxes))
+        self.dataset_name = Path(spec.annotations).name
+        self.categories = self.stream.categories
+        self.stats = self.captions.stats
+        self._iters: dict[int, Iterator] = {}
+        self._pools: dict[str, list[str]] = {}
+        self._errors: list[tuple[str, str]] = []
+
+    def __len__(self) -> int:
+        return int(self.stream.num_samples)
+
+    def next(self, reader: int, readers: int, start: tuple[int, int, int] | None) -> gd.GroundingSample:
+        """The next sample of reader ``reader`` of ``readers`` (started at ``start`` on first use), with its
+        position after it in ``metadata["stream_position"]``."""
+        if reader not in self._iters:
+            position = gd.shards.StreamPosition(*start) if start is not None else None
+            self._iters[reader] = self.stream.iter_from(reader, readers, position, captions=self.captions,
+                                                        on_error=lambda what, why: self._errors.append((what, why)))
+        sample, position = next(self._iters[reader])
+        sample.metadata["stream_position"] = position.as_tuple()
+        if self._errors:
+            sample.metadata["unreadable_images"] = self._errors
+            self._errors = []
+        return sample
+
+    def caption_pool(self, sample: gd.GroundingSample) -> list[str]:
+        """The captions of the shard ``sample`` came from (those the filter keeps): its negative-caption pool."""
+        shard = str(sample.image_path).rpartition("#")[0]
+        if shard not in self._pools:
+            self._pools = {shard: [s.caption for s in gd.shards.iter_shard(shard, load_image=False,
+                                                                          captions=self.captions)]}
+        return self._pools[shard]
+
+
 def _reader(spec: DatasetConfig, load_image: bool):
     # unreadable images raise: _Source replaces them and reports them
     common = dict(load_image=load_image, on_bad_image="raise", errors="drop")
@@ -152,9 +202,11 @@ def resolve_world_paths(spec: DatasetConfig, world: Any, where: str) -> DatasetC
     return dataclasses.replace(spec, annotations=annotations, images=images)
 
 
-def build_sources(config: DataConfig, world: Any = None, report: SkipReport | None = None) -> dict[str, _Source]:
+def build_sources(config: DataConfig, world: Any = None, report: SkipReport | None = None,
+                  seed: int = 0) -> dict[str, Any]:
     """The training sources, by name (``"<index>:<file stem>"``): each reader's usable samples (their image files
-    present, few-shot subsets applied).
+    present, few-shot subsets applied), and the streamed sources (``kind: shards``; their shard order seeded by
+    ``seed``).
 
     What the readers drop (unknown category or image ids, boxes without area, ...: every record their
     :class:`~glip_data.readers.base.RecordChecker` names) and the images missing on disk are counted and named in
@@ -166,10 +218,18 @@ def build_sources(config: DataConfig, world: Any = None, report: SkipReport | No
         ValueError: a source that holds no usable sample.
     """
     report = report if report is not None else SkipReport("glip train", stream=None)
-    sources: dict[str, _Source] = {}
+    sources: dict[str, Any] = {}
     for i, spec in enumerate(config.train):
         where = f"data.train.{i}"
         spec = resolve_world_paths(spec, world, where)
+        if spec.kind == "shards":
+            if spec.few_shot:
+                raise ValueError(f"{where}: few_shot needs a detection source read whole, not a stream of shards")
+            try:
+                sources[f"{i}:{Path(spec.annotations).name}"] = _StreamSource(spec, seed)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            continue
         if spec.few_shot and spec.kind not in DETECTION_KINDS:
             raise ValueError(f"{where}: few_shot needs a detection source (coco, objects365, lvis), not {spec.kind!r}")
         reader = _reader(spec, load_image=True)
@@ -254,8 +314,15 @@ class TrainingSamples(Dataset):
         self.mixture = gd.MixtureDataset(sources, weights=[s.weight for s in self.specs],
                                          num_samples=config.epoch_size, seed=seed)
         self.to_grounding = {}
+        # streamed sources: where each of their readers starts, and the loader's first micro-batch (set by
+        # TrainData.batches before the DataLoader copies this object into its workers)
+        self.stream_start: dict[str, dict[int, tuple[int, int, int]]] = {}
+        self.loader_start, self.rank, self.world_size, self.num_workers = 0, 0, 1, 0
         for name, source, spec in zip(self.names, self.sources, self.specs):
-            if spec.kind in DETECTION_KINDS and spec.prompt == "sampled":
+            if spec.kind == "shards" and source.categories and spec.prompt == "sampled":
+                self.to_grounding[name] = gd.DetectionToGrounding(source.categories, tokenizer, max_len=max_text_len,
+                                                                  random_sample_negative=spec.negatives)
+            elif spec.kind in DETECTION_KINDS and spec.prompt == "sampled":
                 self.to_grounding[name] = gd.DetectionToGrounding(source.categories, tokenizer, max_len=max_text_len,
                                                                   random_sample_negative=spec.negatives)
             elif spec.kind in DETECTION_KINDS:
@@ -278,31 +345,59 @@ class TrainingSamples(Dataset):
     def _rng(self, epoch: int, index: int, stream: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch, index, stream])
 
-    def _negative_captions(self, name: str, source: Any, rng: np.random.Generator, count: int) -> list[str]:
-        if name not in self._captions:  # caption texts of the source, read once per process
-            self._captions[name] = source.caption_texts()
-        texts = self._captions[name]
+    def _negative_captions(self, name: str, source: Any, sample: gd.GroundingSample, rng: np.random.Generator,
+                           count: int) -> list[str]:
+        if isinstance(source, _StreamSource):
+            texts = source.caption_pool(sample)
+        else:
+            if name not in self._captions:  # caption texts of the source, read once per process
+                self._captions[name] = source.caption_texts()
+            texts = self._captions[name]
         return [texts[int(i)] for i in rng.integers(0, len(texts), size=count)]
+
+    def stream_reader(self) -> tuple[int, int]:
+        """``(reader, readers)`` of this process and DataLoader worker in the split of every streamed source.
+
+        The loader hands its k-th micro-batch to worker ``k % W``; the global micro-batch ``m = loader_start + k``
+        belongs to reader ``m % W`` of this process, whatever micro-batch the loader started at, so a resumed run
+        gives every micro-batch to the reader that read it in an uninterrupted one.
+        """
+        info = torch.utils.data.get_worker_info()
+        workers = max(1, self.num_workers)
+        worker = ((info.id if info is not None else 0) + self.loader_start) % workers
+        return self.rank * workers + worker, self.world_size * workers
+
+    def _draw(self, epoch: int, index: int) -> tuple[str, gd.GroundingSample]:
+        """The mixture's sample at ``(epoch, index)``: read from a map-style source, or the next one of this
+        reader's stream when the draw picks a streamed source."""
+        self.mixture.set_epoch(epoch)
+        k = int(self.mixture.plan(epoch)[0][index])
+        name, source = self.names[k], self.sources[k]
+        if not isinstance(source, _StreamSource):
+            return name, self.mixture[index]
+        reader, readers = self.stream_reader()
+        sample = source.next(reader, readers, self.stream_start.get(name, {}).get(reader))
+        sample.metadata["mixture_source"] = name
+        sample.metadata["stream_reader"] = reader
+        return name, sample
 
     def __getitem__(self, key: tuple[int, int]) -> gd.GroundingSample:
         epoch, index = key
-        self.mixture.set_epoch(epoch)
-        sample = self.mixture[index]
-        name = sample.metadata["mixture_source"]
+        name, sample = self._draw(epoch, index)
         k = self.names.index(name)
         spec, source = self.specs[k], self.sources[k]
-        if name in self.to_grounding:
+        if name in self.to_grounding and sample.metadata.get("task") == "detection":
             converter = self.to_grounding[name]
             converter.rng = gd.RandomSource(self._rng(epoch, index, 1))
             with warnings.catch_warnings():  # positive-overflow drops are counted in the sample's metadata
                 warnings.simplefilter("ignore")
                 sample = converter(sample)
-        if spec.kind == "captions" and spec.pack_captions:
+        if spec.pack_captions and sample.metadata.get("task") == "caption":
             rng = self._rng(epoch, index, 2)
             count = num_caption_negatives(rng)
             if count:
-                sample = pack_captions(sample, self._negative_captions(name, source, rng, count), self.tokenizer,
-                                       self.max_text_len, rng=rng)
+                sample = pack_captions(sample, self._negative_captions(name, source, sample, rng, count),
+                                       self.tokenizer, self.max_text_len, rng=rng)
         source_rng = gd.RandomSource(self._rng(epoch, index, 3))
         for transform in self.transforms.transforms:
             if hasattr(transform, "rng"):
@@ -354,7 +449,8 @@ class TrainBatch:
         images: ``(B, 3, H, W)``; image_sizes: ``(h, w)`` before padding; input_ids, attention_mask: ``(B, M)``;
         targets: per image ``{"boxes": (n, 4), "positive_map": (n, M) bool}``; num_empty: images without a box;
         sources: the mixture source of each image; unreadable: ``(path, message)`` of the images that could not be
-        read and were replaced by the next sample of their source.
+        read and were replaced by the next sample of their source; stream_positions: ``(source, reader,
+        position)`` after each streamed sample, in order.
     """
 
     images: torch.Tensor
@@ -365,6 +461,7 @@ class TrainBatch:
     num_empty: int
     sources: list[str]
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    stream_positions: list[tuple[str, int, tuple[int, int, int]]] = field(default_factory=list)
 
     def to(self, device: torch.device) -> "TrainBatch":
         return dataclasses.replace(self, images=self.images.to(device), input_ids=self.input_ids.to(device),
@@ -384,6 +481,8 @@ def to_train_batch(batch: gd.GroundingBatch) -> TrainBatch:
         num_empty=sum(int(t["boxes"].shape[0] == 0) for t in targets),
         sources=[str(m.get("mixture_source", "")) for m in batch.metadata],
         unreadable=[tuple(u) for m in batch.metadata for u in m.get("unreadable_images", ())],
+        stream_positions=[(m["mixture_source"], int(m["stream_reader"]), tuple(m["stream_position"]))
+                          for m in batch.metadata if "stream_position" in m],
     )
 
 
@@ -418,13 +517,50 @@ class TrainData:
     world_size: int = 1
     num_workers: int = 0
 
+    #: where each reader of each streamed source stands after the micro-batches handed out so far:
+    #: ``{source: {reader: (epoch, shard, offset)}}`` (this process's readers)
+    stream_positions: dict[str, dict[int, tuple[int, int, int]]] = field(default_factory=dict)
+
     @property
     def micro_batches_per_epoch(self) -> int:
         """Global micro-batches in one epoch of the mixture (an incomplete last one is dropped)."""
         return len(self.samples) // (self.batch_size * self.world_size)
 
+    @property
+    def streamed(self) -> list[str]:
+        """The names of the streamed sources."""
+        return [n for n, s in zip(self.samples.names, self.samples.sources) if isinstance(s, _StreamSource)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The streams' positions (what a resume needs besides the micro-batch counter); empty without streams."""
+        if not self.streamed:
+            return {}
+        return {"workers": max(1, self.num_workers),
+                "positions": {name: dict(p) for name, p in self.stream_positions.items()}}
+
+    def load_state_dict(self, state: dict[str, Any], where: str = "the checkpoint") -> None:
+        """Continue the streams where :meth:`state_dict` (of every process, merged) left them.
+
+        Raises:
+            ValueError: the streams were split over another number of DataLoader workers (the split would
+                change); naming the setting to use.
+        """
+        if not self.streamed or not state:
+            return
+        if int(state["workers"]) != max(1, self.num_workers):
+            raise ValueError(f"{where} streamed {', '.join(self.streamed)} split over {state['workers']} DataLoader "
+                             f"reader(s) per process; resume with data.num_workers={state['workers']} (the split "
+                             "of the shards depends on it)")
+        self.stream_positions = {name: {int(r): tuple(p) for r, p in readers.items()}
+                                 for name, readers in state["positions"].items()}
+
     def batches(self, start: int = 0) -> Iterator[TrainBatch]:
-        """This process's micro-batches from global micro-batch ``start`` on (resume), endlessly."""
+        """This process's micro-batches from global micro-batch ``start`` on (resume), endlessly; the streamed
+        sources continue from :attr:`stream_positions`, which follow the micro-batches handed out."""
+        samples = self.samples
+        samples.loader_start, samples.rank, samples.world_size = start, self.rank, self.world_size
+        samples.num_workers = self.num_workers
+        samples.stream_start = {name: dict(p) for name, p in self.stream_positions.items()}
         sampler = GlobalBatchSampler(len(self.samples), self.batch_size, self.seed, self.world_size, self.rank,
                                      start=start)
         # the loader's own generator: creating it must not draw from the global RNG (dropout), or a resumed run
@@ -433,7 +569,16 @@ class TrainData:
             self.samples, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator,
             num_workers=self.num_workers, persistent_workers=False,
             prefetch_factor=2 if self.num_workers else None, generator=torch.Generator().manual_seed(self.seed))
-        return iter(loader)
+        if not self.streamed:
+            return iter(loader)
+        return self._tracked(iter(loader))
+
+    def _tracked(self, batches: Iterator[TrainBatch]) -> Iterator[TrainBatch]:
+        # a position counts once its batch is handed out (prefetched batches do not)
+        for batch in batches:
+            for name, reader, position in batch.stream_positions:
+                self.stream_positions.setdefault(name, {})[reader] = position
+            yield batch
 
 
 def build_data(config: TrainConfig, sources: dict[str, Any], model: Any, rank: int = 0,

@@ -38,7 +38,8 @@ from glip_data.report import SkipReport
 from ..adapters import save_adapter
 from .build import (build_ema, build_model, check_inputs, freeze_for_mode, lock_run_folder,
                     resolve_schedule, wrap_ddp)
-from .checkpointing import checkpoint_path, prune_checkpoints, read_resume_state, restore_rng_state, rng_state
+from .checkpointing import (ResumeError, checkpoint_path, prune_checkpoints, read_resume_state, restore_rng_state,
+                            rng_state)
 from .config import TrainConfig
 from .data import TrainBatch, build_data, build_sources, prepare_world, resolve_world_file
 from .distributed import all_gather, any_rank, barrier, setup_distributed
@@ -92,6 +93,18 @@ class StepOutput:
     bad_term: str | None = None
 
 
+def _merge_stream_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The streams' positions of every process in one dict (each process reads its own readers)."""
+    merged: dict[str, Any] = {}
+    for state in states:
+        if state:
+            merged.setdefault("workers", state["workers"])
+            positions = merged.setdefault("positions", {})
+            for name, readers in state["positions"].items():
+                positions.setdefault(name, {}).update(readers)
+    return merged
+
+
 class Trainer:
     """Runs a :class:`TrainConfig`.
 
@@ -142,7 +155,8 @@ class Trainer:
         # (each process its own, gathered at the end)
         self.data_skips = SkipReport(COMMAND, stream="stderr" if self.is_main else None)
         self.image_skips = SkipReport(COMMAND)
-        sources = build_sources(config.data, self.world, self.data_skips)  # the data is checked before the model
+        # the data is checked before the model
+        sources = build_sources(config.data, self.world, self.data_skips, seed=config.seed)
         if self.is_main:
             atomic_write_json(self.output_dir / "skipped.json", self.data_skips.to_dict())
         torch.manual_seed(config.seed)
@@ -210,7 +224,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs (every process takes part: their RNG states and skip reports are gathered)."""
-        ranks = all_gather({"rng": rng_state(), "skips": self.image_skips.to_dict()})
+        ranks = all_gather({"rng": rng_state(), "skips": self.image_skips.to_dict(), "data": self.data.state_dict()})
         return {
             "step": self.step,
             "micro": self.micro,
@@ -221,6 +235,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": [r["rng"] for r in ranks],
             "image_skips": [r["skips"] for r in ranks],
+            "data": _merge_stream_states([r["data"] for r in ranks]),
             "counters": {"skipped_batches": self.skipped_batches, "bad_steps": self.bad_steps,
                          "consecutive_bad": self.consecutive_bad},
             "hooks": self._hook_states(),
@@ -237,6 +252,10 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         restore_rng_state(state["rng"][self.rank])
+        try:
+            self.data.load_state_dict(state.get("data") or {}, where=str(self.resumed_from or "the checkpoint"))
+        except ValueError as exc:
+            raise ResumeError(str(exc)) from None
         self.step, self.micro = int(state["step"]), int(state["micro"])
         counters = state.get("counters", {})
         self.skipped_batches = counters.get("skipped_batches", 0)
