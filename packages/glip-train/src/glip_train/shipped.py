@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEFAULT_MODEL_DIR", "default_model_dir"]
+__all__ = ["DEFAULT_MODEL_DIR", "SHIPPED_NAME", "default_model_dir"]
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
+#: the weights name that means the shipped model (``--weights default``, ``glip train --init default``,
+#: ``GLIP.from_pretrained("default")``); a folder called so is ``./default``
+SHIPPED_NAME = "default"
 
 
 def default_model_dir() -> Path | None:
