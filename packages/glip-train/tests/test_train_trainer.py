@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from glip_data import SynthConfig, generate_world
-from glip_train import GLIP
+from glip_train import GLIP, GLIPConfig
 from glip_train.training import ResumeError, Trainer, TrainingDiverged, load_train_config
 from glip_train.training.hooks import HookBase
 
@@ -148,24 +148,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(world, tmp_path):
-    one = write_config(world, tmp_path / "one", **{"data.batch_size": 2, "device": "cpu"})
-    two = write_config(world, tmp_path / "two", **{"data.batch_size": 1, "device": "cpu"})
+def test_two_gloo_processes_equal_one_process_to_float_rounding(world, tmp_path, minilm_dir):
+    """Images of one size, dropout off: two processes with batch 1 train the weights of one process with batch 2.
+
+    They read the same samples in the same order with the same loss normalisers (averaged over processes, as the
+    official code does); only the float32 order in which the two images' gradients are added differs (DDP's
+    all-reduce vs one backward over the batch), a relative difference of about 1e-6 per step. AdamW divides each
+    gradient element by its running magnitude, which keeps relative differences relative: every weight's total
+    change agrees to 1e-3 of itself (measured on the shipped model: 4.4e-4 at most after 8 steps,
+    ``benchmarks/results/multiprocess_equivalence_cpu_*.json``). The exception is a gradient that is rounding noise
+    around an exact zero: the attention key biases (a key bias adds the same score to every key of a query, which the
+    softmax cancels). AdamW turns noise of any size into steps of about the LR, so those biases only stay within its
+    per-step bound, (1 - b1) / sqrt(1 - b2) ~ 3.2 x their LR (2 x 1e-3 for biases) per step; they change no output.
+    """
+    torch.manual_seed(0)
+    init = GLIP(GLIPConfig.small(minilm_dir, image_encoder="resnet18", fusion_layers=1, fpn_channels=64, dropout=0.0,
+                                 image_encoder_kwargs={"norm_layer": "groupnorm"})).save_pretrained(tmp_path / "init")
+    fine_tune = {"init": str(init), "model": {}, "device": "cpu"}
+    one = write_config(world, tmp_path / "one", **fine_tune, **{"data.batch_size": 2})
+    two = write_config(world, tmp_path / "two", **fine_tune, **{"data.batch_size": 1})
     subprocess.run(_train_cmd(one), check=True, env=_env(), timeout=900)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                 f"--master_port={_free_port()}", "-m", "glip_train.cli", "train", str(two), "--quiet"]
     subprocess.run(torchrun, check=True, env=_env(), timeout=900)
     result = json.loads((tmp_path / "two" / "out" / "result.json").read_text())
     assert result["world_size"] == 2 and len(set(result["weights_sha256"])) == 1  # replicas identical
+    start = _weights(init)
     a = _weights(tmp_path / "one" / "out" / "model")
     b = _weights(tmp_path / "two" / "out" / "model")
-    # The same samples and the same normalisers; only the float32 summation order of the gradients differs. Adam
-    # turns that into at most its per-step bound (1 - b1) / sqrt(1 - b2) ~ 3.2 x lr per element for gradients that
-    # are pure rounding noise (e.g. attention key biases, whose exact gradient is 0): 4 steps at 1e-3, 1e-3, 1e-4,
-    # 1e-5 bound any difference by 3.2 x 2.11e-3.
-    bound = 3.2 * (1e-3 + 1e-3 + 1e-4 + 1e-5)
+    noise = [k for k in a if k.endswith("attention.self.key.bias")]
+    assert noise and a.keys() == b.keys() == start.keys()
     for key in a:
-        assert (a[key] - b[key]).abs().max() <= bound, key
+        if key in noise:
+            assert (a[key] - b[key]).abs().max() <= 3.2 * 2e-3 * 4, key  # 4 steps at most at the full bias LR
+            continue
+        update = (a[key] - start[key]).norm()
+        assert (a[key] - b[key]).norm() <= 1e-3 * update, (key, float((a[key] - b[key]).norm() / update))
     # and functionally the two models are the same: their outputs on a fixed input agree to float32 accuracy
     models = [GLIP.from_pretrained(tmp_path / name / "out" / "model").eval() for name in ("one", "two")]
     ids, mask = models[0].processor.tokenize(["a red circle. a blue square."])
@@ -173,7 +191,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(world, 
     with torch.no_grad():
         outs = [m(image, ids, mask).head for m in models]
     for x, y in zip(outs[0].token_logits + outs[0].box_regression, outs[1].token_logits + outs[1].box_regression):
-        assert (x - y).abs().max() <= 1e-3 * x.abs().max()
+        assert (x - y).abs().max() <= 1e-4 * x.abs().max()
 
 
 def test_non_finite_losses_are_named_skipped_and_stop_the_run(world, tmp_path):
