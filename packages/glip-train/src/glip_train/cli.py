@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init", metavar="WEIGHTS", help="weights to start from (official .pth, model directory, recipe)")
     tr.add_argument("--mode", choices=("full", "prompt_tuning", "linear_probe"), help="what trains [full]")
     tr.add_argument("-o", "--output", metavar="DIR", help="output_dir of the run")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar (the settings and the summary are still "
+                                                         "printed)")
 
     ev = sub.add_parser("eval", help="evaluate with an official protocol", epilog=EXIT_CODES_HELP,
                         description="Evaluate a GLIP model with an official protocol; writes detections.json and "
@@ -583,6 +584,18 @@ def _cmd_convert(args) -> int:
     return EXIT_OK
 
 
+def _train_positionals(args, extras: list[str], parser: argparse.ArgumentParser) -> None:
+    """``glip train`` takes its ``key=value`` overrides (and its config) anywhere among the options: argparse hands
+    the ones after an option back unparsed."""
+    for token in extras:
+        if "=" in token and not token.startswith("-"):
+            args.overrides.append(token)
+        elif args.config is None and not token.startswith("-"):
+            args.config = token
+        else:
+            parser.error(f"unrecognized arguments: {token}")
+
+
 def _cmd_train(args) -> int:
     from glip_data.io import OutputLockedError
 
@@ -596,7 +609,8 @@ def _cmd_train(args) -> int:
         args.config = None
     if args.coco:
         if not args.init:
-            raise UsageError("--coco needs --init WEIGHTS (the model to fine-tune)")
+            raise UsageError("--coco needs --init WEIGHTS, the model to fine-tune: 'default' (the model shipped with "
+                             "glip-train), an official GLIP .pth, or a folder written by glip convert / glip train")
         base = coco_finetune_config(args.coco, images=args.images, val=args.val, val_images=args.val_images,
                                     init=args.init)
     elif args.config is None:
@@ -605,17 +619,16 @@ def _cmd_train(args) -> int:
     for flag, key in ((args.init, "init"), (args.mode, "mode"), (args.output, "output_dir")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
+    recipe = load_train_config(args.config, [], base=base)  # what the run's changes are reported against
     config = load_train_config(args.config, overrides, base=base)
     try:
-        trainer = Trainer(config, progress=not args.quiet)
+        trainer = Trainer(config, progress=not args.quiet, recipe=recipe)
     except OutputLockedError as exc:  # another run writes there: a usage error, refused before any work
         raise UsageError(str(exc)) from None
     result = trainer.train()
     where = result.model_dir or result.adapter  # None on the other processes of a distributed run
     if where is not None:
-        if not args.quiet:
-            print(f"glip train: {result.steps} steps; wrote {where} (skipped batches: {result.skipped_batches}, "
-                  f"non-finite steps: {result.bad_steps})")
+        print(result.summary())  # also with --quiet, which only hides the progress bar
         if result.skipped:
             print(f"glip train: {result.skipped.summary()}; all listed in {result.output_dir / 'skipped.json'}",
                   file=sys.stderr)
@@ -682,7 +695,11 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse prints usage errors itself and exits 2
+    args, extras = parser.parse_known_args(argv)  # argparse prints usage errors itself and exits 2
+    if extras:
+        if args.command != "train":
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        _train_positionals(args, extras, parser)
     if args.version:
         print(_versions())
         return EXIT_OK
