@@ -178,6 +178,21 @@ def test_coco_lazy_image_loading_and_size_check(tmp_path):
         COCODetection(path, load_image=True)[1]
 
 
+def test_an_exif_rotated_image_is_read_in_the_frame_of_its_annotation(tmp_path):
+    """a.jpg annotated 100x50 is stored 50x100 with orientation 8 (read upright); b.jpg annotated 40x30 is stored
+    40x30 with orientation 6 (read as stored, as the official loader reads it)."""
+    path = coco_file(tmp_path)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (50, 100), (255, 0, 0)).save(tmp_path / "a.jpg", exif=exif.tobytes())
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 30)).save(tmp_path / "b.jpg", exif=exif.tobytes())
+    reader = COCODetection(path, load_image=True)
+    a, b = reader[0], reader[1]
+    assert a.image.size == (100, 50) and a.image.info["exif_applied"] is True
+    assert b.image.size == (40, 30) and b.image.info["exif_applied"] is False
+
+
 def test_unreadable_image_raises_or_skips(tmp_path):
     path = coco_file(tmp_path)
     (tmp_path / "a.jpg").write_bytes(b"not an image")

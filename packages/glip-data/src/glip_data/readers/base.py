@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import Dataset
 
 from glip_data.boxes import clip_boxes, nonempty_boxes
-from glip_data.images import load_image as _load_image
+from glip_data.images import ImageFrame, load_image as _load_image
 from glip_data.sample import GroundingSample
 
 BoxConvention = Literal["official", "exact"]
@@ -195,18 +195,22 @@ class RecordChecker:
         source: the file, for messages.
         errors: ``"raise"`` or ``"drop"``.
         stats: the counter of dropped records (a new one by default).
+        skips: a :class:`glip_data.report.SkipReport` that also names (and counts) every dropped record (a
+            command's report).
 
     Attributes:
         dropped: ``{reason: [message, ...]}``, the first :data:`NAMED_DROPS` dropped records of each reason, each
             message ``"<record>: <what is wrong>"`` (``stats`` has the full counts).
     """
 
-    def __init__(self, source: str | os.PathLike, errors: ErrorPolicy = "raise", stats: Counter | None = None) -> None:
+    def __init__(self, source: str | os.PathLike, errors: ErrorPolicy = "raise", stats: Counter | None = None,
+                 skips: Any = None) -> None:
         if errors not in ("raise", "drop"):
             raise ValueError(f"errors must be 'raise' or 'drop', got {errors!r}")
         self.source = source
         self.errors = errors
         self.stats = stats if stats is not None else Counter()
+        self.skips = skips
         self.dropped: dict[str, list[str]] = {}
 
     def problem(self, reason: str, message: str) -> None:
@@ -218,14 +222,19 @@ class RecordChecker:
         self.name(reason, message)
 
     def name(self, reason: str, message: str) -> None:
-        """Remember a dropped record (``message``: ``"<record>: <what is wrong>"``) if ``reason`` has room."""
+        """Name a dropped record (``message``: ``"<record>: <what is wrong>"``): kept in :attr:`dropped` if
+        ``reason`` has room, and reported to ``skips`` when there is one."""
         named = self.dropped.setdefault(reason, [])
         if len(named) < NAMED_DROPS:
             named.append(message)
+        if self.skips is not None:
+            record, _, what = message.partition(": ")
+            self.skips.skip(reason.replace("_", " "), f"{self.source} {record}", what or None)
 
     def name_rows(self, reason: str, rows: np.ndarray, describe: Any) -> None:
-        """Name the dropped rows ``rows`` of a reason (``describe(row) -> message``), as many as there is room for."""
-        room = NAMED_DROPS - len(self.dropped.get(reason, ()))
+        """Name the dropped rows ``rows`` of a reason (``describe(row) -> message``): all of them when there is a
+        ``skips`` report (it counts every one), else as many as :attr:`dropped` has room for."""
+        room = len(rows) if self.skips is not None else NAMED_DROPS - len(self.dropped.get(reason, ()))
         for row in rows[:max(room, 0)]:
             self.name(reason, describe(int(row)))
 
@@ -432,6 +441,8 @@ class GroundingReader(Dataset):
             (:func:`glip_data.positive_map.build_positive_map`, ``max_text_len`` columns).
         max_text_len: columns of the positive map (the model's 256).
         dataset_name: name recorded in ``sample.metadata["dataset"]`` (default: the file's stem).
+        skips: a :class:`glip_data.report.SkipReport` naming every dropped record and skipped image (a command's
+            report; the counts are in ``stats`` either way).
     """
 
     task: str = "grounding"
@@ -448,6 +459,7 @@ class GroundingReader(Dataset):
         tokenizer: Any = None,
         max_text_len: int = 256,
         dataset_name: str | None = None,
+        skips: Any = None,
     ) -> None:
         super().__init__()
         self.ann_file = Path(ann_file)
@@ -455,7 +467,7 @@ class GroundingReader(Dataset):
         self.load_images = bool(load_image)
         self.box_convention = check_convention(box_convention)
         self.stats: Counter = Counter()
-        self.check = RecordChecker(self.ann_file, errors, self.stats)  # validates ``errors``
+        self.check = RecordChecker(self.ann_file, errors, self.stats, skips)  # validates ``errors``
         self.errors = errors
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
@@ -577,7 +589,10 @@ class GroundingReader(Dataset):
                 if self.on_bad_image == "raise":
                     raise
                 self.stats["image_unreadable"] += 1
-                warnings.warn(f"{err}; skipping to the next index", stacklevel=2)
+                if self.check.skips is not None:
+                    self.check.skips.skip("unreadable image", sample.image_path, str(err))
+                else:
+                    warnings.warn(f"{err}; skipping to the next index", stacklevel=2)
                 continue
             return self._finish(sample)
         raise OSError(f"{self.ann_file}: no readable image in the whole dataset")
@@ -592,15 +607,16 @@ class GroundingReader(Dataset):
         return sample
 
     def load_image(self, sample: GroundingSample) -> GroundingSample:
-        """Decode ``sample.image_path`` into ``sample.image`` (:func:`glip_data.load_image`: PIL RGB, upright by its
-        EXIF orientation) and check it against the annotated size.
+        """Decode ``sample.image_path`` into ``sample.image`` (:func:`glip_data.load_image`: PIL RGB, in the frame of
+        the annotation, :meth:`glip_data.ImageFrame.matching` its width and height) and check it against the
+        annotated size.
 
         Raises:
             ImageLoadError: the file is missing or cannot be decoded (an ``OSError`` naming the file and the record).
             ReaderError: the decoded size differs from the annotation's ``width``/``height``.
         """
         where = f"{self.ann_file.name}, image id {sample.metadata.get('image_id')!r}"
-        image = _load_image(sample.image_path, where=where)
+        image = _load_image(sample.image_path, where=where, frame=ImageFrame.matching(sample.width, sample.height))
         self._check_size(sample, image)
         sample.image = image
         return sample

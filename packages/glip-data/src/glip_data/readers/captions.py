@@ -137,8 +137,7 @@ class CaptionReader(GroundingReader):
                 except ReaderError as err:
                     if self.errors == "raise":
                         raise
-                    self.stats["bad_entity"] += 1
-                    self.check.name("bad_entity", str(err).removeprefix(f"{self.ann_file}: "))
+                    self._problem("bad_entity", str(err).removeprefix(f"{self.ann_file}: "))
                     ok = False
                     break
                 entity_spans.append([list(s) for s in ent_spans])

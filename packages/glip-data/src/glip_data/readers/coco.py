@@ -69,9 +69,14 @@ class COCODetection(GroundingReader):
         self._parse_categories(data["categories"])
         self._parse_images(data["images"])
         self._parse_annotations(data["annotations"])
-        from glip_data.prompts import detection_prompt
+        from glip_data.prompts import clean_name, detection_prompt
 
         names = [self.categories[label] for label in range(1, len(self.categories) + 1)]
+        for label, name in enumerate(names, 1):
+            if not clean_name(name).strip():  # named by its id: the file's own key for it
+                raise ReaderError(f"{self.ann_file}: category id {self.label_to_cat_id[label]!r} has the name "
+                                  f"{name!r}, which is empty once cleaned and cannot be put in a prompt; give it a "
+                                  "name")
         self.prompt, self.prompt_spans = detection_prompt(names)
 
     # -- hooks for the COCO-like formats (Objects365, LVIS) ------------------------------------------------------------

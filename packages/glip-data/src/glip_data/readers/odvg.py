@@ -291,8 +291,12 @@ class ODVGReader(GroundingReader):
         self.label_to_odvg = {i + 1: key for i, key in enumerate(keys)}
         self.categories = {i + 1: labels.names[key] for i, key in enumerate(keys)}
         if self.categories:
-            from glip_data.prompts import detection_prompt
+            from glip_data.prompts import clean_name, detection_prompt
 
+            for key in keys:
+                if not clean_name(labels.names[key]).strip():  # named by its label: the file's own key for it
+                    raise ReaderError(f"{self.ann_file}: label {key!r} has the name {labels.names[key]!r}, which is "
+                                      "empty once cleaned and cannot be put in a prompt; give it a name")
             self.prompt, self.prompt_spans = detection_prompt(list(self.categories.values()))
         else:
             self.prompt, self.prompt_spans = "", []

@@ -33,7 +33,7 @@ from torch import nn
 from glip_data.io import OutputLockedError, RunLock
 
 from ..adapters import linear_probe_parameters
-from ..config import GLIPConfig
+from ..model_config import GLIPConfig
 from ..modeling_glip import GLIP
 from ..shipped import SHIPPED_NAME
 from .checkpointing import clean_legacy_temporaries

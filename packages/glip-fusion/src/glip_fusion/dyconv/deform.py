@@ -26,20 +26,13 @@ Shapes: input ``(B, C, H, W)``, offset ``(B, 2*K, Ho, Wo)`` ((dy, dx) per tap), 
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-__all__ = ["deform_conv2d", "DCN_IMPLS", "DCN_IMPL_ENV_VAR", "resolve_dcn_impl", "set_dcn_impl",
-           "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["deform_conv2d", "DEFAULT_CHUNK_ELEMENTS"]
 
-#: implementations a :class:`~glip_fusion.modules.ModulatedDeformConv3x3` can use (``"auto"`` picks one)
-DCN_IMPLS = ("gather", "torchvision")
-#: environment variable that forces the implementation chosen by ``impl="auto"``
-DCN_IMPL_ENV_VAR = "GLIP_DCN_IMPL"
 #: column elements per chunk (4 Mi = 16 MB in float32; measured fastest on CPU between 1 Mi and 8 Mi)
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
@@ -337,43 +330,3 @@ def _check_inputs(x, offset, weight, bias, mask, stride, padding, dilation) -> N
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"deform_conv2d: weight/bias dtype must equal the input's ({x.dtype}); got "
                         f"{weight.dtype}{'' if bias is None else f' / {bias.dtype}'}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# implementation choice
-
-
-def resolve_dcn_impl(impl: str, device: torch.device) -> str:
-    """``"gather"`` or ``"torchvision"`` for an ``impl`` setting and the device of the data.
-
-    ``"auto"``: ``$GLIP_DCN_IMPL`` if set, else ``"gather"`` on CPU (measured faster there) and ``"torchvision"``
-    on other devices (its native kernels; the gather path runs there too but has not been measured).
-    """
-    if impl == "auto":
-        env = os.environ.get(DCN_IMPL_ENV_VAR, "").strip()
-        if env and env != "auto":
-            if env not in DCN_IMPLS:
-                raise ValueError(f"${DCN_IMPL_ENV_VAR}={env!r} is not a DCN implementation; expected one of "
-                                 f"{DCN_IMPLS} or 'auto'")
-            return env
-        return "gather" if device.type == "cpu" else "torchvision"
-    if impl not in DCN_IMPLS:
-        raise ValueError(f"DCN impl must be 'auto' or one of {DCN_IMPLS}; got {impl!r}")
-    return impl
-
-
-def set_dcn_impl(module: nn.Module, impl: str) -> int:
-    """Set ``impl`` on every deformable convolution inside ``module`` (e.g. a whole GLIP model); returns how many.
-
-    ``impl``: ``"auto"``, ``"gather"`` or ``"torchvision"``.
-    """
-    from .modules import ModulatedDeformConv3x3
-
-    if impl != "auto" and impl not in DCN_IMPLS:
-        raise ValueError(f"DCN impl must be 'auto' or one of {DCN_IMPLS}; got {impl!r}")
-    count = 0
-    for sub in module.modules():
-        if isinstance(sub, ModulatedDeformConv3x3):
-            sub.impl = impl
-            count += 1
-    return count
