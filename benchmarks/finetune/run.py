@@ -62,7 +62,7 @@ def measured(cmd: list[str], log: Path) -> dict:
     if not record.is_file():
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as fh:
-            code = subprocess.call([sys.executable, str(Path(__file__).resolve()), "--measure", str(record), "--",
+            code = subprocess.call([sys.executable, str(Path(__file__).resolve()), "--measure", str(record),
                                     *map(str, cmd)], stdout=fh, stderr=subprocess.STDOUT, env=environment(), cwd=REPO)
         if code != 0:
             raise RuntimeError(f"failed ({code}), see {log}: {' '.join(map(str, cmd))}")
@@ -154,16 +154,14 @@ def markdown(record: dict) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--measure"]:  # the measuring parent of one job: --measure RECORD COMMAND...
+        measure(Path(sys.argv[2]), sys.argv[3:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/finetune_bench"))
     parser.add_argument("--jobs", type=int, default=2, help="jobs at a time (one torch thread each)")
     parser.add_argument("--smoke", action="store_true", help="a few steps per job: checks every path")
-    parser.add_argument("--measure", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.measure:
-        record, _, *cmd = args.measure
-        measure(Path(record), cmd)
-        return
     from glip_data import SynthConfig, generate_world
 
     out = args.out.resolve()
