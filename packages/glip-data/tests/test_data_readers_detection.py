@@ -72,6 +72,12 @@ def test_coco_contiguous_ids_background_crowd_and_drops(tmp_path):
     assert "box_empty_after_clip: 1" in report and "images=2" in report and "boxes=3" in report
 
 
+def test_image_sizes_are_the_annotated_ones_without_reading_images(tmp_path):
+    coco = COCODetection(coco_file(tmp_path))  # no image file exists: sizes come from the file
+    assert [coco.image_size(i) for i in range(len(coco))] == [(100, 50), (40, 30)]
+    assert [coco.image_size(i) for i in range(len(coco))] == [(s.width, s.height) for s in coco]  # the samples' own
+
+
 def test_coco_exact_convention_and_include_crowd(tmp_path):
     reader = COCODetection(coco_file(tmp_path), box_convention="exact", include_crowd=True)
     assert reader[0].boxes.tolist() == [[10, 5, 30, 15], [90.5, 40, 100, 50]]

@@ -54,6 +54,10 @@ def test_mdetr_boxes_spans_and_eval_fields(tmp_path):
     assert reader.stats == {"box_clipped": 1}
 
 
+def test_grounding_image_sizes_are_the_annotated_ones(tmp_path):
+    assert MDETRGrounding(mdetr_file(tmp_path)).image_size(0) == (500, 375)  # the base reader's, no image read
+
+
 def test_mdetr_span_outside_caption(tmp_path):
     anns = [{"id": 0, "image_id": 0, "bbox": [1, 1, 5, 5], "tokens_positive": [[20, 40]]}]
     path = mdetr_file(tmp_path, anns)

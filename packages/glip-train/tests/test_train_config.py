@@ -97,6 +97,133 @@ def test_lr_schedules_by_hand():
     assert ScheduleConfig(max_iter=1000, steps=(0.667, 1500)).milestones() == [667, 1500]
 
 
+def test_the_users_length_wins_over_the_recipes_and_both_is_an_error(tmp_path):
+    recipe = {**BASE, "schedule": {"epochs": 24}}
+    steps = load_train_config(None, ["schedule.max_iter=50"], base=recipe).schedule
+    assert (steps.max_iter, steps.epochs) == (50, None)  # the recipe's 24 epochs no longer decide the length
+    assert load_train_config(None, [], base=recipe).schedule.epochs == 24
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {small: {text_encoder_dir: minilm}}\ndata: {train: [{kind: coco, annotations: t.json}]}\n"
+                    "schedule: {max_iter: 120}\n")
+    assert load_train_config(path, ["schedule.epochs=2"]).schedule.epochs == 2  # max_iter comes from the data
+    with pytest.raises(ConfigError, match=r"schedule.max_iter and schedule.epochs: both given; give one"):
+        load_train_config(path, ["schedule.epochs=2", "schedule.max_iter=5"])
+    path.write_text(path.read_text().replace("max_iter: 120", "max_iter: 120, epochs: 3"))
+    with pytest.raises(ConfigError, match=r"run.yaml: schedule.max_iter and schedule.epochs are both set; keep one"):
+        load_train_config(path)
+
+
+def _schedule_of(config: TrainConfig, samples: int, processes: int = 1):
+    from glip_train.training.build import resolve_schedule
+
+    resolved, changes = resolve_schedule(config, samples, processes)
+    return resolved.schedule, {c.key: c for c in changes}
+
+
+def test_the_official_coco_recipe_at_its_length_keeps_the_official_schedule():
+    """COCO fine-tuning as the official README runs it: 118,287 images, batch 32 (here 16 processes x 2), 24
+    epochs: 3696 steps per epoch, 88,704 steps, the official 2000 warm-up steps and LR drops at 67 % and 89 %."""
+    from glip_train.training.finetune import coco_finetune_config
+
+    base = coco_finetune_config(__file__, init="default")
+    schedule, changes = _schedule_of(load_train_config(None, [], base=base), 118_287, processes=16)
+    assert schedule.max_iter == 24 * 3696 and schedule.warmup_iters == 2000
+    assert schedule.milestones() == [59_432, 78_947]  # round(0.67 x 88704), round(0.89 x 88704)
+    assert str(changes["schedule.max_iter"]).startswith("schedule.max_iter: 24 epochs -> 88704 (3696 global ")
+    lr = LRSchedule(schedule)
+    assert lr(0) == pytest.approx(0.001) and lr(1000) == pytest.approx(0.001 * 0.5 + 0.5) and lr(2000) == 1.0
+    assert lr(59_431) == 1.0 and lr(59_432) == pytest.approx(0.1) and lr(78_947) == pytest.approx(0.01)
+
+
+def test_a_short_run_scales_its_warm_up_and_milestones():
+    """16 training images at batch 2: 8 steps per epoch, 192 steps for 24 epochs; 5 % warm-up = floor(9.6) = 9
+    steps; milestones round(0.67 x 192) = 129 and round(0.89 x 192) = 171. The issue's run never left the fixed
+    2000-step warm-up: its LR was 0.001 + 0.999 x 168 / 2000 of the base at best."""
+    from glip_train.training.finetune import coco_finetune_config
+
+    base = coco_finetune_config(__file__, init="default")
+    schedule, changes = _schedule_of(load_train_config(None, [], base=base), 16)
+    assert (schedule.max_iter, schedule.warmup_iters, schedule.milestones()) == (192, 9, [129, 171])
+    assert str(changes["schedule.warmup_iters"]) == ("schedule.warmup_iters: auto -> 9 (scaled: 5% of 192 steps, at "
+                                                    "most the official 2000)")
+    lr = LRSchedule(schedule)
+    assert lr(9) == 1.0 and lr(4) == pytest.approx(0.001 + 0.999 * 4 / 9)
+    assert ScheduleConfig(max_iter=19).warmup() == 0 and ScheduleConfig(max_iter=40_000).warmup() == 2000
+    assert ScheduleConfig(max_iter=10 ** 6).warmup() == 2000 and ScheduleConfig(max_iter=50, warmup_iters=7).warmup() == 7
+    explicit, changes = _schedule_of(load_train_config(None, ["schedule.warmup_iters=3"], base=base), 16)
+    assert explicit.warmup_iters == 3 and "schedule.warmup_iters" not in changes  # a given warm-up is kept
+
+
+# ---- training sizes ----------------------------------------------------------------------------------------------
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("shorter,test_size,device,sizes,max_size", [
+    # COCO-sized images, GLIP-T (tests at 800/1333), a GPU: exactly the official sizes
+    ([480, 427, 480, 640, 480], (800, 1333), GPU, (480, 560, 640, 720, 800), 1333),
+    # large images, a new model on a GPU: the official sizes too
+    ([1200, 900, 1500], None, GPU, (480, 560, 640, 720, 800), 1333),
+    # 128-pixel images and the shipped model (160/240): up to its test size, its test cap
+    ([128, 128, 120, 136], (160, 240), CPU, (96, 112, 128, 144, 160), 240),
+    # 128-pixel images and GLIP-T on a CPU: up to 5/3 x 128 = 213, the official shape, cap 213 x 1333 / 800 = 355
+    ([128, 128, 128], (800, 1333), CPU, (128, 149, 170, 192, 213), 355),
+    # large images and GLIP-T on a CPU: the CPU limit 512
+    ([720, 1080], (800, 1333), CPU, (307, 358, 410, 461, 512), 853),
+])
+def test_training_sizes_fit_the_images_the_model_and_the_device(shorter, test_size, device, sizes, max_size):
+    from glip_train.training.build import fit_train_sizes
+
+    got_sizes, got_max, why = fit_train_sizes(shorter, test_size, device)
+    assert (got_sizes, got_max) == (sizes, max_size)
+    assert why.startswith("fit: largest = min(official 800, 5/3 x median image")
+
+
+def test_sizes_without_known_images_follow_the_other_limits():
+    """Streamed shards give no annotated sizes: the official sizes, the model's test size and the CPU limit decide."""
+    from glip_train.training.build import fit_train_sizes
+
+    assert fit_train_sizes([], None, GPU)[:2] == ((480, 560, 640, 720, 800), 1333)
+    sizes, max_size, why = fit_train_sizes([], (160, 240), CPU)
+    assert (sizes, max_size) == ((96, 112, 128, 144, 160), 240) and "median" not in why
+
+
+def test_given_sizes_win_and_a_fine_tuned_model_keeps_its_test_size(small, tmp_path):
+    """Only the sizes the config leaves open are fit; init weights keep their test size unless ``model`` sets
+    one; a new model tests at its largest training size."""
+    from glip_train.training.build import build_model, resolve_sizes
+
+    init = small.config.replace(test_min_size=96, test_max_size=150)
+    GLIP(init).save_pretrained(tmp_path / "init")
+
+    class Source:  # a training source of 4 images (annotated width, height): shorter sides 60, 64, 64, 70
+        sizes = [(80, 60), (64, 64), (64, 100), (90, 70)]
+        indices = [0, 1, 2, 3]
+        dataset = property(lambda self: self)
+
+        def image_size(self, index):
+            return self.sizes[index]
+
+        def __len__(self):
+            return len(self.indices)
+
+    sources = {"0:x": Source()}
+    config = load_train_config(None, ["data.max_size=120"], base={**BASE, "init": str(tmp_path / "init"),
+                                                                  "model": {}})
+    resolved, changes = resolve_sizes(config, sources, CPU)
+    # largest = min(800, 5/3 x 64 = 107, 96, 512) = 96; the given max_size stays
+    assert resolved.data.min_sizes == (58, 67, 77, 86, 96) and resolved.data.max_size == 120
+    assert [c.key for c in changes] == ["data.min_sizes"]
+    model = build_model(resolved)
+    assert (model.config.test_min_size, model.config.test_max_size) == (96, 150)  # not the training sizes
+    told = build_model(load_train_config(None, ["model.test_min_size=64", "data.min_sizes=[50]", "data.max_size=80"],
+                                         base={**BASE, "init": str(tmp_path / "init"), "model": {}}))
+    assert (told.config.test_min_size, told.config.test_max_size) == (64, 150)
+    new = load_train_config(None, ["data.min_sizes=[48, 64]", "data.max_size=100",
+                                   "model.small.image_encoder=resnet18", "model.small.fusion_layers=1"], base=BASE)
+    assert build_model(new).processor.test_size == (64, 100)
+
+
 # ---- data order --------------------------------------------------------------------------------------------------
 
 def test_processes_share_the_global_batches_of_one_process():

@@ -96,3 +96,44 @@ def test_a_resumed_log_drops_the_steps_after_the_checkpoint_and_lines_cut_short(
     assert [(m["step"], m.get("event")) for m in _lines(path)] == [(1, None), (2, None), (2, "eval"), (3, None)]
     assert _lines(path)[:3] == records[:3] and _lines(path)[3]["loss"] == 0.123457
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # rewritten atomically, nothing left
+
+
+def test_a_missing_tensorboard_is_said_once_and_the_metrics_log_still_written(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    trainer = stand_in(tmp_path, max_iter=3)
+    logger = MetricsLogger(log_every=1)
+    trainer.log = logger.on_log
+    drive([logger], trainer, [GOOD] * 3)
+    assert trainer.echoed == ["glip train: TensorBoard logging is off: the tensorboard package is not installed (pip "
+                              f"install tensorboard); the metrics are in {tmp_path / 'metrics.jsonl'}"]
+    assert [m["step"] for m in _lines(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_the_progress_line_shows_images_per_second_and_the_eta(tmp_path, monkeypatch, capsys):
+    from glip_train.training import hooks
+
+    clock = iter([100.0, 102.0, 104.0, 106.0, 108.0, 110.0])  # 2 s per step
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: next(clock))
+    trainer = stand_in(tmp_path, max_iter=4)
+    trainer.world_size = 2  # 2 processes of 2 images: 4 images per step, 2 images/s
+    trainer.console = print
+    bar = hooks.ProgressHook()
+    for hook in [bar]:
+        hook.trainer = trainer
+        hook.before_train()
+    for _ in range(2):
+        trainer.step += 1
+        trainer.last_step = GOOD
+        bar.after_step()
+    assert bar.bar.postfix.startswith("img/s=2.0, reg=0.123")
+    assert bar.bar.format_dict["n"] == 2 and bar.bar.format_dict["total"] == 4  # tqdm's ETA: the remaining steps
+    bar.close()

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from glip_data import SynthConfig, generate_world
-from glip_train import GLIP
+from glip_train import GLIP, GLIPConfig
 from glip_train.training import ResumeError, Trainer, TrainingDiverged, load_train_config
 from glip_train.training.hooks import HookBase
 
@@ -148,24 +148,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(world, tmp_path):
-    one = write_config(world, tmp_path / "one", **{"data.batch_size": 2, "device": "cpu"})
-    two = write_config(world, tmp_path / "two", **{"data.batch_size": 1, "device": "cpu"})
+def test_two_gloo_processes_equal_one_process_to_float_rounding(world, tmp_path, minilm_dir):
+    """Images of one size, dropout off: two processes with batch 1 train the weights of one process with batch 2.
+
+    They read the same samples in the same order with the same loss normalisers (averaged over processes, as the
+    official code does); only the float32 order in which the two images' gradients are added differs (DDP's
+    all-reduce vs one backward over the batch), a relative difference of about 1e-6 per step. AdamW divides each
+    gradient element by its running magnitude, which keeps relative differences relative: every weight's total
+    change agrees to 1e-3 of itself (measured on the shipped model: 4.4e-4 at most after 8 steps,
+    ``benchmarks/results/multiprocess_equivalence_cpu_*.json``). The exception is a gradient that is rounding noise
+    around an exact zero: the attention key biases (a key bias adds the same score to every key of a query, which the
+    softmax cancels). AdamW turns noise of any size into steps of about the LR, so those biases only stay within its
+    per-step bound, (1 - b1) / sqrt(1 - b2) ~ 3.2 x their LR (2 x 1e-3 for biases) per step; they change no output.
+    """
+    torch.manual_seed(0)
+    init = GLIP(GLIPConfig.small(minilm_dir, image_encoder="resnet18", fusion_layers=1, fpn_channels=64, dropout=0.0,
+                                 image_encoder_kwargs={"norm_layer": "groupnorm"})).save_pretrained(tmp_path / "init")
+    fine_tune = {"init": str(init), "model": {}, "device": "cpu"}
+    one = write_config(world, tmp_path / "one", **fine_tune, **{"data.batch_size": 2})
+    two = write_config(world, tmp_path / "two", **fine_tune, **{"data.batch_size": 1})
     subprocess.run(_train_cmd(one), check=True, env=_env(), timeout=900)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                 f"--master_port={_free_port()}", "-m", "glip_train.cli", "train", str(two), "--quiet"]
     subprocess.run(torchrun, check=True, env=_env(), timeout=900)
     result = json.loads((tmp_path / "two" / "out" / "result.json").read_text())
     assert result["world_size"] == 2 and len(set(result["weights_sha256"])) == 1  # replicas identical
+    start = _weights(init)
     a = _weights(tmp_path / "one" / "out" / "model")
     b = _weights(tmp_path / "two" / "out" / "model")
-    # The same samples and the same normalisers; only the float32 summation order of the gradients differs. Adam
-    # turns that into at most its per-step bound (1 - b1) / sqrt(1 - b2) ~ 3.2 x lr per element for gradients that
-    # are pure rounding noise (e.g. attention key biases, whose exact gradient is 0): 4 steps at 1e-3, 1e-3, 1e-4,
-    # 1e-5 bound any difference by 3.2 x 2.11e-3.
-    bound = 3.2 * (1e-3 + 1e-3 + 1e-4 + 1e-5)
+    noise = [k for k in a if k.endswith("attention.self.key.bias")]
+    assert noise and a.keys() == b.keys() == start.keys()
     for key in a:
-        assert (a[key] - b[key]).abs().max() <= bound, key
+        if key in noise:
+            assert (a[key] - b[key]).abs().max() <= 3.2 * 2e-3 * 4, key  # 4 steps at most at the full bias LR
+            continue
+        update = (a[key] - start[key]).norm()
+        assert (a[key] - b[key]).norm() <= 1e-3 * update, (key, float((a[key] - b[key]).norm() / update))
     # and functionally the two models are the same: their outputs on a fixed input agree to float32 accuracy
     models = [GLIP.from_pretrained(tmp_path / name / "out" / "model").eval() for name in ("one", "two")]
     ids, mask = models[0].processor.tokenize(["a red circle. a blue square."])
@@ -173,7 +191,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(world, 
     with torch.no_grad():
         outs = [m(image, ids, mask).head for m in models]
     for x, y in zip(outs[0].token_logits + outs[0].box_regression, outs[1].token_logits + outs[1].box_regression):
-        assert (x - y).abs().max() <= 1e-3 * x.abs().max()
+        assert (x - y).abs().max() <= 1e-4 * x.abs().max()
 
 
 def test_non_finite_losses_are_named_skipped_and_stop_the_run(world, tmp_path):
@@ -517,3 +535,69 @@ def test_an_unreadable_image_is_replaced_by_the_next_sample_of_its_source_and_re
     first = int(list(order).index(0))  # the mixture index that reads the unreadable image in epoch 0
     batch = Collator(tokenizer, 256, "longest", 32)([samples[(0, first)], samples[(0, (first + 1) % 8)]])
     assert batch.unreadable == [(path, message)]
+
+
+def test_a_first_coco_fine_tune_fits_its_settings_reports_them_and_keeps_the_test_size(world, tmp_path, capsys):
+    """``glip train --coco ... --init default`` with an override between the options: the user's length replaces the
+    recipe's 24 epochs, the warm-up scales to it, the training sizes fit the 64 px images (5/3 x 64 = 107 px, under
+    the shipped model's test size 160 and the CPU's 512), the model keeps the shipped test size, and the settings and
+    the summary are printed even with ``--quiet``."""
+    from glip_train.cli import main
+    from glip_train.shipped import DEFAULT_MODEL_DIR
+
+    shipped = GLIPConfig.load(DEFAULT_MODEL_DIR / "config.json")
+    out = tmp_path / "ft"
+    code = main(["train", "--coco", str(world / "detection_train.json"), "schedule.max_iter=2",
+                 "--images", str(world / "images"), "--val", str(world / "coco_val.json"),
+                 "--val-images", str(world / "images"), "--init", "default", "-o", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out.splitlines()
+    fit = "fit: largest = min(official 800, 5/3 x median image 64 px = 107, model test size 160, CPU 512)"
+    assert "glip train: settings (given -> used):" in printed
+    assert "  schedule.max_iter: 24 epochs -> 2 (yours)" in printed
+    assert f"  data.min_sizes: auto -> [64, 75, 86, 96, 107] ({fit})" in printed  # 107 x 480/800 ... 800/800
+    assert f"  data.max_size: auto -> 178 ({fit})" in printed  # 107 x 1333/800, under the test cap 240
+    assert "  schedule.warmup_iters: auto -> 0 (scaled: 5% of 2 steps, at most the official 2000)" in printed
+    assert (f"glip train: the model is evaluated at shorter side {shipped.test_min_size}, longer side at most "
+            f"{shipped.test_max_size} (the init weights' own, kept; model.test_min_size / model.test_max_size "
+            "change it)") in printed
+    assert printed[-1].startswith("glip train: 2 steps, ") and f"wrote {out / 'model'}; validation AP" in printed[-1]
+    saved = GLIPConfig.load(out / "model" / "config.json")
+    assert (saved.test_min_size, saved.test_max_size) == (shipped.test_min_size, shipped.test_max_size)
+    used = yaml.safe_load((out / "config.yaml").read_text())
+    assert used["data"]["min_sizes"] == [64, 75, 86, 96, 107] and used["schedule"]["warmup_iters"] == 0
+
+
+@pytest.mark.slow  # 192 steps of the shipped model: about 6 minutes on 2 shared CPU cores
+def test_a_new_users_first_fine_tune_improves_ap_and_keeps_the_test_size(tmp_path):
+    """The first fine-tune a new user runs, ``glip train --coco ... --val ... --init default`` and nothing else, on a
+    task the shipped model does not know by name: a world of another seed whose shapes carry new names (16 training,
+    8 validation images of 96-128 px). Zero-shot the shipped model finds the shapes only by their look (AP 19.0
+    measured); the official COCO recipe fitted to the run (24 epochs = 192 steps, 9 warm-up steps, sizes up to the
+    test size 160) learns the names (AP 53.4 measured). The bar, +15 AP, is far from both rounding and the measured
+    gain."""
+    from glip_train.cli import main
+    from glip_train.shipped import DEFAULT_MODEL_DIR
+
+    new_names = {"circle": "orb", "square": "tile", "triangle": "wedge", "star": "spark", "hexagon": "cell",
+                 "diamond": "rhombus", "cross": "plus", "ring": "hoop"}
+    world = tmp_path / "world"
+    generate_world(world, config=SynthConfig(seed=1, num_detection=16, num_grounding=0, num_captions=0, num_val=8,
+                                             min_size=96, max_size=128, detection_shapes=tuple(new_names)))
+    for name in ("detection_train.json", "coco_val.json"):
+        data = json.loads((world / name).read_text())
+        for category in data["categories"]:
+            category["name"] = new_names[category["name"]]
+        (world / name).write_text(json.dumps(data))
+    coco = ["--annotations", str(world / "coco_val.json"), "--images", str(world / "images")]
+    assert main(["eval", "--protocol", "coco", "--weights", "default", *coco, "--out", str(tmp_path / "zero"),
+                 "--quiet", "--no-progress"]) == 0
+    before = json.loads((tmp_path / "zero" / "metrics.json").read_text())["metrics"]["AP"]
+    out = tmp_path / "ft"
+    assert main(["train", "--coco", str(world / "detection_train.json"), "--images", str(world / "images"),
+                 "--val", str(world / "coco_val.json"), "--val-images", str(world / "images"), "--init", "default",
+                 "-o", str(out)]) == 0
+    after = json.loads((out / "result.json").read_text())["val_metrics"]["AP"]
+    assert after >= before + 0.15, (before, after)
+    shipped, saved = (GLIPConfig.load(folder / "config.json") for folder in (DEFAULT_MODEL_DIR, out / "model"))
+    assert (saved.test_min_size, saved.test_max_size) == (shipped.test_min_size, shipped.test_max_size)

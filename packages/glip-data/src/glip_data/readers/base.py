@@ -567,6 +567,12 @@ class GroundingReader(Dataset):
         """Where the image of sample ``index`` lives on disk (without reading it)."""
         return Path(self._build_sample(index).image_path)
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(width, height)`` of the image of sample ``index`` as the annotation file gives it (without reading the
+        image)."""
+        sample = self._build_sample(index)
+        return int(sample.width), int(sample.height)
+
     def __getitem__(self, index: int) -> GroundingSample:
         n = len(self)
         if not -n <= index < n:

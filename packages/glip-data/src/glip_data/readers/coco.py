@@ -229,6 +229,10 @@ class COCODetection(GroundingReader):
     def image_path(self, index: int) -> Path:
         return self.resolve_path(self.image_file(index))
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        width, height = self._sizes[self._order[index]]
+        return int(width), int(height)
+
     def _build_sample(self, index: int) -> GroundingSample:
         i, start, end = self._record_boxes(index)
         boxes = self._boxes[start:end]

@@ -71,7 +71,11 @@ def _versions() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse prints usage errors itself and exits 2
+    args, extras = parser.parse_known_args(argv)  # argparse prints usage errors itself and exits 2
+    if extras:  # only glip train takes its overrides anywhere on the line
+        if args.command != "train":
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        train.take_unparsed(args, extras, parser)
     if args.version:
         print(_versions())
         return EXIT_OK

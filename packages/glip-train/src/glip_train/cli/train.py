@@ -7,7 +7,7 @@ import sys
 
 from ._common import EXIT_CODES_HELP, EXIT_OK, EXIT_SKIPPED, UsageError
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "take_unparsed"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,10 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "  glip train my_run.yaml optim.lr=2e-4 data.batch_size=4 ema=none\n"
                     "Values read as in YAML: none/null, true/false, numbers (1e-4), 'quoted text', [lists].\n"
                     "Fine-tune on a COCO-format dataset without writing a config:\n"
-                    "  glip train --coco train.json --images DIR --init glip_tiny_model_o365_goldg_cc_sbu.pth\n"
-                    "--init default starts from the model shipped with glip-train. Running the same command again\n"
-                    "resumes from the last checkpoint of output_dir; a second run into an output_dir in use is\n"
-                    "refused. Annotations the readers drop and missing or unreadable images are named on stderr,\n"
+                    "  glip train --coco train.json --images DIR --val val.json --val-images DIR --init default\n"
+                    "--init names the model to start from: default (the model shipped with glip-train), an official\n"
+                    "GLIP .pth, or a folder written by glip convert / glip train. The run's length, warm-up and\n"
+                    "training sizes fit your data unless given; the model keeps its test size; the settings that\n"
+                    "differ from the recipe are printed at the start. Overrides may go anywhere on the line.\n"
+                    "Running the same command again resumes from the last checkpoint of output_dir; a second run\n"
+                    "into an output_dir in use is refused. Annotations the readers drop and missing or unreadable images are named on stderr,\n"
                     "listed in output_dir/skipped.json and make the exit code 1. Several processes:\n"
                     "  torchrun --nproc_per_node=N -m glip_train.cli train CONFIG (gloo on CPU, NCCL on GPU).")
     p.add_argument("config", nargs="?", metavar="CONFIG", help="a training config (.yaml / .json) or a shipped name")
@@ -37,8 +40,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "model)")
     p.add_argument("--mode", choices=("full", "prompt_tuning", "linear_probe"), help="what trains [full]")
     p.add_argument("-o", "--output", metavar="DIR", help="output_dir of the run")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the settings and the summary are still "
+                                                        "printed)")
     return p
+
+
+def take_unparsed(args: argparse.Namespace, extras: list[str], parser: argparse.ArgumentParser) -> None:
+    """``glip train`` takes its ``key=value`` overrides (and its config) anywhere among the options: argparse hands
+    the ones after an option back unparsed."""
+    for token in extras:
+        if "=" in token and not token.startswith("-"):
+            args.overrides.append(token)
+        elif args.config is None and not token.startswith("-"):
+            args.config = token
+        else:
+            parser.error(f"unrecognized arguments: {token}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         args.config = None
     if args.coco:
         if not args.init:
-            raise UsageError("--coco needs --init WEIGHTS (the model to fine-tune)")
+            raise UsageError("--coco needs --init WEIGHTS, the model to fine-tune: 'default' (the model shipped with "
+                             "glip-train), an official GLIP .pth, or a folder written by glip convert / glip train")
         base = coco_finetune_config(args.coco, images=args.images, val=args.val, val_images=args.val_images,
                                     init=args.init)
     elif args.config is None:
@@ -61,13 +78,12 @@ def run(args: argparse.Namespace) -> int:
     for flag, key in ((args.init, "init"), (args.mode, "mode"), (args.output, "output_dir")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
+    recipe = load_train_config(args.config, [], base=base)  # what the run's changes are reported against
     config = load_train_config(args.config, overrides, base=base)
-    result = Trainer(config, progress=not args.quiet).train()
+    result = Trainer(config, progress=not args.quiet, recipe=recipe).train()
     where = result.model_dir or result.adapter  # None on the other processes of a distributed run
     if where is not None:
-        if not args.quiet:
-            print(f"glip train: {result.steps} steps; wrote {where} (skipped batches: {result.skipped_batches}, "
-                  f"non-finite steps: {result.bad_steps})")
+        print(result.summary())  # also with --quiet, which only hides the progress bar
         if result.skipped:
             print(f"glip train: {result.skipped.summary()}; all listed in {result.output_dir / 'skipped.json'}",
                   file=sys.stderr)

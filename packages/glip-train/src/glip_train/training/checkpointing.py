@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import flatten_config
+
 __all__ = [
     "checkpoint_path",
     "list_checkpoints",
@@ -87,18 +89,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
-
-
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The dotted keys whose values differ between two config dicts, except :data:`RESUMABLE_CHANGES`."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten_config(saved), flatten_config(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == r or key.startswith(r + ".") for r in RESUMABLE_CHANGES):

@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 from glip_data.validators import check_choice, check_int, check_number
 
+from ..shipped import SHIPPED_NAME
+
 __all__ = [
     "DatasetConfig",
     "DataConfig",
@@ -36,6 +38,12 @@ DETECTION_KINDS = ("coco", "objects365", "lvis")
 PROMPT_MODES = ("fixed", "sampled")
 TRAIN_MODES = ("full", "prompt_tuning", "linear_probe")
 SCHEDULES = ("multistep", "cosine", "constant")
+#: the official linear warm-up length (``SOLVER.WARMUP_ITERS``) ...
+OFFICIAL_WARMUP_ITERS = 2000
+#: ... and the share of a run it becomes when ``schedule.warmup_iters`` is not set: 2000 of the official COCO
+#: fine-tuning's 88,700 steps is 2.3 %, a short run on a small dataset needs a real warm-up without spending most of
+#: its steps in it; 5 % reaches the official 2000 at 40,000 steps
+WARMUP_FRACTION = 0.05
 AMP_MODES = ("none", "bf16", "fp16")
 
 
@@ -132,9 +140,12 @@ class DataConfig:
         train: the training sources (mixed by their weights).
         val: a validation set evaluated every ``eval_every`` steps and at the end, or None: ``{annotations: FILE
             (or world:coco_val), images: DIR, protocol: coco, min_size: PX, max_size: PX}`` (protocol: a single-dataset
-            detection protocol of ``glip_train.evaluation`` -- coco, lvis-minival, lvis-val, lvis-val-fixed, custom -- not odinw; test resize default: the largest training size).
+            detection protocol of ``glip_train.evaluation`` -- coco, lvis-minival, lvis-val, lvis-val-fixed, custom -- not odinw; test resize default: the model's test size, which fine-tuning keeps).
         batch_size: images per process and step (global batch = batch_size x processes x grad_accumulation).
-        min_sizes, max_size: multi-scale training resize (official 480..800, 1333).
+        min_sizes, max_size: multi-scale training resize: the shorter side is drawn from ``min_sizes``, the longer
+            side capped at ``max_size`` (official 480..800, 1333). None (the default): fit to the training images,
+            the model's test size and the device when the run starts (``glip_train.training.build.fit_train_sizes``;
+            the official sizes for COCO-sized images on a GPU), and recorded in the run's config.
         flip_prob: horizontal flip probability (official 0.5).
         swap_left_right: flip also swaps "left"/"right" in captions (off: official, quirk 17).
         pad_text_to: "max" pads every caption to 256 tokens (official PAD_MAX), "longest" to the batch's longest.
@@ -147,8 +158,8 @@ class DataConfig:
     train: tuple[DatasetConfig, ...] = ()
     val: Optional[dict[str, Any]] = None
     batch_size: int = 2
-    min_sizes: tuple[int, ...] = (480, 560, 640, 720, 800)
-    max_size: int = 1333
+    min_sizes: Optional[tuple[int, ...]] = None
+    max_size: Optional[int] = None
     flip_prob: float = 0.5
     swap_left_right: bool = False
     pad_text_to: str = "max"
@@ -175,11 +186,13 @@ class DataConfig:
                 if self.val.get(key) is not None:
                     _check_positive_int(f"{path}.val.{key}", self.val[key])
         _check_positive_int(f"{path}.batch_size", self.batch_size)
-        if not self.min_sizes:
-            _fail(f"{path}.min_sizes", "needs at least one size")
-        for s in self.min_sizes:
-            _check_positive_int(f"{path}.min_sizes", s)
-        _check_positive_int(f"{path}.max_size", self.max_size)
+        if self.min_sizes is not None:
+            if not self.min_sizes:
+                _fail(f"{path}.min_sizes", "needs at least one size (or null: fit to the images)")
+            for s in self.min_sizes:
+                _check_positive_int(f"{path}.min_sizes", s)
+        if self.max_size is not None:
+            _check_positive_int(f"{path}.max_size", self.max_size)
         _check_number(f"{path}.flip_prob", self.flip_prob, 0.0, 1.0)
         _check_choice(f"{path}.pad_text_to", self.pad_text_to, ("max", "longest"))
         _check_number(f"{path}.max_negative_fraction", self.max_negative_fraction, 0.0, 1.0)
@@ -233,8 +246,12 @@ class ScheduleConfig:
     Attributes:
         max_iter: optimizer steps of the run. (Official GLIP-T: 30 epochs of the data at batch 64.)
         epochs: instead of ``max_iter``, passes over the training data (max_iter is then computed from the data
-            size and the global batch when the run starts, and recorded in the run's config).
-        warmup_iters, warmup_factor: linear warm-up from ``warmup_factor`` (official 2000, 0.001).
+            size and the global batch when the run starts, and recorded in the run's config). Whichever of the two
+            the user gives wins over a recipe's (:func:`load_train_config`).
+        warmup_iters, warmup_factor: linear warm-up from ``warmup_factor`` (official 2000, 0.001). None (the
+            default): scaled with the run, ``WARMUP_FRACTION`` (5 %) of ``max_iter`` rounded down, at most the
+            official 2000 (:meth:`warmup`: the official number from 40000 steps on; every official recipe is
+            longer).
         kind: "multistep" (x ``gamma`` at each of ``steps``, fractions of max_iter rounded like the official code),
             "cosine" (the official cosine: ``min_lr + (lr - min_lr)(1 + cos(pi (it - warmup) / max_iter)) / 2``),
             "constant".
@@ -243,7 +260,7 @@ class ScheduleConfig:
 
     max_iter: int = 1000
     epochs: Optional[float] = None
-    warmup_iters: int = 2000
+    warmup_iters: Optional[int] = None
     warmup_factor: float = 0.001
     kind: str = "multistep"
     steps: tuple[float, ...] = (0.67, 0.89)
@@ -254,7 +271,8 @@ class ScheduleConfig:
         _check_positive_int(f"{path}.max_iter", self.max_iter)
         if self.epochs is not None:
             _check_number(f"{path}.epochs", self.epochs, 0.0, low_open=True)
-        _check_positive_int(f"{path}.warmup_iters", self.warmup_iters, allow_zero=True)
+        if self.warmup_iters is not None:
+            _check_positive_int(f"{path}.warmup_iters", self.warmup_iters, allow_zero=True)
         _check_number(f"{path}.warmup_factor", self.warmup_factor, 0.0, 1.0)
         _check_choice(f"{path}.kind", self.kind, SCHEDULES)
         previous = 0.0
@@ -265,6 +283,12 @@ class ScheduleConfig:
             previous = s
         _check_number(f"{path}.gamma", self.gamma, 0.0, 1.0, low_open=True)
         _check_number(f"{path}.min_lr_factor", self.min_lr_factor, 0.0, 1.0)
+
+    def warmup(self) -> int:
+        """Warm-up steps: ``warmup_iters``, or when it is None ``min(2000, floor(5 % of max_iter))``."""
+        if self.warmup_iters is not None:
+            return self.warmup_iters
+        return min(OFFICIAL_WARMUP_ITERS, math.floor(WARMUP_FRACTION * self.max_iter))
 
     def milestones(self) -> list[int]:
         """Steps as iterations: a fraction < 1 is ``round(fraction * max_iter)`` (official), else an iteration."""
@@ -399,6 +423,16 @@ class TrainConfig:
         return path
 
 
+def flatten_config(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Plain config data as ``{dotted key: value}`` (lists are values)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
 def _to_plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_plain(v) for k, v in value.items()}
@@ -472,6 +506,9 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
 
     ``path`` may also name a shipped config (:func:`shipped_configs`, e.g. ``"tiny_synth"``). Relative dataset and
     weight paths in a file are resolved against the file's folder; in a shipped config, against the current folder.
+
+    The run's length is given once: ``schedule.max_iter`` or ``schedule.epochs``. An override of one replaces the
+    other where the file or ``base`` (a recipe) gave it; giving both is an error naming both.
     """
     data: dict[str, Any] = dict(base or {})
     root = None
@@ -495,13 +532,38 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
                               f"file ({exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+        schedule = loaded.get("schedule")
+        if isinstance(schedule, dict) and all(schedule.get(key) is not None for key in ("max_iter", "epochs")):
+            raise ConfigError(f"{path}: schedule.max_iter and schedule.epochs are both set; keep one (max_iter: "
+                              "optimizer steps, epochs: passes over the training data)")
         data.update(_resolve_paths(loaded, root or path.parent))
-    data = apply_overrides(data, list(overrides or []))
+    overrides = list(overrides or [])
+    data = _user_length_wins(data, overrides)
+    data = apply_overrides(data, overrides)
     try:
         return TrainConfig.from_dict(data)
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
+
+
+#: the two ways of giving a run's length
+LENGTH_KEYS = ("schedule.max_iter", "schedule.epochs")
+
+
+def _user_length_wins(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` without the length the overrides replace: ``schedule.max_iter=50`` drops a recipe's ``epochs`` (and
+    ``schedule.epochs=2`` its ``max_iter``), so the user's length always wins."""
+    given = [key for key in LENGTH_KEYS
+             if any(item.split("=", 1)[0].strip() == key and "=" in item for item in overrides)]
+    if len(given) == 2:
+        raise ConfigError("schedule.max_iter and schedule.epochs: both given; give one (max_iter: optimizer steps, "
+                          "epochs: passes over the training data)")
+    schedule = data.get("schedule")
+    if not given or not isinstance(schedule, dict):
+        return data
+    other = LENGTH_KEYS[1 - LENGTH_KEYS.index(given[0])].split(".")[1]
+    return {**data, "schedule": {k: v for k, v in schedule.items() if k != other}}
 
 
 def _resolve_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -512,9 +574,8 @@ def _resolve_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
         return value
 
     data = json.loads(json.dumps(data))
-    for key in ("init",):
-        if data.get(key):
-            data[key] = fix(data[key])
+    if data.get("init") and data["init"] != SHIPPED_NAME:  # "default" names the shipped model, not a file
+        data["init"] = fix(data["init"])
     for ds in (data.get("data") or {}).get("train") or []:
         if isinstance(ds, dict):
             for key in ("annotations", "images"):

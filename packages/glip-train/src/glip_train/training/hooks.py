@@ -149,8 +149,9 @@ def trim_log(path: Path, last_step: int) -> int:
 
 class MetricsLogger(HookBase):
     """Writes ``output_dir/metrics.jsonl`` (and TensorBoard scalars under ``output_dir/tensorboard/`` when
-    ``tensorboard`` is installed): every ``log_every`` steps and at the last one the loss terms, the LR, images/s
-    and the skip counters; every record logged with ``trainer.log``. Each step appears once, also after a resume.
+    ``tensorboard`` is installed; when it is not, one line says so): every ``log_every`` steps and at the last one
+    the loss terms, the LR, images/s and the skip counters; every record logged with ``trainer.log``. Each step
+    appears once, also after a resume.
 
     Also sets ``trainer.last_metrics``.
     """
@@ -170,8 +171,9 @@ class MetricsLogger(HookBase):
         if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                pass
+            except ImportError:  # tensorboard is optional: say so once, not silently skip it
+                trainer.echo("glip train: TensorBoard logging is off: the tensorboard package is not installed "
+                             f"(pip install tensorboard); the metrics are in {path}")
             else:  # events after the checkpoint's step are purged: the resumed run writes them again
                 self.writer = SummaryWriter(str(trainer.output_dir / "tensorboard"), purge_step=trainer.step + 1)
         self.window_start, self.window_images = time.perf_counter(), 0
@@ -211,11 +213,12 @@ class MetricsLogger(HookBase):
 
 
 class ProgressHook(HookBase):
-    """A progress bar (steps, ETA, the loss terms) on stderr; the trainer's messages and the validation results
-    are written above it."""
+    """A progress bar on stderr: steps, elapsed time and ETA, images/s (all processes, since the run started) and
+    the loss terms; the trainer's messages and the validation results are written above it."""
 
     def __init__(self) -> None:
         self.bar = None
+        self.start, self.images = 0.0, 0
 
     def before_train(self) -> None:
         from tqdm import tqdm
@@ -224,12 +227,15 @@ class ProgressHook(HookBase):
         self.bar = tqdm(total=trainer.max_iter, initial=trainer.step, unit="step", dynamic_ncols=True,
                         desc="glip train")
         trainer.console = self.bar.write
+        self.start, self.images = time.perf_counter(), 0
 
     def after_step(self) -> None:
+        trainer = self.trainer
+        self.images += trainer.last_step.images * trainer.world_size
+        postfix = {"img/s": f"{self.images / max(time.perf_counter() - self.start, 1e-9):.1f}"}
+        postfix.update({k.replace("loss_", ""): f"{v:.3f}" for k, v in trainer.last_step.terms.items()})
+        self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
-        terms = self.trainer.last_step.terms
-        if terms:
-            self.bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in terms.items()})
 
     def on_log(self, record: dict[str, Any]) -> None:
         if record.get("event") == "eval" and self.bar is not None:

@@ -57,7 +57,7 @@ class LRSchedule:
 
     def __init__(self, config: ScheduleConfig):
         self.kind = config.kind
-        self.warmup_iters = config.warmup_iters
+        self.warmup_iters = config.warmup()
         self.warmup_factor = config.warmup_factor
         self.milestones = config.milestones()
         self.gamma = config.gamma

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,8 +37,8 @@ from glip_data.io import atomic_torch_save, atomic_write_json
 from glip_data.report import SkipReport
 
 from ..adapters import save_adapter
-from .build import (build_ema, build_model, check_inputs, freeze_for_mode, lock_run_folder,
-                    resolve_schedule, wrap_ddp)
+from .build import (ConfigChange, build_ema, build_model, check_inputs, freeze_for_mode, lock_run_folder,
+                    resolve_schedule, resolve_sizes, user_changes, wrap_ddp)
 from .checkpointing import (ResumeError, checkpoint_path, prune_checkpoints, read_resume_state, restore_rng_state,
                             rng_state)
 from .config import TrainConfig
@@ -62,7 +63,9 @@ class TrainResult:
         steps: optimizer steps done; skipped_batches / bad_steps: batches skipped by the empty-image rule and steps
         skipped by the NaN guard; last_metrics: the last logged metrics; val_metrics: the final validation metrics
         (``data.val``), else None; skipped: the inputs left out, all processes together (annotations the readers
-        dropped, image files missing or unreadable; ``skipped.exit_code()`` is 1 when there are any).
+        dropped, image files missing or unreadable; ``skipped.exit_code()`` is 1 when there are any); seconds: the
+        wall time of this call of ``train()`` (of a resumed run: its part); images_per_s: the images all processes
+        read per second in it.
     """
 
     output_dir: Path
@@ -75,6 +78,21 @@ class TrainResult:
     last_metrics: dict[str, Any] = field(default_factory=dict)
     val_metrics: dict[str, Any] | None = None
     skipped: SkipReport = field(default_factory=lambda: SkipReport(COMMAND, stream=None))
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+
+    def summary(self) -> str:
+        """One line: steps, time, throughput, where the weights went, the final validation, what was skipped."""
+        minutes, seconds = divmod(round(self.seconds), 60)
+        took = f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+        line = (f"{COMMAND}: {self.steps} steps, {took}, {self.images_per_s:.1f} images/s; wrote "
+                f"{self.model_dir or self.adapter}")
+        if self.val_metrics and "AP" in self.val_metrics:
+            line += f"; validation AP {100 * self.val_metrics['AP']:.1f}"
+        line += f" (skipped batches: {self.skipped_batches}, non-finite steps: {self.bad_steps}"
+        if self.skipped:
+            line += f", skipped inputs: {self.skipped.total}"
+        return line + ")"
 
 
 @dataclass
@@ -121,17 +139,25 @@ class Trainer:
             each optimizer step.
         loss_fn: override the loss (``fn(model_output, targets) -> dict of terms``); default: the model's own
             GLIP losses.
+        recipe: the config ``config`` was made from, before the user's changes (``glip train`` passes its recipe
+            or config file without the command-line overrides). When the run starts it reports how it differs from
+            it, beside the values the builders chose (:attr:`changes`).
     """
 
     def __init__(self, config: TrainConfig, *, progress: bool = True,
                  hooks: list[HookBase | Callable[["Trainer", int], None]] | None = None,
-                 loss_fn: Callable[[Any, list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None):
+                 loss_fn: Callable[[Any, list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None,
+                 recipe: TrainConfig | None = None):
         self.config, self.progress, self.loss_fn = config, progress, loss_fn
+        #: how the run differs from its recipe (the user's changes) and its config (the values the builders chose)
+        self.changes: list[ConfigChange] = user_changes(recipe, config) if recipe is not None else []
         self.output_dir = Path(config.output_dir)
         self.hooks: list[HookBase] = []
         self.lock = None
         self.console: Callable[[str], None] = print
         self.step = self.micro = 0  # optimizer steps done, global micro-batches consumed
+        self.images_read = 0  # by this process in this call of train()
+        self.started = time.perf_counter()
         self.skipped_batches = self.bad_steps = self.consecutive_bad = 0
         self.last_metrics: dict[str, Any] = {}
         self.last_step: StepOutput | None = None
@@ -159,10 +185,13 @@ class Trainer:
         sources = build_sources(config.data, self.world, self.data_skips, seed=config.seed)
         if self.is_main:
             atomic_write_json(self.output_dir / "skipped.json", self.data_skips.to_dict())
+        config, size_changes = resolve_sizes(config, sources, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(config).to(self.device)
         self.data = build_data(config, sources, self.model, self.rank, self.world_size)
-        self.config = config = resolve_schedule(config, len(self.data.samples), self.world_size)
+        config, schedule_changes = resolve_schedule(config, len(self.data.samples), self.world_size)
+        self.config = config
+        self.changes += size_changes + schedule_changes
         self.trainable = freeze_for_mode(self.model, config)
         self.model.train()
         self.optimizer = build_optimizer(self.model, config.optim)
@@ -286,11 +315,14 @@ class Trainer:
         try:
             if self.is_main:
                 self.config.save(self.output_dir / "config.yaml")
+            self.report_settings()
+            self.started, self.images_read = time.perf_counter(), 0
             batches = self.data.batches(self.micro)
             self._call("before_train")
             while self.step < self.max_iter:
                 self._call("before_step")
                 self.last_step = self.run_step(batches)
+                self.images_read += self.last_step.images
                 self.step += 1
                 self._call("after_step")
             self.result = self._export()  # the weights are written before the final validation can fail
@@ -299,6 +331,23 @@ class Trainer:
             return self.result
         finally:
             self.close()
+
+    def report_settings(self) -> None:
+        """Say once, when the run starts (rank 0), how it differs from its recipe and config (:attr:`changes`) and
+        at what size its model is evaluated."""
+        if self.changes:
+            self.echo(f"{COMMAND}: settings (given -> used):")
+            for change in self.changes:
+                self.echo(f"  {change}")
+        config = self.model.config
+        if "test_min_size" in self.config.model or "test_max_size" in self.config.model:
+            why = "set by model.test_min_size / model.test_max_size"
+        elif self.config.init is not None:
+            why = "the init weights' own, kept; model.test_min_size / model.test_max_size change it"
+        else:
+            why = "a new model tests at its largest training size"
+        self.echo(f"{COMMAND}: the model is evaluated at shorter side {config.test_min_size}, longer side at most "
+                  f"{config.test_max_size} ({why})")
 
     def _call(self, stage: str) -> None:
         for hook in self.hooks:
@@ -400,8 +449,10 @@ class Trainer:
 
     def _export(self) -> TrainResult:
         """The final weights (``model/`` and ``model_ema/``, or the adapter) and ``result.json``."""
+        seconds = time.perf_counter() - self.started
         result = TrainResult(self.output_dir, None, None, None, self.step, self.skipped_batches, self.bad_steps,
-                             self.last_metrics, skipped=self.skip_report())
+                             self.last_metrics, skipped=self.skip_report(), seconds=seconds,
+                             images_per_s=self.images_read * self.world_size / max(seconds, 1e-9))
         self._digests = all_gather(self.weights_digest())
         if len(set(self._digests)) != 1:  # DDP keeps replicas equal; anything else is a bug worth stopping for
             raise RuntimeError(f"the weights of the {self.world_size} processes differ at the end of training")
@@ -431,6 +482,7 @@ class Trainer:
             "ema_dir": str(result.ema_dir) if result.ema_dir else None,
             "adapter": str(result.adapter) if result.adapter else None,
             "weights_sha256": self._digests, "world_size": self.world_size,
+            "seconds": round(result.seconds, 3), "images_per_s": round(result.images_per_s, 3),
             "last_metrics": result.last_metrics, "val_metrics": result.val_metrics,
             "skipped": {k: v for k, v in result.skipped.to_dict().items() if k != "examples"}})
 
