@@ -71,7 +71,7 @@ def factored_bi_mha(attn, v: torch.Tensor, l: torch.Tensor, text_mask: Optional[
         has_text = text_mask.any(-1)
         s_v = torch.where((text_mask | ~has_text[:, None])[:, None, None, :], s_v, neg_inf)
     p_v = torch.softmax(s_v, dim=-1)
-    if has_text is not None and not bool(has_text.all()):
+    if has_text is not None:  # unconditional (times 1 is exact): a traced export has no data-dependent branch
         p_v = p_v * has_text[:, None, None, None].to(p_v.dtype)  # no valid token: o_v = 0
     v_l = attn.values_l_proj(l).view(B, M, H, d)
     u = torch.einsum("bmhd,chd->bhmc", v_l, attn.out_v_proj.weight.view(Cv, H, d)).reshape(B, H * M, Cv)

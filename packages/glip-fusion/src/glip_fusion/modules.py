@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
 from .attention import BACKEND_ENV_VAR, bi_attention
 from .config import OFFSET_MODES, FusionConfig
-from .deform import DCN_IMPLS, deform_conv2d, resolve_dcn_impl
+from .deform import DCN_IMPLS, dcn_function, resolve_dcn_impl
 from .factored_attention import factored_bi_mha, factored_pays
 
 __all__ = [
@@ -66,7 +65,7 @@ def flatten_levels(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list
     for i, f in enumerate(features):
         if f.dim() != 4 or f.shape[0] != B or f.shape[1] != C:
             raise ValueError(f"features[{i}] must have shape (B={B}, C={C}, H, W); got {tuple(f.shape)}")
-        sizes.append((int(f.shape[2]), int(f.shape[3])))
+        sizes.append((f.shape[2], f.shape[3]))  # not int(): a traced export keeps the sizes symbolic
     tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)
     return tokens, sizes
 
@@ -82,7 +81,7 @@ def split_levels(tokens: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list
     return [c.transpose(1, 2).reshape(B, C, h, w).contiguous() for c, (h, w) in zip(chunks, sizes)]
 
 
-def level_image_masks(image_sizes: Sequence[tuple[int, int]], feature_sizes: Sequence[tuple[int, int]],
+def level_image_masks(image_sizes: Sequence[tuple[int, int]] | torch.Tensor, feature_sizes: Sequence[tuple[int, int]],
                       strides: Sequence[int], *, size_divisibility: int = 32,
                       device: Optional[torch.device] = None) -> list[torch.Tensor]:
     """Per-level validity masks of a zero-padded batch: the cells the image would have if it were alone.
@@ -95,7 +94,8 @@ def level_image_masks(image_sizes: Sequence[tuple[int, int]], feature_sizes: Seq
     pixel mask would not: it depends on the batch's padded size at levels whose stride does not divide it.)
 
     Args:
-        image_sizes: ``(h, w)`` of each unpadded image (B entries).
+        image_sizes: ``(h, w)`` of each unpadded image (B entries), or a ``(B, 2)`` integer tensor (a traced export
+            takes the sizes as a graph input).
         feature_sizes: ``(H_l, W_l)`` of every level of the batch.
         strides: the stride of every level (GLIP: 8, 16, 32, 64, 128).
         size_divisibility: the batch padding multiple (GLIP: 32).
@@ -105,15 +105,14 @@ def level_image_masks(image_sizes: Sequence[tuple[int, int]], feature_sizes: Seq
     if len(feature_sizes) != len(strides):
         raise ValueError(f"{len(feature_sizes)} feature sizes but {len(strides)} strides")
     divisor = max(1, int(size_divisibility))
-    padded = [((int(h) + divisor - 1) // divisor * divisor, (int(w) + divisor - 1) // divisor * divisor)
-              for h, w in image_sizes]
+    sizes = torch.as_tensor(image_sizes, dtype=torch.int64, device=device).reshape(-1, 2)
+    padded = torch.div(sizes + divisor - 1, divisor, rounding_mode="floor") * divisor
     masks = []
     for (height, width), stride in zip(feature_sizes, strides):
-        rows = torch.arange(height, device=device)
-        cols = torch.arange(width, device=device)
-        valid_rows = torch.tensor([-(-ph // stride) for ph, _ in padded], device=device)
-        valid_cols = torch.tensor([-(-pw // stride) for _, pw in padded], device=device)
-        masks.append((rows[None, :, None] < valid_rows[:, None, None]) & (cols[None, None, :] < valid_cols[:, None, None]))
+        valid = torch.div(padded + stride - 1, stride, rounding_mode="floor")  # (B, 2): ceil(padded / stride)
+        rows = torch.arange(height, device=sizes.device)
+        cols = torch.arange(width, device=sizes.device)
+        masks.append((rows[None, :, None] < valid[:, 0, None, None]) & (cols[None, None, :] < valid[:, 1, None, None]))
     return masks
 
 
@@ -449,8 +448,10 @@ class ModulatedDeformConv3x3(nn.Module):
 
     ``impl`` (an attribute, also settable on a whole model with :func:`glip_fusion.set_dcn_impl`):
     ``"gather"`` (:func:`glip_fusion.deform_conv2d`: row gather + GEMM, several times faster on CPU, forward and
-    backward), ``"torchvision"`` (:func:`torchvision.ops.deform_conv2d`) or ``"auto"`` (default: ``$GLIP_DCN_IMPL``
-    if set, else ``"gather"`` on CPU and ``"torchvision"`` on other devices). Both compute the same function.
+    backward), ``"torchvision"`` (:func:`torchvision.ops.deform_conv2d`), ``"grid_sample"``
+    (:func:`glip_fusion.deform.deform_conv2d_grid_sample`: plain ONNX ops, what exported graphs use) or ``"auto"``
+    (default: ``$GLIP_DCN_IMPL`` if set, else ``"gather"`` on CPU and ``"torchvision"`` on other devices). All compute
+    the same function.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, impl: str = "auto"):
@@ -473,7 +474,7 @@ class ModulatedDeformConv3x3(nn.Module):
                 f"impl={self.impl!r}")
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        op = tv_deform_conv2d if resolve_dcn_impl(self.impl, x.device) == "torchvision" else deform_conv2d
+        op = dcn_function(resolve_dcn_impl(self.impl, x.device))
         if _autocast_enabled(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return op(x.float(), offset.float(), self.weight.float(), self.bias.float(),
