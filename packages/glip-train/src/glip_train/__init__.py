@@ -15,6 +15,8 @@ _LAZY = {
     "GLIPConfig": "config",
     "PostProcessConfig": "config",
     "CheckpointError": "checkpoint",
+    "ExportedGLIP": "export",
+    "export_model": "export",
 }
 
 __all__ = [*_LAZY, "__version__"]

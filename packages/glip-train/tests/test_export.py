@@ -1,0 +1,173 @@
+"""Export to ONNX / OpenVINO (glip_train.export): the runtimes' detections equal the eager model's.
+
+The shipped model is exported once (the ONNX trace is the slow part, about a minute on 2 cores); the OpenVINO model
+and the int8 model are converted from that export without tracing again. Detections are compared one to one with
+:func:`glip_train.testing.match_detections` (same label, IoU > 0.99, |score difference| < 1e-3: the float32 graph
+differs from eager PyTorch by rounding, ~1e-6 relative, so a detection that moves more is a wrong graph). The images
+and prompts differ in size and length from the ones traced, so the dynamic axes are exercised.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from glip_train import GLIP  # noqa: E402
+from glip_train.export import ExportedGLIP, ExportError, export_model, is_exported, resolve_export  # noqa: E402
+from glip_train.export.graph import INPUT_NAMES, example_inputs, output_names  # noqa: E402
+from glip_train.testing import match_detections  # noqa: E402
+
+#: two prompts of the shipped model's world, of different token lengths
+PROMPTS = (["red circle", "blue square"],
+           ["yellow triangle", "green star", "hexagon", "purple diamond", "cross", "orange ring", "circle"])
+
+
+def _picture(size: tuple[int, int], seed: int) -> Image.Image:
+    """A gray picture with a few filled shapes in the shipped model's colours (``size = (w, h)``)."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", size, (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    colours = [(220, 30, 30), (30, 60, 220), (240, 220, 30), (30, 180, 60)]
+    for i, colour in enumerate(colours):
+        w, h = size
+        x, y = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+        s = int(rng.integers(20, 40))
+        (draw.ellipse if i % 2 == 0 else draw.rectangle)([x, y, x + s, y + s], fill=colour)
+    return image
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Two pictures whose resized sizes (160x224, 240x160) differ from each other and from the traced 224x288."""
+    return [_picture((280, 200), 0), _picture((150, 225), 1)]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return GLIP.from_pretrained().eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(shipped, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export") / "onnx"
+    # optimize=False: the exporter's graph optimizer takes as long as the trace and changes no output
+    export_model(shipped, folder, "onnx", optimize=False, source="shipped")
+    return folder
+
+
+def _assert_same_detections(ours: list[dict], reference: list[dict], what: str) -> None:
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        m = match_detections(a["boxes"], a["scores"], a["labels"], b["boxes"], b["scores"], b["labels"])
+        assert m.num_reference > 0, f"{what}: image {i} has no detection to compare"
+        assert m.matched == m.num_reference and m.unmatched_ours == 0, f"{what} image {i}: {m}"
+
+
+def _check_runtime_equals_eager(model, shipped, images):
+    lengths = {int(shipped.processor.tokenize([". ".join(p)])[1].sum()) for p in PROMPTS}
+    assert len(lengths) == 2 and 11 not in lengths  # two text lengths, neither the traced one
+    for classes in PROMPTS:
+        kwargs = dict(classes=classes, threshold=0.0, max_detections=None, batch_size=2)
+        _assert_same_detections(model.detect(images, **kwargs), shipped.detect(images, **kwargs),
+                                f"{model.format} {classes}")
+    # one image at a time: batch 1 and the image's own padded size
+    single = model.ground(images[1], "a red circle and a blue square", threshold=0.0)
+    _assert_same_detections(single, shipped.ground(images[1], "a red circle and a blue square", threshold=0.0),
+                            f"{model.format} ground")
+
+
+def test_onnxruntime_detections_equal_eager(onnx_dir, shipped, images):
+    model = ExportedGLIP.from_pretrained(onnx_dir / "model.onnx")
+    assert model.format == "onnx" and model.config == shipped.config
+    _check_runtime_equals_eager(model, shipped, images)
+
+
+def test_openvino_detections_equal_eager(onnx_dir, shipped, images, tmp_path):
+    pytest.importorskip("openvino")
+    source = ExportedGLIP.from_pretrained(onnx_dir)
+    xml = export_model(source, tmp_path / "ov", "openvino")  # converted from the ONNX export: no new trace
+    assert xml.name == "model.xml" and (tmp_path / "ov" / "model.bin").is_file()
+    assert not (tmp_path / "ov" / "model.onnx").exists()
+    model = ExportedGLIP.from_pretrained(tmp_path / "ov")
+    assert model.format == "openvino"
+    _check_runtime_equals_eager(model, shipped, images)
+
+
+def test_export_folder_and_record(onnx_dir, shipped):
+    names = sorted(p.name for p in onnx_dir.iterdir())
+    assert names == [".glip.lock", "config.json", "export.json", "model.onnx", "model.onnx.data", "tokenizer"]
+    info = json.loads((onnx_dir / "export.json").read_text())
+    assert info["format"] == "onnx" and info["file"] == "model.onnx" and info["precision"] == "fp32"
+    assert info["inputs"] == list(INPUT_NAMES) and info["outputs"] == output_names()
+    # the shipped model's head width (32) is below its text limit (256): the projected X-MHA, reference attention
+    assert info["attention"] == "reference" and info["deformable_convolution"] == "grid_sample"
+    assert max(info["check_relative_error"].values()) < 1e-4
+    assert info["source"] == "shipped"
+
+    import onnx
+
+    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    assert "GridSample" in ops and "DeformConv" not in ops  # the portable deformable convolution
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert all(isinstance(d, str) for d in dims["pixel_values"][:1] + dims["pixel_values"][2:])  # symbolic axes
+    assert isinstance(dims["input_ids"][1], str)
+
+    for path in (onnx_dir, onnx_dir / "model.onnx"):
+        assert is_exported(path)
+        assert resolve_export(path)[1] == onnx_dir / "model.onnx"
+    assert not is_exported(onnx_dir / "config.json")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_model(ExportedGLIP.from_pretrained(onnx_dir), onnx_dir, "onnx")
+
+
+def test_loading_something_else_fails_with_one_line(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ExportError, match=r"not an exported GLIP model \(no export.json"):
+        ExportedGLIP.from_pretrained(tmp_path / "model.onnx")
+    (tmp_path / "export.json").write_text(json.dumps({"format": "onnx", "file": "model.onnx"}))
+    with pytest.raises(ExportError, match="onnxruntime cannot load it"):
+        ExportedGLIP.from_pretrained(tmp_path)
+    with pytest.raises(ExportError, match="is model.onnx, not other.onnx"):
+        resolve_export(tmp_path / "other.onnx")
+
+
+def test_missing_runtime_names_the_extra(onnx_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(ExportError, match=r"pip install 'glip-train\[onnx\]'"):
+        ExportedGLIP.from_pretrained(onnx_dir)
+
+
+def test_exported_model_checks_its_inputs(onnx_dir):
+    model = ExportedGLIP.from_pretrained(onnx_dir)
+    assert model.eval() is model and model.to("cpu") is model and model.device.type == "cpu"
+    with pytest.raises(ExportError, match="runs on the CPU"):
+        model.to("cuda")
+    ids, mask = torch.ones(1, 5, dtype=torch.int64), torch.ones(1, 5, dtype=torch.int64)
+    with pytest.raises(ValueError, match="not padded to a multiple of 32"):
+        model(torch.zeros(1, 3, 100, 128), ids, mask)
+    long = torch.ones(1, model.config.max_text_len + 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="tokens"):
+        model(torch.zeros(1, 3, 128, 128), long, long)
+
+
+def test_runtime_output_structure_equals_eager(onnx_dir, shipped):
+    """The call returns the eager GLIPOutput's head outputs and anchors (what post-processing reads)."""
+    model = ExportedGLIP.from_pretrained(onnx_dir)
+    pixels, ids, mask, sizes = example_inputs(shipped)
+    sizes = [tuple(s) for s in sizes.tolist()]
+    ours = model(pixels, ids, mask, sizes)
+    with torch.no_grad():
+        ref = shipped(pixels, ids, mask, sizes)
+    assert ours.image_sizes == ref.image_sizes and torch.equal(ours.text_mask, ref.text_mask)
+    for a, b in zip(ours.anchors, ref.anchors):
+        assert torch.equal(a, b)
+    for group in ("box_regression", "centerness", "token_logits"):
+        for a, b in zip(getattr(ours.head, group), getattr(ref.head, group)):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-4), group
