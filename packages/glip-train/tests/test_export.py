@@ -9,6 +9,7 @@ and prompts differ in size and length from the ones traced, so the dynamic axes 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -127,13 +128,19 @@ def test_export_folder_and_record(onnx_dir, shipped):
         export_model(ExportedGLIP.from_pretrained(onnx_dir), onnx_dir, "onnx")
 
 
-def test_loading_something_else_fails_with_one_line(tmp_path):
+def test_loading_something_else_fails_with_one_line(onnx_dir, tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"not a graph")
     with pytest.raises(ExportError, match=r"not an exported GLIP model \(no export.json"):
         ExportedGLIP.from_pretrained(tmp_path / "model.onnx")
     (tmp_path / "export.json").write_text(json.dumps({"format": "onnx", "file": "model.onnx"}))
+    with pytest.raises(ExportError, match="config not found"):
+        ExportedGLIP.from_pretrained(tmp_path)
+    shutil.copy(onnx_dir / "config.json", tmp_path / "config.json")
+    shutil.copytree(onnx_dir / "tokenizer", tmp_path / "tokenizer")
     with pytest.raises(ExportError, match="onnxruntime cannot load it"):
         ExportedGLIP.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is an exported model"):
+        GLIP.from_pretrained(onnx_dir / "model.onnx")
     with pytest.raises(ExportError, match="is model.onnx, not other.onnx"):
         resolve_export(tmp_path / "other.onnx")
 
@@ -171,3 +178,50 @@ def test_runtime_output_structure_equals_eager(onnx_dir, shipped):
     for group in ("box_regression", "centerness", "token_logits"):
         for a, b in zip(getattr(ours.head, group), getattr(ref.head, group)):
             assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-4), group
+
+
+@pytest.mark.slow
+def test_adapter_and_batch_invariant_model_export(minilm_dir, tmp_path):
+    """A prompt-tuning table and a batch-invariant model (whose image masks come from the image_sizes input) export
+    with their weights: raw head outputs equal eager for batches of two other sizes and text lengths."""
+    from glip_train import GLIPConfig
+
+    torch.manual_seed(0)
+    model = GLIP(GLIPConfig.small(minilm_dir, image_encoder="resnet18", fusion_layers=1, batch_invariant=True)).eval()
+    model.enable_prompt_tuning(64)
+    torch.nn.init.normal_(model.prompt_tuning.weight, std=0.5)
+    export_model(model, tmp_path / "onnx", "onnx", optimize=False)
+    runtime = ExportedGLIP.from_pretrained(tmp_path / "onnx")
+    for (h, w), length, sizes in (((160, 256), 9, [(160, 256), (100, 130)]), ((320, 192), 23, [(300, 170), (320, 192)])):
+        pixels = torch.randn(2, 3, h, w)
+        ids = torch.randint(1000, 2000, (2, length))
+        mask = torch.ones(2, length, dtype=torch.int64)
+        mask[0, length // 2:] = 0
+        ours = runtime(pixels, ids, mask, sizes)
+        with torch.no_grad():
+            ref = model(pixels, ids, mask, sizes)
+        for a, b in zip(ours.head.token_logits + ours.head.box_regression, ref.head.token_logits + ref.head.box_regression):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+        # the masks matter: the same pixels with other image sizes give other outputs
+        other = runtime(pixels, ids, mask, [(h, w), (h, w)])
+        assert not torch.allclose(other.head.token_logits[0], ours.head.token_logits[0], atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_glip_t_parity_images(fmt, parity_dir, parity_index, tmp_path_factory):
+    """GLIP-T (the parity recipe's weights) exported: ground() on the parity images gives the eager model's
+    detections (same labels, IoU > 0.99, |score difference| < 1e-3) through onnxruntime and OpenVINO."""
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
+    model = GLIP.from_pretrained(parity_dir / "weights_recipe.json").eval()
+    folder = tmp_path_factory.mktemp("glip_t") / fmt
+    export_model(model, folder, fmt, source="parity weights recipe")
+    runtime = ExportedGLIP.from_pretrained(folder)
+    assert runtime.info["attention"] == "factored"  # GLIP-T: texts of at most 256 tokens, heads of width 256
+    for name, case in parity_index["cases"].items():
+        images = [parity_dir / f for f in case["images"]]
+        kwargs = dict(threshold=0.0, max_detections=100, min_size=320, max_size=480, batch_size=len(images))
+        ours = runtime.ground(images, case["captions"], case["phrases"], **kwargs)
+        ref = model.ground(images, case["captions"], case["phrases"], **kwargs)
+        _assert_same_detections(ours, ref, f"GLIP-T {fmt} {name}")

@@ -150,7 +150,11 @@ def _write(model, staging: Path, fmt: str, quantize: str | None, deform: str, op
     else:
         graph = graph_dir / MODEL_FILES["onnx"]
         with torch.no_grad():
-            reference = list(NetworkGraph(model).eval()(*inputs))  # the model's own settings: what users run
+            training = model.training
+            try:  # the model's own settings, in eval mode: what users run
+                reference = list(NetworkGraph(model.eval())(*inputs))
+            finally:
+                model.train(training)
             with portable_network(model, deform) as attention:
                 trace_onnx(NetworkGraph(model), inputs, dynamic_shapes(model), graph, opset, output_names(levels),
                            optimize)

@@ -106,15 +106,17 @@ def _padded(size: int, divisor: int) -> int:
 
 def example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     """Inputs to trace with: 2 images of 224x288 (padded to the size divisibility; every level at least 2x2 and
-    no two sizes equal, so that no size is specialised), 11 tokens, one image smaller than the padded batch."""
+    no two sizes equal, so that no size is specialised), 11 tokens (3 of them padding in the second text), one image
+    smaller than the padded batch."""
     config = model.config
     height, width = _padded(224, config.size_divisibility), _padded(288, config.size_divisibility)
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(2, 3, height, width, generator=generator)
     vocab = int(config.text_encoder.get("vocab_size", 1000))
-    input_ids = torch.randint(1, vocab, (2, 11), generator=generator)
-    attention_mask = torch.ones(2, 11, dtype=torch.int64)
-    attention_mask[1, 8:] = 0
+    length = min(11, config.max_text_len)
+    input_ids = torch.randint(1, vocab, (2, length), generator=generator)
+    attention_mask = torch.ones(2, length, dtype=torch.int64)
+    attention_mask[1, length - 3:] = 0
     image_sizes = torch.tensor([[height, width], [height - 20, width - 31]], dtype=torch.int64)
     return pixel_values, input_ids, attention_mask, image_sizes
 
