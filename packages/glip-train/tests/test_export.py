@@ -78,9 +78,9 @@ def _check_runtime_equals_eager(model, shipped, images):
         _assert_same_detections(model.detect(images, **kwargs), shipped.detect(images, **kwargs),
                                 f"{model.format} {classes}")
     # one image at a time: batch 1 and the image's own padded size
-    single = model.ground(images[1], "a red circle and a blue square", threshold=0.0)
-    _assert_same_detections(single, shipped.ground(images[1], "a red circle and a blue square", threshold=0.0),
-                            f"{model.format} ground")
+    caption, phrases = "a red circle left of a blue square", ["red circle", "blue square"]
+    _assert_same_detections(model.ground(images[1], caption, phrases, threshold=0.0),
+                            shipped.ground(images[1], caption, phrases, threshold=0.0), f"{model.format} ground")
 
 
 def test_onnxruntime_detections_equal_eager(onnx_dir, shipped, images):

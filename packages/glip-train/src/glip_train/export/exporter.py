@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import io
+import logging
 import os
 import shutil
 import warnings
@@ -162,11 +163,13 @@ def _write(model, staging: Path, fmt: str, quantize: str | None, deform: str, op
                  "exporter": f"torch.onnx.export(dynamo=True, optimize={optimize}), torch {torch.__version__}"}
     quantization = None
     if fmt == "openvino":
-        quantization = _convert_openvino(graph, staging / MODEL_FILES["openvino"], quantize)
+        with quiet():
+            quantization = _convert_openvino(graph, staging / MODEL_FILES["openvino"], quantize)
     elif quantize == "int8":
         from .quantize import quantize_onnx_int8
 
-        quantization = quantize_onnx_int8(graph, staging / MODEL_FILES["onnx"])
+        with quiet():
+            quantization = quantize_onnx_int8(graph, staging / MODEL_FILES["onnx"])
     else:
         for item in graph_dir.iterdir():
             os.replace(item, staging / item.name.replace(graph.name, MODEL_FILES["onnx"], 1))
@@ -205,14 +208,27 @@ def _adapter_record(model) -> Any:
     return None if info is None else {k: info.get(k) for k in ("kind", "base", "base_fingerprint")}
 
 
+@contextlib.contextmanager
+def quiet():
+    """Keep the tools' progress lines, log records and warnings (exporter, quantizers, OpenVINO) from the user's
+    terminal: a failure still raises, and the caller turns it into one line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
 def trace_onnx(graph: torch.nn.Module, inputs: tuple[torch.Tensor, ...], shapes: dict, path: Path,
                opset: int, outputs: list[str], optimize: bool = True) -> None:
     """``torch.onnx.export(dynamo=True)`` of ``graph`` with the weights beside it (``<path>.data``), quietly: the
     exporter's progress lines and warnings are kept for the error message only."""
-    log = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            warnings.simplefilter("ignore")
+        with quiet():
             torch.onnx.export(graph, inputs, str(path), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
                               input_names=list(INPUT_NAMES), output_names=outputs,
                               external_data=True, optimize=optimize, verbose=False)

@@ -4,8 +4,8 @@
   constant weights (``MatMul``, ``Gemm``: the Swin, BERT and fusion-tower linear layers and the deformable
   convolutions' GEMM): int8 weights, activations quantized per call from their own range. Convolutions stay float32
   (onnxruntime's dynamic ``ConvInteger`` is slower than its float32 convolution on CPUs).
-* OpenVINO: NNCF's int8 weight compression (``nncf.compress_weights``) of the linear layers and convolutions:
-  int8 weights with float32 activations, decompressed in the kernels.
+* OpenVINO: NNCF's int8 weight compression (``nncf.compress_weights``, INT8_ASYM) of every weight it compresses
+  (the matrix products, per output channel): int8 weights with float32 activations, decompressed in the kernels.
 
 No calibration images are needed; the accuracy cost and the speed-up are measured in ``docs/deploy.md``.
 """
