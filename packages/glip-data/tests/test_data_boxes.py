@@ -147,6 +147,17 @@ def test_box_iou_matches_a_float64_restatement():
         np.testing.assert_allclose(box_iou(boxes, boxes, legacy=legacy), ref, rtol=1e-12)
 
 
+def test_box_iou_of_an_empty_union_is_zero():
+    # two empty continuous boxes (a point and a line) and two legacy boxes of width 0 (x2 = x1 - 1): union 0
+    cont = np.array([[3.0, 3.0, 3.0, 3.0], [1.0, 1.0, 1.0, 5.0]])
+    assert box_iou(cont, cont, legacy=False).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    legacy = torch.tensor([[3.0, 3.0, 2.0, 5.0]])
+    assert box_iou(legacy, legacy, legacy=True).tolist() == [[0.0]]
+    # an empty box against a real one: 0 as well, and the real pair keeps its IoU
+    mixed = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 4.0, 4.0]], dtype=torch.float64)
+    assert box_iou(mixed, mixed, legacy=False).tolist() == [[0.0, 0.0], [0.0, 1.0]]
+
+
 # --- NMS --------------------------------------------------------------------------------------------------------------
 
 

@@ -68,8 +68,108 @@ def test_exif_orientation_from_a_path_and_from_a_pil_image(tmp_path):
     assert load_image(str(tmp_path / "phone.png")).size == (320, 480)
     with Image.open(tmp_path / "phone.png") as lazy:
         assert load_image(lazy).size == (320, 480)
-    stored = load_image(data, exif_transpose=False)
+    stored = load_image(data, frame="stored")
     assert stored.size == (480, 320) and _red_corner(stored) == "top-left"
+    assert stored.info["exif_orientation"] == 6 and stored.info["exif_applied"] is False and "exif" not in stored.info
+
+
+# The displayed (upright) image as the stored pixels for each EXIF orientation, written from the EXIF 2.3 table of
+# where the stored row 0 / column 0 are shown (independently of PIL's transpose names): stored[r, c] = shown[...]
+_STORED_FROM_SHOWN = {
+    1: lambda d: d,
+    2: lambda d: d[:, ::-1],  # mirrored: row 0 at the top, column 0 on the right
+    3: lambda d: d[::-1, ::-1],  # upside down
+    4: lambda d: d[::-1],  # row 0 at the bottom, column 0 on the left
+    5: lambda d: d.transpose(1, 0, 2),  # row 0 on the left, column 0 at the top
+    6: lambda d: d[:, ::-1].transpose(1, 0, 2),  # row 0 on the right, column 0 at the top
+    7: lambda d: d[::-1, ::-1].transpose(1, 0, 2),  # row 0 on the right, column 0 at the bottom
+    8: lambda d: d[::-1].transpose(1, 0, 2),  # row 0 on the left, column 0 at the bottom
+}
+
+
+def _shown_and_file(orientation: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """A 60x40 (W x H) shown image with a box drawn at x 5..14, y 8..11 (columns, rows), its stored pixels for
+    ``orientation`` and the PNG file holding them with the tag."""
+    shown = np.zeros((40, 60, 3), dtype=np.uint8)
+    shown[8:12, 5:15] = (255, 0, 0)
+    stored = np.ascontiguousarray(_STORED_FROM_SHOWN[orientation](shown))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return shown, stored, _png_bytes(Image.fromarray(stored), exif=exif)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_puts_a_box_annotated_on_the_shown_image_in_place(orientation):
+    from glip_data import ImageFrame
+
+    shown, stored, data = _shown_and_file(orientation)
+    # annotated on the shown image (its size; shown where the size cannot tell, orientations 1-4)
+    upright = load_image(data, frame=ImageFrame.matching(60, 40, ambiguous="upright"))
+    ys, xs = np.nonzero(np.asarray(upright)[..., 0] > 200)
+    assert upright.size == (60, 40) and (xs.min(), xs.max(), ys.min(), ys.max()) == (5, 14, 8, 11)
+    assert (np.asarray(upright) == shown).all()
+    assert upright.info["exif_applied"] is (orientation != 1)
+    assert upright.info["frame_reason"] == ("size" if orientation >= 5 else "default")
+    as_stored = load_image(data, frame="stored")
+    assert (np.asarray(as_stored) == stored).all() and as_stored.info["exif_orientation"] == orientation
+    assert (np.asarray(load_image(data)) == shown).all()  # the default frame is upright
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_the_annotated_size_picks_the_frame(orientation):
+    from glip_data import ImageFrame
+
+    shown, stored, data = _shown_and_file(orientation)  # stored 40x60, shown 60x40
+    cases = [(ImageFrame.matching(60, 40), shown, "size", True),  # annotated on the shown image
+             (ImageFrame.matching(40, 60), stored, "size", False),  # annotated on the stored pixels (official)
+             (ImageFrame.matching(120, 80), shown, "shape", True),  # a resized annotation, landscape as shown
+             (ImageFrame.matching(80, 120), stored, "shape", False)]
+    for frame, expected, why, applied in cases:
+        image = load_image(data, frame=frame)
+        assert (np.asarray(image) == expected).all(), frame
+        assert image.info["frame_reason"] == why and image.info["exif_applied"] is applied
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 4])
+def test_a_size_that_cannot_tell_follows_the_default_frame(orientation):
+    from glip_data import ImageFrame
+
+    shown, stored, data = _shown_and_file(orientation)  # both frames are 60x40
+    default = load_image(data, frame=ImageFrame.matching(60, 40))
+    assert (np.asarray(default) == stored).all() and default.info["frame_reason"] == "default"
+    chosen = load_image(data, frame=ImageFrame.matching(60, 40, ambiguous="upright"))
+    assert (np.asarray(chosen) == shown).all() and chosen.info["exif_applied"] is True
+    square = np.zeros((30, 30, 3), np.uint8)
+    square[0, 29] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = load_image(_png_bytes(Image.fromarray(square), exif=exif), frame=ImageFrame.matching(30, 30))
+    assert image.info["frame_reason"] == "default" and np.asarray(image)[0, 29, 0] == 255  # square: as stored
+
+
+def test_an_image_load_image_returned_keeps_its_frame():
+    from glip_data import ImageFrame, TestTransform
+
+    shown, stored, data = _shown_and_file(6)
+    as_stored = load_image(data, frame=ImageFrame.matching(40, 60))
+    again = load_image(as_stored)  # the default frame is upright, but the frame was decided: not rotated now
+    assert again.size == (40, 60) and (np.asarray(again) == stored).all()
+    assert TestTransform(min_size=60, max_size=100)(as_stored).shape == (3, 90, 60)  # 40x60 kept, scaled 1.5
+    upright = load_image(data)
+    assert load_image(upright, frame="stored").size == (60, 40)  # nor turned back
+    with Image.open(io.BytesIO(data)) as raw:  # a PIL image not from load_image: upright by default
+        assert load_image(raw).size == (60, 40)
+
+
+def test_image_frame_is_validated():
+    from glip_data import ImageFrame
+
+    with pytest.raises(ValueError, match="frame"):
+        load_image(np.zeros((2, 2), np.uint8), frame="sideways")
+    with pytest.raises(ValueError, match="ImageFrame.width"):
+        ImageFrame.matching(0, 10)
+    with pytest.raises(ValueError, match="ambiguous"):
+        ImageFrame.matching(10, 10, ambiguous="match")
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped():

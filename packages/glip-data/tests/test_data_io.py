@@ -133,6 +133,25 @@ def test_taking_the_lock_cleans_leftovers_and_refuses_a_file(tmp_path):
         RunLock(tmp_path / "file", "glip eval").acquire()
 
 
+def test_a_lock_on_one_output_leaves_its_neighbours_alone(tmp_path):
+    """Two outputs in one folder (pseudo-labels a.jsonl and ab.jsonl) are locked and cleaned each on its own."""
+    mine, other = tmp_path / "a.jsonl", tmp_path / "ab.jsonl"
+    stale, live = temporary_path(mine), temporary_path(other)
+    stale_dir = temporary_path(tmp_path / "a.jsonl")
+    stale_dir.mkdir()
+    for p in (stale, live):
+        p.write_text("half")
+    with RunLock.for_output(mine, "glip pseudo-label") as lock:
+        assert sorted(lock.removed) == sorted([stale, stale_dir]) and live.exists()
+        assert (tmp_path / f".a.jsonl{LOCK_NAME}").is_file() and RunLock.held_here(tmp_path, "a.jsonl")
+        assert not RunLock.held_here(tmp_path) and not RunLock.held_here(tmp_path, "ab.jsonl")
+        with RunLock.for_output(other, "glip pseudo-label"):  # a neighbour is not blocked
+            pass
+        with pytest.raises(OutputLockedError, match=f"{mine} is in use by another run"):
+            RunLock.for_output(mine, "glip pseudo-label").acquire()
+    assert not RunLock.held_here(tmp_path, "a.jsonl")
+
+
 def test_a_killed_holder_never_blocks_the_next_run(tmp_path):
     out = tmp_path / "out"
     code = textwrap.dedent(f"""

@@ -151,3 +151,21 @@ def test_positive_map_matches_fixture_after_binarisation(tokenizer, parity_dir, 
             # The official rows are the binary rows normalised to sum 1 (/(n + 1e-6)).
             n = ours.sum(-1, keepdim=True).float()
             torch.testing.assert_close(official, ours.float() / (n + 1e-6))
+
+
+def test_check_phrases_gives_each_phrase_one_status(tokenizer):
+    from glip_data import PHRASE_PROBLEMS, check_phrases
+
+    # [CLS] cat . 😀 . ​ . a red dog [SEP]: the emoji is [UNK] (token 3), the zero-width space no token at all,
+    # "a red dog" tokens 5..7
+    names = ["cat", "\N{GRINNING FACE}", "\u200b", "a red dog"]
+    prompt, spans = detection_prompt(names)
+    assert _tokens(tokenizer, prompt) == ["[CLS]", "cat", ".", "[UNK]", ".", ".", "a", "red", "dog", "[SEP]"]
+    check = check_phrases(tokenizer, prompt, spans, max_length=8)
+    assert check.tokens == [[1], [3], [], [6, 7, 8]]
+    assert check.status == ["ok", "unknown_only", "no_token", "beyond_limit"]  # token 8 is past an 8-token text
+    assert not check.ok and check.unreadable() == [1, 2, 3] and set(PHRASE_PROBLEMS) == set(check.status[1:])
+    message = check.error(names, prompt)
+    assert "map to no tokens" in message and "'[UNK]'" in message and "8-token limit" in message
+    assert "'cat'" not in message
+    assert check_phrases(tokenizer, prompt, spans, max_length=9).status[3] == "ok"

@@ -110,6 +110,31 @@ def test_coco_structural_problems_raise_or_are_counted(tmp_path, patch, reason, 
     assert dropped.stats[reason] == 1
 
 
+def test_dropped_records_are_named_by_reason_and_capped(tmp_path):
+    from glip_data.readers.base import NAMED_DROPS
+
+    reader = COCODetection(coco_file(tmp_path, annotations=[
+        {"id": 1, "image_id": 7, "category_id": 99, "bbox": [0, 0, 2, 2]},
+        {"id": 2, "image_id": 5, "category_id": 3, "bbox": [0, 0, 2, 2]},
+        {"id": 3, "image_id": 7, "category_id": 3, "bbox": [5, 5, 0, 3]},
+        {"id": 4, "image_id": 9, "category_id": 3, "bbox": [45, 1, 5, 5]},
+        {"id": 5, "image_id": 7, "category_id": 3, "bbox": [90.5, 1, 20, 5]},  # clipped, kept: not a drop
+        {"id": 6, "image_id": 9, "category_id": 3, "bbox": [2, 2, 8, 4]},
+    ]), errors="drop")
+    assert reader.check.dropped == {
+        "unknown_category_id": ["annotations[0] (id=1, image_id=7): category_id 99 is not in 'categories'"],
+        "unknown_image_id": ["annotations[1] (id=2, image_id=5): image_id 5 is not in 'images'"],
+        "box_nonpositive_size": ["annotations[2] (id=3): bbox [5, 5, 0, 3]"],
+        "box_empty_after_clip": ["annotations[3] (id=4): bbox [45, 1, 5, 5]"],
+    }
+    assert all(reader.stats[reason] == 1 for reason in reader.check.dropped)
+    many = [{"id": i, "image_id": 7, "category_id": 42, "bbox": [0, 0, 2, 2]} for i in range(NAMED_DROPS + 5)]
+    capped = COCODetection(coco_file(tmp_path, annotations=many), errors="drop")
+    assert capped.stats["unknown_category_id"] == NAMED_DROPS + 5  # every drop counted, the first ones named
+    assert len(capped.check.dropped["unknown_category_id"]) == NAMED_DROPS
+    assert capped.image_path(0) == tmp_path / "a.jpg"
+
+
 def test_coco_missing_keys_name_file_and_record(tmp_path):
     path = coco_file(tmp_path, annotations=[{"id": 4, "image_id": 7, "bbox": [0, 0, 1, 1]}])
     with pytest.raises(ReaderError, match=r"coco\.json: annotations\[0\]: missing key\(s\) \['category_id'\]"):
@@ -145,6 +170,21 @@ def test_coco_lazy_image_loading_and_size_check(tmp_path):
     assert COCODetection(path, load_image=True)[0].image.getpixel((5, 5))[0] > 200
     with pytest.raises(ReaderError, match=r"b\.jpg: decoded size 41x30 differs from the annotation's 40x30"):
         COCODetection(path, load_image=True)[1]
+
+
+def test_an_exif_rotated_image_is_read_in_the_frame_of_its_annotation(tmp_path):
+    """a.jpg annotated 100x50 is stored 50x100 with orientation 8 (read upright); b.jpg annotated 40x30 is stored
+    40x30 with orientation 6 (read as stored, as the official loader reads it)."""
+    path = coco_file(tmp_path)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (50, 100), (255, 0, 0)).save(tmp_path / "a.jpg", exif=exif.tobytes())
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 30)).save(tmp_path / "b.jpg", exif=exif.tobytes())
+    reader = COCODetection(path, load_image=True)
+    a, b = reader[0], reader[1]
+    assert a.image.size == (100, 50) and a.image.info["exif_applied"] is True
+    assert b.image.size == (40, 30) and b.image.info["exif_applied"] is False
 
 
 def test_unreadable_image_raises_or_skips(tmp_path):

@@ -161,6 +161,8 @@ def test_captions_score_threshold_and_min_boxes(tmp_path):
     assert reader.stats["too_few_boxes"] == 2 and reader.stats["box_below_score_threshold"] == 2
     # [7, 7, 8, 8] is one pixel wide: empty in the official (inclusive-pixel) convention
     assert reader.stats["box_empty_after_clip"] == 1
+    assert reader.check.dropped == {"box_empty_after_clip": ["line 1: box [7, 7, 8, 8]"]}
+    assert reader.image_path(0) == tmp_path / "cc" / "1.jpg"
 
     everything = CaptionReader(path, score_threshold=0.0, min_boxes=0, box_convention="exact")
     assert len(everything) == 3 and everything[2].num_boxes == 0

@@ -4,6 +4,7 @@ NOTE: this file imports ``transformers`` — allowed IN TESTS ONLY as an indepen
 never imports it.
 """
 
+import copy
 import math
 
 import pytest
@@ -83,8 +84,15 @@ def test_padding_keys_are_masked_and_bool_mask_accepted():
     y2 = layer(x2, mask.long())
     assert torch.allclose(y[:, :4], y2[:, :4], atol=1e-6)  # valid tokens never see padded keys
     assert not torch.allclose(y[:, 4:], y2[:, 4:])  # padded rows are still computed (GLIP keeps them)
+    # every key padded: each score + finfo.min rounds to exactly finfo.min, so every row attends uniformly to all
+    # tokens (as the Hugging Face layer and GLIP do), like an unmasked layer whose scores are all equal
     all_pad = layer(x, torch.zeros(1, 6, dtype=torch.bool))
-    assert torch.isfinite(all_pad).all()
+    uniform = copy.deepcopy(layer)
+    with torch.no_grad():
+        uniform.attention.self.query.weight.zero_()
+        uniform.attention.self.query.bias.zero_()
+    assert torch.allclose(all_pad, uniform(x), atol=1e-6, rtol=0)
+    assert not torch.allclose(all_pad, y, atol=1e-3)
 
 
 def _clamp_test_layer():

@@ -7,8 +7,8 @@ import torch
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
 from glip_fusion import DyConv, deform_conv2d, set_dcn_impl
-from glip_fusion.deform import DCN_IMPL_ENV_VAR, deform_conv2d_grid_sample, resolve_dcn_impl
-from glip_fusion.modules import ModulatedDeformConv3x3
+from glip_fusion.dyconv import (DCN_IMPL_ENV_VAR, ModulatedDeformConv3x3, deform_conv2d_grid_sample,
+                               resolve_dcn_impl)
 
 F64 = dict(atol=1e-12, rtol=1e-12)  # float64 sums of at most a few thousand O(1) terms: ~1e-13 apart
 

@@ -4,8 +4,8 @@ the eager reference backend, in float64: outputs and gradients, masks, an active
 import pytest
 import torch
 
+from glip_fusion import BiMultiHeadAttention
 from glip_fusion.factored_attention import factored_bi_mha, factored_pays
-from glip_fusion.modules import BiMultiHeadAttention
 
 F64 = dict(atol=1e-11, rtol=1e-11)
 
@@ -82,9 +82,9 @@ def test_module_takes_the_factored_path_only_where_it_pays():
     m.backend = "auto"
     v, l, tm, im = (t.float() if t.is_floating_point() else t for t in _inputs(M=6))
     calls = []
-    import glip_fusion.modules as modules
-    original = modules.factored_bi_mha
-    modules.factored_bi_mha = lambda *a: calls.append(1) or original(*a)
+    import glip_fusion.fusion_block as fusion_block
+    original = fusion_block.factored_bi_mha
+    fusion_block.factored_bi_mha = lambda *a: calls.append(1) or original(*a)
     try:
         with torch.no_grad():
             auto = m(v, l, tm, im)  # 6 text tokens < head_dim 8, CPU, no grad: factored
@@ -114,6 +114,6 @@ def test_module_takes_the_factored_path_only_where_it_pays():
             m(v, l, tm, im)
             assert calls == [1, 1]
     finally:
-        modules.factored_bi_mha = original
+        fusion_block.factored_bi_mha = original
     for a, b in zip(auto, plain):  # float32: one reassociation of sums of ~10 products of O(1) values
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

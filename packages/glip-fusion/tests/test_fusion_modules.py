@@ -331,6 +331,7 @@ def test_dyconv_only_tower_passes_text_through():
     feats, lang, _ = _tiny_inputs()
     out = enc(feats, lang, output_intermediates=True)
     assert out.lang_hidden is lang and len(out.intermediates) == 2
+    assert all(torch.equal(a, b) for a, b in zip(out.features, enc[1](enc[0](feats))))
     assert FusionEncoder(num_blocks=1, early_fusion=False, in_channels=16, channels=16)(feats).lang_hidden is None
 
 

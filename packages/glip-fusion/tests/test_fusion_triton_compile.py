@@ -56,6 +56,50 @@ def test_every_kernel_compiles_for_hopper_with_every_feature_on():
     assert results[0]["constants"]["HAS_DROPOUT"] and results[0]["constants"]["BLOCK_D"] == 64
 
 
+BACKWARD = ("bwd_rows_dq", "bwd_rows_dv", "bwd_cols_dk", "bwd_cols_dv")
+
+
+def _backward_tile_jobs(dtypes: list[str], head_dims: list[int], dropouts: list[bool]) -> list[dict]:
+    """Every backward tile the pruner keeps at GLIP-T's image size for a long or a short prompt
+    (``_config.kept_configs``: every candidate that fits, the 16x16 ones for short prompts), compiled as the pruner
+    returns it (warps, stages, register budget)."""
+    import torch
+
+    from glip_fusion.triton import _aot, _config
+
+    limit = _aot.shared_memory_limit(90)
+    return [dict(kernel=kernel, dtype=dtype, arch=90, head_dim=head_dim, num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, BLOCK_N=cfg.kwargs["BLOCK_N"],
+                 BLOCK_T=cfg.kwargs["BLOCK_T"], HAS_DROPOUT=dropout)
+            for dtype in dtypes for head_dim in head_dims for kernel in BACKWARD
+            for cfg in _config.kept_configs(kernel, getattr(torch, dtype), head_dim, limit)
+            for dropout in dropouts]
+
+
+def _assert_spill_free(jobs: list[dict], timeout: int) -> None:
+    results = _compile_in_subprocess(jobs, timeout=timeout)
+    spilling = [f"{j['kernel']} {j['dtype']} d={j['head_dim']} {j['BLOCK_N']}x{j['BLOCK_T']} "
+                f"warps={j['num_warps']} dropout={j['HAS_DROPOUT']}: {r['spill']} B/thread ({r['registers']} regs)"
+                for j, r in zip(jobs, results) if r["spill"] > 0]
+    assert not spilling, "backward tiles spilling registers on sm_90:\n" + "\n".join(spilling)
+    assert all(r["fits"] for r in results)
+
+
+def test_backward_tiles_compile_spill_free_for_hopper_at_glip_head_dim():
+    """Every backward tile the autotuner may run compiles for sm_90 without register spills for GLIP training: head
+    dim 256, bf16, dropout on, specialised like a launch on contiguous tensors (18 variants, ~15-40 s cold)."""
+    _assert_spill_free(_backward_tile_jobs(["bfloat16"], [256], [True]), timeout=900)
+
+
+@pytest.mark.slow
+def test_backward_tiles_compile_spill_free_for_hopper_everywhere():
+    """The same without dropout (inference), in fp16 and at the other padded head dims the kernels take (32, 64,
+    128): 270 more variants, several minutes."""
+    jobs = [j for j in _backward_tile_jobs(["bfloat16", "float16"], [32, 64, 128, 256], [True, False])
+            if not (j["dtype"] == "bfloat16" and j["head_dim"] == 256 and j["HAS_DROPOUT"])]  # the default test's
+    _assert_spill_free(jobs, timeout=3000)
+
+
 @pytest.mark.slow
 def test_fallback_configuration_fits_ampere_at_glip_head_dim():
     """``_config.SAFE_CONFIG`` is the configuration used when no autotune candidate fits a GPU: it must fit the

@@ -45,6 +45,35 @@ def flickr(tmp_path, image_writer):
     return ann, tmp_path / "imgs", sentences
 
 
+def test_a_line_of_spaces_in_sentences_is_a_sentence_as_in_the_official_reader(flickr):
+    ann, images, sentences = flickr
+    data = json.loads(ann.read_text())
+    data["images"][1]["sentence_id"] = 2  # CAPTION_B is the third sentence: an empty line does not count, " " does
+    ann.write_text(json.dumps(data))
+    (sentences / "555.txt").write_text("[/EN#1/people a man] with [/EN#2/clothing a red hat] .\n\n   \n"
+                                       "[/EN#3/animals two dogs] and [/EN#4/animals a cat] .\n")
+    ds = load_flickr_dataset(ann, images, sentences_dir=sentences)
+    assert ds.entries[0].phrase_types == [["people"], ["clothing"]]
+    assert ds.entries[1].phrase_types == [["animals"]] and not ds.notes["sentences_without_types"]
+
+
+def test_the_pre_flight_names_unreadable_phrases_before_the_model_loads(flickr, minilm_dir):
+    from glip_encoders import load_tokenizer
+
+    ann, images, _ = flickr
+    data = json.loads(ann.read_text())
+    data["images"][0].update(caption="a man with a \N{GRINNING FACE} .", tokens_positive_eval=[[[0, 5]], [[13, 14]]])
+    data["annotations"][1]["tokens_positive"] = [[13, 14]]
+    ann.write_text(json.dumps(data))
+
+    def never_loaded():
+        raise AssertionError("the model was loaded although the pre-flight should have failed")
+
+    with pytest.raises(EvaluationError, match="entry id 10 '\N{GRINNING FACE}': phrase is only unknown tokens"):
+        evaluate(never_loaded, "flickr30k", ann, images, tokenizer=load_tokenizer(minilm_dir), progress=False,
+                 verbose=False)
+
+
 def test_parse_flickr_sentence():
     sentence, phrases = parse_flickr_sentence("[/EN#12/people/other A tall man] looks at [/EN#9/scene the sea] .")
     assert sentence == "A tall man looks at the sea ."

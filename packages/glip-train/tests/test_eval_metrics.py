@@ -7,11 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-import torchvision
 
-from glip_train.evaluation import evaluate_detections, grounding_recall, numpy_float_alias, xyxy_to_xywh
-from glip_train.evaluation.detections import top_k_per_group
-from glip_train.evaluation.metrics import box_iou
+from glip_train.evaluation import evaluate_detections, grounding_recall, load_detection_dataset, numpy_float_alias
+from glip_train.evaluation.detections import ImagePredictions, collect_results, top_k_per_group
 
 CATS = [(1, "cat"), (3, "dog")]
 
@@ -58,13 +56,19 @@ def test_shifted_box_is_matched_up_to_its_iou(tmp_path, detection_dataset_writer
     assert (m["AP"], m["AP50"], m["AP75"]) == (pytest.approx(0.4), pytest.approx(1.0), pytest.approx(0.0))
 
 
-def test_box_conventions():
-    """Inclusive pixel boxes: columns 10..19 are 10 wide (+1); exact boxes: x2 - x1."""
-    xyxy = np.array([[10, 20, 19, 59]], np.float32)
-    assert xyxy_to_xywh(xyxy, "inclusive").tolist() == [[10, 20, 10, 40]]
-    assert xyxy_to_xywh(xyxy, "exact").tolist() == [[10, 20, 9, 39]]
+def test_box_conventions(tmp_path, detection_dataset_writer):
+    """Inclusive pixel boxes: columns 10..19 are 10 wide (+1); exact boxes: x2 - x1; float32 as the official
+    conversion (0.1 is not exact in float32: 19.1 - 10.1 + 1 rounds in float32, not float64)."""
+    ann = detection_dataset_writer(tmp_path, [(100, 100)], CATS[:1], [(0, 1, [1, 1, 5, 5])])
+    dataset = load_detection_dataset(ann, None, kind="coco")
+    preds = [ImagePredictions(np.array([[10, 20, 19, 59], [10.1, 20, 19.1, 59]], np.float32), np.ones(2, np.float32),
+                              np.zeros(2, np.int64))]
+    inclusive = collect_results(dataset, preds, "inclusive").bbox
+    assert inclusive[0].tolist() == [10, 20, 10, 40] and inclusive.dtype == np.float32
+    assert inclusive[1, 2] == np.float32(19.1) - np.float32(10.1) + np.float32(1)
+    assert collect_results(dataset, preds, "exact").bbox[0].tolist() == [10, 20, 9, 39]
     with pytest.raises(ValueError, match="inclusive"):
-        xyxy_to_xywh(xyxy, "official")
+        collect_results(dataset, preds, "official")
 
 
 def test_our_coco_numbers_equal_pycocotools_called_directly(tmp_path, coco_file):
@@ -213,14 +217,12 @@ def test_top_k_per_group_against_brute_force():
 # ------------------------------------------------------------------------------------------------------- grounding
 
 
-def test_box_iou_matches_torchvision():
-    rng = np.random.default_rng(3)
-    a = rng.random((7, 4)) * 50
-    b = rng.random((5, 4)) * 50
-    a[:, 2:] += a[:, :2]
-    b[:, 2:] += b[:, :2]
-    ref = torchvision.ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
-    np.testing.assert_allclose(box_iou(a, b), ref, rtol=1e-12, atol=0)
+def test_grounding_recall_uses_the_continuous_iou():
+    # gt 10x10; the prediction 10x4.5 covers 45 of its 100 area units (IoU 0.45, a miss at 0.5); with the legacy
+    # +1 sides it would be 11 x 5.5 of 121 = 0.5, a hit
+    gt = [np.array([[0.0, 0.0, 10.0, 10.0]])]
+    assert grounding_recall([np.array([[0.0, 0.0, 10.0, 4.5]])], gt, recall_at=(1,))["R@1"] == 0.0
+    assert grounding_recall([np.array([[0.0, 0.0, 10.0, 5.0]])], gt, recall_at=(1,))["R@1"] == 1.0  # exactly 0.5
 
 
 def test_grounding_recall_hand_built():

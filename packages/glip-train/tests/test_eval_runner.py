@@ -3,6 +3,7 @@ runs equal single-process runs, and bad input gives named errors or counted skip
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -138,15 +139,23 @@ def test_image_size_differing_from_annotation_is_rescaled(tmp_path, scripted_det
     assert result.report["images_size_differs_from_annotation"] == 1
 
 
-def test_missing_and_corrupt_images(tmp_path, coco, scripted_detector):
+def test_missing_and_corrupt_images(tmp_path, coco, scripted_detector, capsys):
     (tmp_path / "images" / "001.png").unlink()
     (tmp_path / "images" / "002.png").write_bytes(b"not an image")
     model = scripted_detector(perfect())
-    with pytest.raises(EvaluationError, match=r"001\.png.*image id 2"):
+    with pytest.raises(EvaluationError, match=r"001\.png.*image id 2.*pass on_bad_image='skip'"):
         evaluate(model, "coco", coco, progress=False, verbose=False)
-    with pytest.warns(UserWarning, match="skipped"):
-        result = evaluate(model, "coco", coco, progress=False, verbose=False, on_bad_image="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named as skips, not as warnings
+        result = evaluate(model, "coco", coco, out_dir=tmp_path / "out", progress=False, verbose=False,
+                          on_bad_image="skip")
     assert result.report["images_unreadable_skipped"] == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": unreadable image")[0] for line in lines] == [
+        "glip eval: skipped ann.json, image id 2", "glip eval: skipped ann.json, image id 3"]
+    recorded = json.loads((tmp_path / "out" / "metrics.json").read_text())["skipped"]
+    assert recorded["by_reason"] == {"unreadable image": 2} and result.skipped == recorded
+    assert "001.png" in recorded["examples"]["unreadable image"][0]
     # the two skipped images count as images without detections: their boxes (cat 5 and one of cat 2) are missed
     assert result.metrics["per_category"][5] == 0.0 and 0.0 < result.metrics["AP"] < 1.0
 
@@ -197,3 +206,21 @@ def test_protocol_validation_names_the_field():
     with pytest.raises(ValueError, match="unknown protocol"):
         get_protocol("voc")
     assert Counter(get_protocol("flickr30k", recall_at=[1, 3]).recall_at) == Counter((1, 3))
+
+
+def _never_loaded():
+    raise AssertionError("the model was loaded although the pre-flight should have failed")
+
+
+def test_the_pre_flight_names_unreadable_class_names_before_the_model_loads(tmp_path, detection_dataset_writer,
+                                                                            minilm_dir):
+    from glip_encoders import load_tokenizer
+
+    # an emoji is only BERT's unknown token; a zero-width space maps to no token
+    ann = detection_dataset_writer(tmp_path, SIZES[:1], [(1, "cat"), (4, "\N{GRINNING FACE}"), (6, "\u200b")],
+                                   [(0, 1, [1, 1, 9, 9])])
+    with pytest.raises(EvaluationError) as err:
+        evaluate(_never_loaded, "coco", ann, tokenizer=load_tokenizer(minilm_dir), progress=False, verbose=False)
+    message = str(err.value)
+    assert "ann.json" in message and "id 4 ('\N{GRINNING FACE}'): phrase is only unknown tokens" in message
+    assert f"id 6 ({chr(0x200B)!r}): phrase maps to no token" in message and "id 1" not in message

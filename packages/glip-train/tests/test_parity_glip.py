@@ -135,9 +135,7 @@ def test_candidates_and_detections_equal_official(model, official_forward, parit
     for name, (arr, out) in official_forward.items():
         case = parity_index["cases"][name]
         class_tokens = [[m[k] for k in sorted(m, key=int)] for m in case["label_to_token"]]
-        head = out.head
-        dets = model.processor.post_process(head.box_regression, head.centerness, head.token_logits, out.anchors,
-                                            out.image_sizes, class_tokens, keep_pre_nms=True)
+        dets = model.processor.post_process(out, class_tokens, keep_pre_nms=True)
         for i, det in enumerate(dets):
             b, s, l = det.pre_nms
             ref = [arr[f"post/img{i}/pre_nms_{k}"] for k in ("boxes", "scores", "labels")]

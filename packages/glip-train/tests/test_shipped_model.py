@@ -60,3 +60,17 @@ def test_the_shipped_model_finds_shapes_on_a_world_it_never_saw(shipped, tmp_pat
     # does not localise and name them well below 0.3
     assert total >= 20
     assert found / total >= 0.5, f"labelled shapes found: {found}/{total}"
+
+
+def test_default_names_the_shipped_model_for_the_api_and_glip_train_init(shipped):
+    from glip_train.training import load_train_config
+    from glip_train.training.trainer import build_model
+
+    named = GLIP.from_pretrained("default")
+    assert all(torch.equal(a, b) for a, b in zip(named.state_dict().values(), shipped.state_dict().values()))
+    # `glip train --init default` becomes the override init=default
+    config = load_train_config(None, ["init=default"], base={"data": {"train": [
+        {"kind": "coco", "annotations": "train.json"}]}})
+    assert config.init == "default"
+    started = build_model(config)
+    assert torch.equal(started.head.bias0, shipped.head.bias0) and started.config.name == shipped.config.name

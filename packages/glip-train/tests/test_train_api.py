@@ -1,6 +1,8 @@
-"""The user API on a small model (resnet18 + MiniLM, two fusion blocks): detect, ground, weights round trip, and
-clear errors on bad input."""
+"""The user API on a small model (resnet18 + MiniLM, two fusion blocks): detect, ground, weights round trip, the
+processor composed by hand (processor -> network -> processor) and saved, and clear errors on bad input."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -8,8 +10,8 @@ import torch
 from PIL import Image
 
 from glip_data import ImageLoadError
-from glip_train import GLIP, GLIPConfig
-from glip_train.checkpoint import CheckpointError
+from glip_train import GLIP, GLIPConfig, GLIPProcessor, PostProcessConfig
+from glip_train.official_checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +88,18 @@ def test_prompt_mode_and_per_image_classes(small_model, images):
     res = small_model.detect(images, prompt="a dog. the red car.", **KW)
     for r, image in zip(res, images):
         _check_result(r, ["a dog", "the red car"], image)
+    # a prompt written as detection_prompt writes it finds the same phrase spans: the class mode's results exactly
+    same = small_model.detect(images, prompt="a dog. the red car", **KW)
+    as_classes = small_model.detect(images, classes=["a dog", "the red car"], **KW)
+    for p, c in zip(same, as_classes):
+        assert p["text_labels"] == c["text_labels"] and torch.equal(p["scores"], c["scores"])
+        assert torch.equal(p["boxes"], c["boxes"])
+    # per-image class lists: each image's result is its own single-image run
     per_image = small_model.detect(images, classes=[["dog"], ["cat", "bird"]], **KW)
-    _check_result(per_image[0], ["dog"], images[0])
-    _check_result(per_image[1], ["cat", "bird"], images[1])
+    for names, image, result in zip([["dog"], ["cat", "bird"]], images, per_image):
+        _check_result(result, names, image)
+        alone = small_model.detect(image, classes=names, **KW)[0]
+        assert result["text_labels"] == alone["text_labels"] and torch.equal(result["scores"], alone["scores"])
 
 
 def test_ground_with_given_and_extracted_phrases(small_model, images):
@@ -181,8 +192,6 @@ def test_loading_weights_of_another_architecture_fails_loudly(small_model, tmp_p
     small_model.save_pretrained(tmp_path / "model")
     other = GLIPConfig.small(minilm_dir, image_encoder="resnet18", fusion_layers=1).to_dict()
     other["tokenizer"] = None
-    import json
-
     (tmp_path / "model" / "config.json").write_text(json.dumps(other))
     with pytest.raises(CheckpointError, match="unexpected"):
         GLIP.from_pretrained(tmp_path / "model")
@@ -206,3 +215,59 @@ def test_bfloat16_autocast_detections_match_fp32(small_model, images):
     m = match_detections(bf16["boxes"], bf16["scores"], bf16["labels"], fp32["boxes"][top], fp32["scores"][top],
                          fp32["labels"][top], iou_threshold=0.9, score_tolerance=0.02)
     assert m.matched == 10, f"only {m.matched} of the 10 best fp32 detections found in bf16"
+
+
+# --- the processor in the Hugging Face shape ----------------------------------------------------------------------
+
+
+def test_processor_network_processor_by_hand_equals_detect(small_model):
+    """``processor(images=, text=)`` -> ``model(**inputs)`` -> ``processor.post_process(output, ...)`` composed by
+    hand gives ``model.detect``'s results."""
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 150, 3), dtype=np.uint8))
+    names = ["cat", "traffic light", "a red umbrella"]
+    expected = small_model.detect(image, classes=names, threshold=0.0, max_detections=30, min_size=96,
+                                  max_size=160)[0]
+    assert len(expected["scores"]) > 0
+
+    processor = small_model.processor
+    (query,), (image_names,) = processor.detection_queries(1, names)
+    inputs = processor(images=image, text=query.text, min_size=96, max_size=160)
+    assert inputs.original_sizes == [(90, 150)] and inputs["image_sizes"] == [(96, 160)]
+    with torch.no_grad():
+        output = small_model(**inputs)  # the encoder runs inside forward here, not once per image batch
+    (detections,) = processor.post_process(output, [query.class_tokens], max_detections=30)
+    framed = processor.to_input_frame(detections, inputs["image_sizes"][0], inputs.original_sizes[0], query.labels)
+    result = processor.to_results([framed], image_names, 0.0, 30)
+    assert result["text_labels"] == expected["text_labels"]
+    torch.testing.assert_close(result["boxes"], expected["boxes"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(result["scores"], expected["scores"], rtol=0, atol=1e-6)
+
+
+def test_processor_inputs_need_one_text_per_image(small_model):
+    image = np.zeros((40, 60, 3), np.uint8)
+    with pytest.raises(ValueError, match="2 images but 1 texts"):
+        small_model.processor(images=[image, image], text=["cat"])
+    with pytest.raises(ValueError, match="images=..., text=..."):
+        small_model.processor()
+    text_only = small_model.processor(text=["a cat", "two dogs and a cat"])
+    assert set(text_only) == {"input_ids", "attention_mask"} and text_only["input_ids"].shape[0] == 2
+
+
+def test_processor_save_and_load(small_model, tmp_path):
+    processor = GLIPProcessor(small_model.tokenizer, max_text_len=128, test_size=(200, 300),
+                              postprocess=PostProcessConfig(detections_per_image=None, nms_threshold=0.5))
+    processor.save_pretrained(tmp_path / "proc")
+    saved = json.loads((tmp_path / "proc" / "processor_config.json").read_text())
+    assert saved["test_size"] == [200, 300] and saved["postprocess"]["nms_threshold"] == 0.5
+    loaded = GLIPProcessor.from_pretrained(tmp_path / "proc")
+    assert loaded.to_dict() == processor.to_dict()
+    assert loaded.postprocess_config.detections_per_image is None and loaded.resize_limits() == (200, 300)
+    text = "a red umbrella near two cats"
+    assert loaded.tokenize([text])[0].tolist() == processor.tokenize([text])[0].tolist()
+
+    # a model directory: the settings come from its config.json
+    small_model.save_pretrained(tmp_path / "model")
+    from_model = GLIPProcessor.from_pretrained(tmp_path / "model")
+    assert from_model.to_dict() == small_model.processor.to_dict()
+    with pytest.raises(FileNotFoundError, match="processor_config.json or config.json"):
+        GLIPProcessor.from_pretrained(tmp_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from glip_train import GLIP, GLIPConfig
-from glip_train.checkpoint import (
+from glip_train.official_checkpoint import (
     CheckpointError,
     infer_official_config,
     map_official_state_dict,

@@ -128,7 +128,11 @@ def test_unreadable_and_unusable_images_are_named_skipped_and_the_run_continues(
     for name in ("c.png", "strip.png", "missing.png"):
         assert name in out.stderr
     assert "2 processed, 0 already done, 3 skipped" in out.stdout
+    assert "glip detect: skipped 3 inputs: no such file or folder 1, unreadable image 2" in out.stderr
     assert (out_dir / "a.json").exists() and (out_dir / "b.json").exists()
+    record = json.loads((out_dir / "glip-run.json").read_text())  # the skips are recorded with the outputs
+    assert record["processed"] == 2 and record["skipped"]["by_reason"] == {"no such file or folder": 1,
+                                                                           "unreadable image": 2}
     assert not (out_dir / "c.json").exists() and not (out_dir / "strip.json").exists()
 
 
@@ -182,13 +186,13 @@ def test_output_folder_problems_are_usage_errors(image_dir, broken_weights, weig
     if sys.platform.startswith("linux"):  # even root cannot create folders in procfs
         out = run("detect", image_dir, "--classes", "dog", "--weights", broken_weights, "-o", "/proc/glip-out")
         assert out.returncode == 2 and "cannot write to the output folder /proc/glip-out" in out.stderr
-    fcntl = pytest.importorskip("fcntl")
+    from glip_data.io import RunLock
+
     locked = tmp_path / "busy"
-    locked.mkdir()
-    with open(locked / ".glip-lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        out = run("detect", image_dir, "--classes", "dog", "--weights", weights_dir, "-o", locked, *SIZE)
-    assert out.returncode == 2 and "another glip run is writing to" in out.stderr
+    with RunLock(locked, "glip detect"):  # another run writes there (the command runs in another process)
+        out = run("detect", image_dir, "--classes", "dog", "--weights", broken_weights, "-o", locked, *SIZE)
+    assert out.returncode == 2 and f"glip detect: error: {locked} is in use by another run (glip detect, pid" \
+        in out.stderr and "broken.pth" not in out.stderr  # refused before the model loads
 
 
 @pytest.mark.parametrize("content,message", [
@@ -205,13 +209,25 @@ def test_bad_weights_files_give_one_line(image_dir, tmp_path, content, message):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
+
+
 def test_a_pickle_with_objects_suggests_trust_pickle(image_dir, tmp_path):
     import argparse
 
     path = tmp_path / "objects.pth"
     torch.save({"model": {}, "cfg": argparse.Namespace(lr=1)}, path)
     out = run("detect", image_dir, "--classes", "dog", "--weights", path, "-o", tmp_path / "o")
-    assert out.returncode == 2 and "--trust-pickle" in out.stderr and "argparse.Namespace" in out.stderr
+    assert out.returncode == 2 and "refuses to unpickle argparse.Namespace" in out.stderr
+    assert "(pass --trust-pickle only for files you trust)" in out.stderr and "trust_pickle=" not in out.stderr
+    malicious = tmp_path / "malicious.pth"  # a torch.save zip whose unpickling would run a command
+    torch.save({"model": _RunsCode()}, malicious)
+    out = run("detect", image_dir, "--classes", "dog", "--weights", malicious, "-o", tmp_path / "o")
+    assert out.returncode == 2 and f"{malicious}: refuses to unpickle {os.system.__module__}.system" in out.stderr
+    assert "truncated or damaged" not in out.stderr and "unpickled" not in out.stdout
+    assert "pass --trust-pickle only for files you trust" in out.stderr
 
 
 def test_damaged_model_directories_are_named(weights_dir, image_dir, tmp_path):
@@ -240,7 +256,7 @@ def test_convert_end_to_end_and_destination_checks(parity_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "glip_t" in out.stdout and "231,780,222 parameters" in out.stdout
     assert sorted(p.name for p in converted.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".glip_t.")]  # no staging folder left
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".glip-tmp")]  # no staging folder left
     from safetensors import safe_open
 
     with torch.device("meta"):
@@ -277,7 +293,7 @@ def test_eval_applies_an_adapter_and_names_a_missing_one(weights_dir, tmp_path):
 def test_names_of_the_same_box_share_one_caption_in_score_order():
     import torch
 
-    from glip_train.cli import label_groups
+    from glip_train.drawing import label_groups
 
     result = {"boxes": torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 90], [10.5, 10, 50, 50], [11, 11, 50, 50]]),
               "scores": torch.tensor([0.9, 0.8, 0.7, 0.95]), "labels": torch.tensor([1, 2, 3, 0]),

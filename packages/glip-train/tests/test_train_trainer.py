@@ -18,6 +18,7 @@ import yaml
 from glip_data import SynthConfig, generate_world
 from glip_train import GLIP
 from glip_train.training import ResumeError, Trainer, TrainingDiverged, load_train_config
+from glip_train.training.hooks import HookBase
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def tiny_config(world: Path, output: Path, **changes) -> dict:
         node = config
         *parents, last = key.split(".")
         for part in parents:
-            node = node[part]
+            node = node[int(part) if isinstance(node, list) else part]
         node[last] = value
     return config
 
@@ -110,10 +111,10 @@ def test_a_killed_run_resumed_ends_bitwise_equal_to_an_uninterrupted_run(world, 
     assert not all(torch.equal(ema_a[k], a[k]) for k in a)  # the EMA is saved separately and differs
     result = json.loads((tmp_path / "broken" / "out" / "result.json").read_text())
     assert result["steps"] == 4
-    lines = [json.loads(line) for line in (tmp_path / "whole" / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    assert all(m["loss"] > 0 and set(m) >= {"loss_reg", "loss_centerness", "loss_dot_product_token", "lr"}
-               for m in lines)
+    # the log of the killed run has each step once, with the losses of the uninterrupted run
+    assert [m["step"] for m in _log(tmp_path / "whole")] == [1, 2, 3, 4]
+    assert _log(tmp_path / "broken") == _log(tmp_path / "whole")
+    assert set(_log(tmp_path / "whole")[0]) >= {"loss_reg", "loss_centerness", "loss_dot_product_token", "lr"}
 
 
 def test_a_checkpoint_of_another_config_is_refused_naming_the_keys(world, tmp_path):
@@ -122,6 +123,21 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_keys(world, tmp_pa
     changed = load_train_config(write_config(world, tmp_path, **{"schedule.max_iter": 2, "optim.lr": 0.5}))
     with pytest.raises(ResumeError, match=r"optim.lr: checkpoint 0.001 vs now 0.5"):
         Trainer(changed, progress=False)
+
+
+class Interrupted(Exception):
+    """Stands for a kill between two steps."""
+
+
+class KillAfter(HookBase):
+    """Stops the run once ``step`` steps are done (with their checkpoint, if one was due)."""
+
+    def __init__(self, step: int):
+        self.at = step
+
+    def before_step(self):
+        if self.trainer.step == self.at:
+            raise Interrupted(f"killed after step {self.at}")
 
 
 def _free_port() -> int:
@@ -184,26 +200,33 @@ def test_non_finite_losses_are_named_skipped_and_stop_the_run(world, tmp_path):
     assert (Path(config.output_dir) / "checkpoints" / "checkpoint_00000002.pt").exists()
 
 
-def test_batches_with_too_many_empty_images_are_skipped(world, tmp_path):
+def test_batches_with_too_many_empty_images_are_skipped_and_unreadable_images_reported(world, tmp_path, capsys):
     config = load_train_config(write_config(world, tmp_path, **{"schedule.max_iter": 3}))
     trainer = Trainer(config, progress=False)
-    collate, calls, seen = trainer.collator, [], []
+    collate, calls, seen = trainer.data.collator, [], []
 
-    def every_second_batch_empty(samples):
+    def second_batch_empty_third_with_an_unreadable_image(samples):
         batch = collate(samples)
         calls.append(1)
         if len(calls) == 2:
             for target in batch.targets:
                 target["boxes"], target["positive_map"] = target["boxes"][:0], target["positive_map"][:0]
             batch.num_empty = len(batch.targets)
+        if len(calls) == 3:  # as the data pipeline reports an image it replaced (see the test below)
+            batch.unreadable = [("x.jpg", "cannot load image x.jpg: truncated")]
         return batch
 
-    losses = trainer._losses
-    trainer._losses = lambda batch: (seen.append(batch.num_empty), losses(batch))[1]
-    trainer.collator = every_second_batch_empty
+    losses = trainer.compute_losses
+    trainer.compute_losses = lambda batch: (seen.append(batch.num_empty), losses(batch))[1]
+    trainer.data.collator = second_batch_empty_third_with_an_unreadable_image
     result = trainer.train()
     assert result.skipped_batches == 1 and result.steps == 3
     assert seen == [0, 0]  # the empty batch never reached the network
+    assert "glip train: skipped x.jpg: unreadable image (cannot load image x.jpg: truncated)" in \
+        capsys.readouterr().err.splitlines()
+    assert result.skipped.to_dict()["by_reason"] == {"unreadable image": 1} and result.skipped.exit_code() == 1
+    assert json.loads((Path(config.output_dir) / "result.json").read_text())["skipped"] == {
+        "total": 1, "by_reason": {"unreadable image": 1}}
 
 
 def test_prompt_tuning_trains_only_the_table_and_saves_an_adapter(world, tmp_path):
@@ -211,11 +234,17 @@ def test_prompt_tuning_trains_only_the_table_and_saves_an_adapter(world, tmp_pat
                                                                   "optim.prompt_lr": 0.05}))
     trainer = Trainer(config, progress=False)
     frozen = {k: v.clone() for k, v in trainer.model.state_dict().items() if not k.startswith("prompt_tuning.")}
+    widths = []
+    losses = trainer.compute_losses
+    trainer.compute_losses = lambda batch: (widths.append(batch.input_ids.shape[1]), losses(batch))[1]
     result = trainer.train()
     assert result.model_dir is None and result.adapter.stat().st_size < 2_000_000
     state = trainer.model.state_dict()
     assert all(torch.equal(frozen[k], state[k]) for k in frozen)
-    assert state["prompt_tuning.weight"].abs().max() > 0
+    # row j of the zero-initialised table is added to text position j: exactly the rows of the positions the
+    # prompts reached have been trained; the others got no gradient (and weight decay keeps zero at zero)
+    trained = state["prompt_tuning.weight"].abs().sum(dim=1).nonzero().flatten().tolist()
+    assert trained == list(range(max(widths)))
     base = trainer.model
     base.prompt_tuning = None
     from glip_train.adapters import load_adapter
@@ -267,10 +296,8 @@ def test_a_missing_validation_file_stops_the_run_before_training_and_can_be_fixe
     # a run interrupted without validation resumes with a validation set added (data.val does not change weights)
     config = load_train_config(write_config(world, tmp_path, **{"schedule.max_iter": 2, "checkpoint_every": 1,
                                                                   "ema": None}))
-    trainer = Trainer(config, progress=False)
-    trainer._step(trainer._loader(), 1)
-    trainer.step = 1
-    trainer.save_checkpoint()
+    with pytest.raises(Interrupted):
+        Trainer(config, progress=False, hooks=[KillAfter(1)]).train()
     good = {"annotations": str(world / "coco_val.json"), "images": str(world / "images")}
     resumed = Trainer(load_train_config(write_config(world, tmp_path, **{
         "schedule.max_iter": 2, "checkpoint_every": 1, "ema": None, "data.val": good})), progress=False)
@@ -287,3 +314,206 @@ def test_bad_validation_settings_are_named(world, tmp_path):
     with pytest.raises(ConfigError, match=r"data.val: unknown keys \['image_dir'\]"):
         load_train_config(write_config(world, tmp_path / "b", **{"data.val": {"annotations": "x.json",
                                                                                "image_dir": "y"}}))
+
+
+# ---- the run folder: one writer, no leftovers, each step logged once ------------------------------------------------
+
+def test_a_second_training_into_the_same_output_is_refused_at_once(world, tmp_path, capsys):
+    from glip_data.io import OutputLockedError
+    from glip_train.cli import main
+
+    path = write_config(world, tmp_path, **{"schedule.max_iter": 2, "ema": None})
+    config = load_train_config(path)
+    out = Path(config.output_dir)
+    refused = []
+
+    def second_run(trainer, step):  # while the first run trains
+        if step == 1:
+            with pytest.raises(OutputLockedError, match=f"{out} is in use by another run \\(glip train, pid "
+                                                        f"{os.getpid()} "):
+                Trainer(config, progress=False)
+            capsys.readouterr()  # what the first run printed so far
+            refused.append(main(["train", str(path), "--quiet"]))
+            refused.append(capsys.readouterr().err.splitlines())
+
+    first = Trainer(config, progress=False, hooks=[second_run]).train()
+    code, lines = refused
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"glip train: error: {out} is in use by another run")
+    assert first.steps == 2 and sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == \
+        ["checkpoint_00000002.pt"]
+    with Trainer(config, progress=False) as again:  # the finished run released the folder
+        assert again.step == 2
+
+
+def test_a_refused_distributed_run_stops_on_every_process(world, tmp_path):
+    from glip_data.io import RunLock
+
+    config = write_config(world, tmp_path, **{"data.batch_size": 1, "device": "cpu"})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}", "-m", "glip_train.cli", "train", str(config), "--quiet"]
+    with RunLock(tmp_path / "out", "glip train"):  # another run holds the folder
+        done = subprocess.run(torchrun, env=_env(), timeout=600, capture_output=True, text=True)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("glip train: error: ")]
+    assert len(errors) == 2, done.stderr[-3000:]  # rank 0 names the holder, rank 1 follows it instead of waiting
+    assert any("is in use by another run" in line for line in errors)
+    assert any("rank 0 could not take the output folder" in line for line in errors)
+
+
+def test_leftovers_of_killed_writes_are_removed_when_a_run_starts(world, tmp_path):
+    from glip_data.io import temporary_path
+
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    stale = [out / "checkpoints" / ".checkpoint_00000002.pt.k3j_x9a1.tmp",  # the old atomic writes' names
+             out / ".result.json.abcdefgh.tmp", out / "checkpoints" / ".config.yaml.0a1b2c3d.tmp",
+             temporary_path(out / "checkpoints" / "checkpoint_00000004.pt"), temporary_path(out / "model")]
+    kept = [out / "notes.tmp", out / "checkpoints" / ".checkpoint_00000002.pt.keep", out / ".result.json.ab.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"half a checkpoint")
+    with Trainer(load_train_config(write_config(world, tmp_path)), progress=False):
+        assert not any(p.exists() for p in stale)
+        assert all(p.read_bytes() == b"half a checkpoint" for p in kept)
+
+
+class SeenSteps(HookBase):
+    """A hook with state: the steps it saw (checkpointed, restored on resume)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def after_step(self):
+        self.seen.append(self.trainer.step)
+
+    def state_dict(self):
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state):
+        self.seen = list(state["seen"])
+
+
+def _log(folder: Path) -> list[dict]:
+    """The run's log without what depends on the clock."""
+    lines = (folder / "out" / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "images_per_s")} for line in lines]
+
+
+def test_a_resumed_run_logs_each_step_once_and_ends_as_an_uninterrupted_run(world, tmp_path):
+    changes = {"schedule.max_iter": 5, "checkpoint_every": 2, "ema": None}
+    whole = load_train_config(write_config(world, tmp_path / "whole", **changes))
+    Trainer(whole, progress=False).train()
+    broken = load_train_config(write_config(world, tmp_path / "broken", **changes))
+    with pytest.raises(Interrupted):  # steps 1-3 done and logged, the checkpoint of step 2 the last
+        Trainer(broken, progress=False, hooks=[SeenSteps(), KillAfter(3)]).train()
+    assert [r["step"] for r in _log(tmp_path / "broken")] == [1, 2, 3]
+    seen = SeenSteps()
+    resumed = Trainer(broken, progress=False, hooks=[seen])
+    assert resumed.step == 2 and seen.seen == [1, 2]  # the hook's state at the checkpoint
+    resumed.train()
+    assert seen.seen == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in _log(tmp_path / "broken")] == [1, 2, 3, 4, 5]
+    assert _log(tmp_path / "broken") == _log(tmp_path / "whole")  # the replayed step 3 as the first time, once
+    a, b = _weights(tmp_path / "whole" / "out" / "model"), _weights(tmp_path / "broken" / "out" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- what the readers drop is reported; bad inputs stop the run before anything is built ---------------------------
+
+def _coco_only(world: Path, folder: Path, annotations: Path, **changes) -> Path:
+    source = {"kind": "coco", "annotations": str(annotations), "images": str(world / "images"), "negatives": 3}
+    return write_config(world, folder, **{"data.train": [source], "ema": None, **changes})
+
+
+def test_dropped_annotations_and_missing_images_are_named_counted_recorded_and_exit_1(world, tmp_path, capsys):
+    from glip_train.cli import main
+
+    data = json.loads((world / "detection_train.json").read_text())
+    n = len(data["annotations"])
+    data["images"].append({"id": 99, "file_name": "detection/not_there.jpg", "width": 64, "height": 64})
+    data["annotations"] += [
+        {"id": 901, "image_id": 1, "category_id": 77, "bbox": [1, 1, 5, 5]},
+        {"id": 902, "image_id": 1, "category_id": 1, "bbox": [1, 1, 0, 5]},
+        {"id": 903, "image_id": 2, "category_id": 1, "bbox": [1, 1, -3, 5]},
+        {"id": 904, "image_id": 4242, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        {"id": 905, "image_id": 99, "category_id": 1, "bbox": [1, 1, 5, 5]}]
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(data))
+    config = _coco_only(world, tmp_path, train, **{"schedule.max_iter": 1})
+    assert main(["train", str(config), "--quiet"]) == 1
+    # (the text encoder's loading bar of transformers aside)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glip train")]
+    missing = world / "images" / "detection" / "not_there.jpg"
+    assert err == [
+        f"glip train: skipped {train} annotations[{n + 1}] (id=902): box nonpositive size (bbox [1, 1, 0, 5])",
+        f"glip train: skipped {train} annotations[{n + 2}] (id=903): box nonpositive size (bbox [1, 1, -3, 5])",
+        f"glip train: skipped {train} annotations[{n}] (id=901, image_id=1): unknown category id (category_id 77 "
+        "is not in 'categories')",
+        f"glip train: skipped {train} annotations[{n + 3}] (id=904, image_id=4242): unknown image id (image_id "
+        "4242 is not in 'images')",
+        f"glip train: skipped {missing}: missing image file (train.json)",
+        "glip train: skipped 5 inputs: box nonpositive size 2, missing image file 1, unknown category id 1, unknown "
+        f"image id 1; all listed in {tmp_path / 'out' / 'skipped.json'}"]
+    out = tmp_path / "out"
+    record = json.loads((out / "skipped.json").read_text())
+    assert record["by_reason"] == {"box nonpositive size": 2, "missing image file": 1, "unknown category id": 1,
+                                   "unknown image id": 1}
+    assert record["examples"]["missing image file"] == [f"{missing}: train.json"]
+    assert json.loads((out / "result.json").read_text())["skipped"]["total"] == 5
+    assert (out / "model" / "model.safetensors").is_file()  # the model is still written
+
+
+def test_missing_image_folders_are_one_line_and_exit_2_before_a_model_is_built(world, tmp_path, capsys, monkeypatch):
+    import glip_train.training.trainer as trainer_module
+    from glip_train.cli import main
+
+    def no_model(config):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(trainer_module, "build_model", no_model)
+    nowhere = tmp_path / "nowhere"
+    config = write_config(world, tmp_path / "a", **{"data.train.0.images": str(nowhere)})
+    assert main(["train", str(config), "--quiet"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"glip train: error: data.train.0.images: {nowhere} is not a "
+                                                    "folder"]
+    assert not (tmp_path / "a" / "out").exists()  # nothing written either
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = write_config(world, tmp_path / "b", **{"data.train.0.images": str(empty)})
+    assert main(["train", str(config), "--quiet"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"glip train: error: data.train.0: none of the 8 images of {world / 'detection_train.json'} exists under "
+        f"{empty} (the first: {empty / 'detection' / '000000.jpg'}); set data.train.0.images to their folder"]
+
+    args = ["train", "--coco", str(world / "detection_train.json"), "--init", "default", "-o", str(tmp_path / "c")]
+    assert main([*args, "--images", str(nowhere)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"glip train: error: --images {nowhere}: no such folder"]
+    assert main([*args[:-2], "--init", str(nowhere)]) == 2
+    assert "--init" in capsys.readouterr().err
+
+
+def test_an_unreadable_image_is_replaced_by_the_next_sample_of_its_source_and_reported(world, tmp_path, minilm_dir):
+    from glip_encoders import load_tokenizer
+    from glip_train.training.config import DataConfig, DatasetConfig
+    from glip_train.training.data import Collator, TrainingSamples, build_sources
+
+    images = tmp_path / "images"
+    shutil.copytree(world / "images", images)
+    files = [img["file_name"] for img in json.loads((world / "detection_train.json").read_text())["images"]]
+    (images / files[0]).write_bytes(b"not a jpeg")  # present, so not refused up front; it fails when read
+    spec = DatasetConfig(kind="coco", annotations=str(world / "detection_train.json"), images=str(images),
+                         prompt="fixed")
+    config = DataConfig(train=(spec,), batch_size=2, min_sizes=(64,), max_size=64, pad_text_to="longest")
+    source = next(iter(build_sources(config).values()))
+    replaced = source[0]
+    assert replaced.metadata["file_name"] == files[1]  # the next image of the same source
+    [(path, message)] = replaced.metadata["unreadable_images"]
+    assert path == str(images / files[0]) and "cannot load image" in message and files[0] in message
+    assert "unreadable_images" not in source[1].metadata and source[1].metadata["file_name"] == files[1]
+
+    tokenizer = load_tokenizer(minilm_dir)
+    samples = TrainingSamples({"0:detection_train": source}, [spec], config, tokenizer, 256, seed=0)
+    order = samples.mixture.plan(0)[1]
+    first = int(list(order).index(0))  # the mixture index that reads the unreadable image in epoch 0
+    batch = Collator(tokenizer, 256, "longest", 32)([samples[(0, first)], samples[(0, (first + 1) % 8)]])
+    assert batch.unreadable == [(path, message)]

@@ -196,11 +196,13 @@ def box_area(boxes: Boxes, *, legacy: bool) -> Boxes:
 
 
 def box_iou(boxes1: Boxes, boxes2: Boxes, *, legacy: bool) -> Boxes:
-    """Pairwise IoU ``(K1, K2)`` of xyxy ``boxes1 (K1, 4)`` and ``boxes2 (K2, 4)``.
+    """Pairwise IoU ``(K1, K2)`` of xyxy ``boxes1 (K1, 4)`` and ``boxes2 (K2, 4)``: the one IoU of the project (the
+    ATSS assignment of the loss with ``legacy=True``, NMS's test, the Flickr30k recall with ``legacy=False``).
 
     The legacy convention is the official ``boxlist_iou`` (ATSS assignment) operation for operation: intersection
-    sides ``min(x2) - max(x1) + 1`` clamped at 0, areas with ``+1`` sides. Two empty boxes give NaN (0 / 0).
-    Tensors (any device) or numpy arrays; the result has the input's type.
+    sides ``min(x2) - max(x1) + 1`` clamped at 0, areas with ``+1`` sides. A pair whose union is not positive (two
+    empty boxes) has IoU 0, not NaN: it overlaps nothing. Tensors (any device) or numpy arrays; the result has the
+    input's type and dtype.
     """
     off = _pixel(legacy)
     if isinstance(boxes1, np.ndarray) and isinstance(boxes2, np.ndarray):
@@ -217,7 +219,8 @@ def box_iou(boxes1: Boxes, boxes2: Boxes, *, legacy: bool) -> Boxes:
     rb = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
     wh = (rb - lt + off).clamp(min=0) if off else (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    return inter / (area1[:, None] + area2[None, :] - inter)
+    union = area1[:, None] + area2[None, :] - inter
+    return torch.where(union > 0, inter / union, torch.zeros_like(inter))
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float, *,

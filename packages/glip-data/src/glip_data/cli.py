@@ -1,15 +1,29 @@
 """The ``glip-data`` command line: inspect, convert, shard and synthesise grounding data.
 
-Run ``glip-data COMMAND --help`` for every option of a command.
+Run ``glip-data COMMAND --help`` for every option of a command. Exit codes (as ``glip``'s):
+
+    0  success
+    1  finished, but some records or images were skipped (``--errors drop``): each named on stderr, all counted
+    2  usage error: a bad option value, a missing or malformed input (named with its record), an output another run
+       is writing
+    3  runtime failure: the work started and could not finish
+  130  interrupted
+
+Every command that writes locks its output against a second run and writes under temporary names renamed into
+place; the leftovers of a killed run are removed when the next one starts.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from glip_data.report import EXIT_CODES_HELP, EXIT_OK, EXIT_SKIPPED, SkipReport, UsageError, run_command
+from glip_data.validators import non_negative_int, positive_int, probability
 
 READER_FORMATS = ("auto", "coco", "o365", "lvis", "mdetr", "odvg", "captions", "shards")
 HIST_BINS = (32, 64, 128, 256)
@@ -64,15 +78,16 @@ def _synth_image_root(path: str | Path) -> str | None:
 
 def make_reader(path: str | Path, fmt: str = "auto", *, images: str | None = None, label_map: str | None = None,
                 box_convention: str = "official", errors: str = "raise", score_threshold: float = 0.5,
-                min_boxes: int = 1, load_image: bool = False) -> Any:
-    """Build the reader for ``path`` (``fmt="auto"``: :func:`detect_format`). Shards give a :class:`ShardedStream`."""
+                min_boxes: int = 1, load_image: bool = False, skips: SkipReport | None = None) -> Any:
+    """Build the reader for ``path`` (``fmt="auto"``: :func:`detect_format`). Shards give a :class:`ShardedStream`.
+    ``skips`` names every record dropped with ``errors="drop"``."""
     from glip_data import readers
     from glip_data.shards import ShardedStream
 
     fmt = detect_format(path) if fmt == "auto" else fmt
     if images is None:
         images = _synth_image_root(path)
-    common = {"load_image": load_image, "box_convention": box_convention, "errors": errors}
+    common = {"load_image": load_image, "box_convention": box_convention, "errors": errors, "skips": skips}
     if fmt == "coco":
         return readers.COCODetection(path, images, **common)
     if fmt == "o365":
@@ -107,14 +122,16 @@ def _histogram(lengths: list[int], bins: tuple[int, ...] = HIST_BINS) -> list[tu
     return rows
 
 
-def inspect_data(args: argparse.Namespace, out=None) -> dict[str, Any]:
+def inspect_data(args: argparse.Namespace, out=None, skips: SkipReport | None = None) -> dict[str, Any]:
     """``glip-data inspect``: counts, prompt-length histogram (with a tokenizer) and rendered examples."""
     out = out or sys.stdout
     from tqdm import tqdm
 
+    if args.render and not args.out:
+        raise UsageError("--render needs --out DIR")
     reader = make_reader(args.path, args.format, images=args.images, label_map=args.label_map,
                          box_convention=args.box_convention, errors=args.errors,
-                         score_threshold=args.score_threshold, min_boxes=args.min_boxes)
+                         score_threshold=args.score_threshold, min_boxes=args.min_boxes, skips=skips)
     samples = list(tqdm(reader, desc="reading", unit="sample", disable=args.quiet)) \
         if not hasattr(reader, "__len__") else None
     n = len(samples) if samples is not None else len(reader)
@@ -183,39 +200,46 @@ def inspect_data(args: argparse.Namespace, out=None) -> dict[str, Any]:
         print(f"  {over} samples exceed {args.max_text_len} tokens; {unmapped} of their boxes lose their tokens "
               "(chunk the prompt or sample fewer negatives)", file=out)
     if args.render:
-        if not args.out:
-            raise SystemExit("--render needs --out DIR")
-        from glip_data.render import render_sample
+        result["rendered"] = _render(reader, get, n, args, out)
+    if args.json:
+        print(json.dumps(result, indent=1), file=out)
+    return result
 
-        outdir = Path(args.out)
-        outdir.mkdir(parents=True, exist_ok=True)
-        k = min(args.render, n)
-        picks = sorted(int(i) for i in __import__("numpy").random.default_rng(args.seed).choice(n, k, replace=False))
-        written = []
+
+def _render(reader: Any, get: Any, n: int, args: argparse.Namespace, out: Any) -> list[str]:
+    """``--render N``: pictures of N random samples in ``--out`` (locked; each picture written atomically)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from glip_data.images import load_image
+    from glip_data.io import RunLock, atomic_write_bytes
+    from glip_data.render import render_sample
+
+    outdir = Path(args.out)
+    picks = sorted(int(i) for i in np.random.default_rng(args.seed).choice(n, min(args.render, n), replace=False))
+    written = []
+    with RunLock(outdir, "glip-data inspect"):
         for j, i in enumerate(tqdm(picks, desc="rendering", disable=args.quiet)):
             s = get(i)
             if s.image is None:
                 if hasattr(reader, "load_image"):
                     reader.load_image(s)
                 else:
-                    from glip_data.images import load_image
-
                     s.image = load_image(s.image_path)
             dst = outdir / f"{j:03d}_{Path(s.metadata.get('file_name', s.image_path)).stem}.jpg"
-            render_sample(s).save(dst, quality=90)
+            buffer = io.BytesIO()
+            render_sample(s).save(buffer, format="JPEG", quality=90)
+            atomic_write_bytes(dst, buffer.getvalue())
             written.append(str(dst))
-        result["rendered"] = written
-        print(f"rendered {len(written)} examples to {outdir}", file=out)
-    if args.json:
-        print(json.dumps(result, indent=1), file=out)
-    return result
+    print(f"rendered {len(written)} examples to {outdir}", file=out)
+    return written
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the other commands
 
 
-def convert_cmd(args: argparse.Namespace, out=None) -> list[Path]:
+def convert_cmd(args: argparse.Namespace, out=None, skips: SkipReport | None = None) -> list[Path]:
     out = out or sys.stdout
     from glip_data.convert import convert
 
@@ -226,14 +250,14 @@ def convert_cmd(args: argparse.Namespace, out=None) -> list[Path]:
     return written
 
 
-def shard_cmd(args: argparse.Namespace, out=None) -> dict[str, Any]:
+def shard_cmd(args: argparse.Namespace, out=None, skips: SkipReport | None = None) -> dict[str, Any]:
     out = out or sys.stdout
     from glip_data.shards import write_shards
 
     reader = make_reader(args.src, args.format, images=args.images, label_map=args.label_map,
-                         box_convention=args.box_convention, errors=args.errors)
+                         box_convention=args.box_convention, errors=args.errors, skips=skips)
     if not hasattr(reader, "__len__"):
-        raise SystemExit(f"{args.src} is already shards")
+        raise UsageError(f"{args.src} is already shards")
     index = write_shards(reader, args.out, kind=args.kind, samples_per_shard=args.per_shard, compress=args.gzip,
                          image_root=args.images if args.kind == "jsonl" and args.relative_paths else None,
                          progress=not args.quiet)
@@ -241,8 +265,11 @@ def shard_cmd(args: argparse.Namespace, out=None) -> dict[str, Any]:
     return index
 
 
-def synth_cmd(args: argparse.Namespace, out=None) -> Any:
+def synth_cmd(args: argparse.Namespace, out=None, skips: SkipReport | None = None) -> Any:
+    """``glip-data synth``: the world is generated in a folder beside ``--out`` and renamed into place when complete
+    (``--out`` locked meanwhile)."""
     out = out or sys.stdout
+    from glip_data.io import RunLock, atomic_directory
     from glip_data.synth import SynthConfig, generate_world
 
     fields = {"num_detection", "num_grounding", "num_captions", "num_val", "min_size", "max_size", "max_objects",
@@ -251,8 +278,15 @@ def synth_cmd(args: argparse.Namespace, out=None) -> Any:
     if args.detection_shapes:
         overrides["detection_shapes"] = tuple(s.strip() for s in args.detection_shapes.split(",") if s.strip())
     cfg = SynthConfig(seed=args.seed, **overrides)
-    world = generate_world(args.out, config=cfg, progress=not args.quiet)
-    print(f"synthetic world (seed {args.seed}) in {world.root}", file=out)
+    target = Path(args.out)
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--out {target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not args.overwrite:
+        raise UsageError(f"--out {target} is not empty; pass --overwrite to replace it")
+    with RunLock.for_output(target.resolve(), "glip-data synth"), \
+            atomic_directory(target, overwrite=args.overwrite) as staging:
+        world = generate_world(staging, config=cfg, progress=not args.quiet)
+    print(f"synthetic world (seed {args.seed}) in {target}", file=out)
     for k, v in world.counts.items():
         print(f"  {k}: {v}", file=out)
     return world
@@ -283,10 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="glip-data",
         description="Inspect, convert, shard and synthesise grounding data for GLIP (COCO, Objects365, LVIS, MDETR, "
                     "ODVG, pseudo-labelled captions).",
+        epilog=f"{EXIT_CODES_HELP}. Every command that writes locks its output against a second run and writes "
+               "under temporary names renamed into place. Run `glip-data COMMAND --help` for its options.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="counts, prompt-length histogram, rendered examples",
+    p = sub.add_parser("inspect", epilog=EXIT_CODES_HELP, help="counts, prompt-length histogram, rendered examples",
                        description="Read a dataset and print what it holds: samples, boxes, drops by reason, "
                                    "categories; with --tokenizer the prompt-length histogram; with --render N "
                                    "pictures of N random samples with their boxes and phrases.")
@@ -294,21 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
     _reader_options(p)
     p.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="local Hugging Face tokenizer folder: print the prompt-length histogram in tokens")
-    p.add_argument("--max-text-len", type=int, default=256,
+    p.add_argument("--max-text-len", type=positive_int, default=256,
                    help="the model's text length; longer prompts are counted and their lost boxes reported "
                         "(default 256)")
-    p.add_argument("--render", type=int, default=0, metavar="N", help="render N random samples (needs --out)")
+    p.add_argument("--render", type=non_negative_int, default=0, metavar="N",
+                   help="render N random samples (needs --out)")
     p.add_argument("--out", metavar="DIR", default=None, help="folder for the rendered pictures")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random choice of samples to render (default 0)")
-    p.add_argument("--score-threshold", type=float, default=0.5,
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the random choice of samples to render (default 0)")
+    p.add_argument("--score-threshold", type=probability, default=0.5,
                    help="captions: keep boxes with score > this (default 0.5)")
-    p.add_argument("--min-boxes", type=int, default=1,
+    p.add_argument("--min-boxes", type=non_negative_int, default=1,
                    help="captions: leave out lines with fewer kept boxes (default 1; 0 keeps caption-only lines)")
     p.add_argument("--json", action="store_true", help="also print the counts as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=inspect_data)
 
-    p = sub.add_parser("convert", help="convert between COCO, MDETR and ODVG",
+    p = sub.add_parser("convert", epilog=EXIT_CODES_HELP, help="convert between COCO, MDETR and ODVG",
                        description="Convert an annotation file between COCO, MDETR and ODVG without loss: ids, "
                                    "boxes, categories, captions and spans survive a round trip (see "
                                    "glip_data.convert for how detection and grounding content map across formats).")
@@ -324,14 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=convert_cmd)
 
-    p = sub.add_parser("shard", help="write a dataset as tar or jsonl shards for streaming",
+    p = sub.add_parser("shard", epilog=EXIT_CODES_HELP, help="write a dataset as tar or jsonl shards for streaming",
                        description="Turn any readable dataset into shards (tar: images inside, WebDataset-style; "
                                    "jsonl: image paths) plus an index.json, for glip_data.shards.ShardedStream.")
     p.add_argument("src", help="annotation file")
     p.add_argument("out", help="output folder")
     _reader_options(p)
     p.add_argument("--kind", default="tar", choices=("tar", "jsonl"), help="shard kind (default tar)")
-    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000); write at least "
+    p.add_argument("--per-shard", type=positive_int, default=1000,
+                   help="samples per shard (default 1000); write at least "
                    "world_size x workers shards")
     p.add_argument("--gzip", action="store_true", help="gzip the shards")
     p.add_argument("--relative-paths", action="store_true",
@@ -339,40 +378,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=shard_cmd)
 
-    p = sub.add_parser("synth", help="generate the synthetic grounding world",
+    p = sub.add_parser("synth", epilog=EXIT_CODES_HELP, help="generate the synthetic grounding world",
                        description="Generate seeded images of coloured shapes with COCO detection, MDETR grounding, "
                                    "caption-only, COCO evaluation and LVIS evaluation files (see glip_data.synth). "
                                    "The same seed gives byte-identical files.")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
-    p.add_argument("--num-detection", type=int, default=None, help="detection training images (default 200)")
-    p.add_argument("--num-grounding", type=int, default=None, help="grounding training images (default 200)")
-    p.add_argument("--num-captions", type=int, default=None, help="caption-only images (default 64)")
-    p.add_argument("--num-val", type=int, default=None, help="evaluation images (default 96)")
-    p.add_argument("--min-size", type=int, default=None, help="smallest image side in pixels (default 128)")
-    p.add_argument("--max-size", type=int, default=None, help="largest image side in pixels (default 320)")
-    p.add_argument("--max-objects", type=int, default=None, help="most objects per image (default 4)")
-    p.add_argument("--captions-per-image", type=int, default=None, help="grounding sentences per image (default 2)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of everything (default 0)")
+    p.add_argument("--num-detection", type=non_negative_int, default=None,
+                   help="detection training images (default 200)")
+    p.add_argument("--num-grounding", type=non_negative_int, default=None,
+                   help="grounding training images (default 200)")
+    p.add_argument("--num-captions", type=non_negative_int, default=None, help="caption-only images (default 64)")
+    p.add_argument("--num-val", type=non_negative_int, default=None, help="evaluation images (default 96)")
+    p.add_argument("--min-size", type=positive_int, default=None, help="smallest image side in pixels (default 128)")
+    p.add_argument("--max-size", type=positive_int, default=None, help="largest image side in pixels (default 320)")
+    p.add_argument("--max-objects", type=positive_int, default=None, help="most objects per image (default 4)")
+    p.add_argument("--captions-per-image", type=positive_int, default=None,
+                   help="grounding sentences per image (default 2)")
     p.add_argument("--detection-shapes", default=None, metavar="A,B,...",
                    help="shapes labelled in the detection set (default circle,square,triangle,star,hexagon; the "
                         "others appear only in captions and evaluation)")
     p.add_argument("--image-format", default=None, choices=("jpg", "png"), help="image format (default jpg)")
     p.add_argument("--background", default=None, choices=("varied", "plain"),
                    help="varied textures/gradients (default) or plain colour backgrounds")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=synth_cmd)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from glip_data.images import ImageLoadError
+    from glip_data.io import OutputLockedError
+    from glip_data.readers.base import ReaderError
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, OSError) as err:  # ReaderError is a ValueError: a clear message, no traceback
-        print(f"glip-data {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    args = parser.parse_args(argv)  # argparse prints usage errors itself and exits 2
+    name = f"glip-data {args.command}"
+    skips = SkipReport(name)
+
+    def work() -> int:
+        args.func(args, skips=skips)
+        if skips:
+            print(f"{name}: {skips.summary()}", file=sys.stderr)
+        return skips.exit_code(EXIT_OK, EXIT_SKIPPED)
+
+    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    return run_command(name, work, usage_errors=(ReaderError, ImageLoadError, OutputLockedError), parser=command)
 
 
 if __name__ == "__main__":  # pragma: no cover

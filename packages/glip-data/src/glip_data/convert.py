@@ -104,6 +104,13 @@ def load_coco(path: str | os.PathLike, progress: bool = False) -> Collection:
     categories = data.get("categories", [])
     if not isinstance(categories, list):
         raise ReaderError(f"{path}: 'categories' must be a list, got {type(categories).__name__}")
+    if "categories" not in data:
+        labelled = next((j for j, a in enumerate(data["annotations"])
+                         if isinstance(a, dict) and a.get("category_id") is not None), None)
+        if labelled is not None:
+            raise ReaderError(f"{path}: has no 'categories' key, but annotations[{labelled}] has category_id "
+                              f"{data['annotations'][labelled]['category_id']!r}: add the 'categories' list "
+                              "([{\"id\": ..., \"name\": ...}]) the boxes refer to")
     category_ids = {c["id"] for c in check.categories(categories)}
     images: list[ImageEntry] = []
     index: dict[Any, int] = {}
@@ -358,18 +365,24 @@ def to_odvg(col: Collection, progress: bool = False) -> tuple[list[dict[str, Any
 
 def save(col: Collection, path: str | os.PathLike, fmt: Format, label_map_path: str | os.PathLike | None = None,
          progress: bool = False) -> list[Path]:
-    """Write ``col`` as ``fmt``; returns the files written (ODVG: the jsonl and its label map)."""
+    """Write ``col`` as ``fmt``; returns the files written (ODVG: the jsonl and its label map).
+
+    Files are written under temporary names and renamed into place. An ODVG jsonl vouches for its label map: the old
+    jsonl is removed first and the new one written last, so a jsonl always sits beside its own label map.
+    """
+    from glip_data.io import atomic_write_json, atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt in ("coco", "mdetr"):
         data = to_coco(col, progress) if fmt == "coco" else to_mdetr(col, progress)
-        path.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
+        atomic_write_json(path, data, indent=None, separators=(",", ":"))
         return [path]
     if fmt == "odvg":
         lines, label_map = to_odvg(col, progress)
-        path.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines), encoding="utf-8")
         lm_path = Path(label_map_path) if label_map_path is not None else default_label_map_path(path)
-        lm_path.write_text(json.dumps(label_map, indent=1) + "\n", encoding="utf-8")
+        path.unlink(missing_ok=True)
+        atomic_write_json(lm_path, label_map, indent=1)
+        atomic_write_text(path, "".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
         return [path, lm_path]
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
@@ -379,13 +392,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, src_format: Format, 
             ) -> list[Path]:
     """Convert an annotation file between COCO, MDETR and ODVG (see the module doc). Returns the files written.
 
-    ``progress`` shows tqdm bars while reading and writing (the command line turns them on).
+    ``progress`` shows tqdm bars while reading and writing (the command line turns them on). ``dst`` is locked against
+    a second writer and written atomically (see :func:`save`).
     """
+    from glip_data.io import RunLock
+
     for name, fmt in (("source", src_format), ("destination", dst_format)):
         if fmt not in FORMATS:
             raise ValueError(f"unknown {name} format {fmt!r}; expected one of {FORMATS}")
     col = load(src, src_format, label_map, progress)
-    return save(col, dst, dst_format, dst_label_map, progress)
+    dst = Path(dst)
+    with RunLock.for_output(dst.resolve(), "glip-data convert"):
+        try:
+            return save(col, dst, dst_format, dst_label_map, progress)
+        except ReaderError as exc:  # what the source lacks for the destination format
+            raise ReaderError(f"{src}: cannot be written as {dst_format}: {exc}") from None
 
 
 __all__ = ["Annotation", "Collection", "FORMATS", "ImageEntry", "convert", "default_label_map_path", "load",

@@ -3,19 +3,25 @@
 The official pre-processing starts from a PIL RGB image (docs/official_model.md#preprocessing). Everything that
 reaches the model goes through :func:`load_image` first — a file, a dataset shard member, a user's array — so
 every input gets the same conversions and every failure the same exception.
+
+The pixel frame (whether the EXIF orientation is applied) is decided here, once, by an :class:`ImageFrame`: upright
+for a user's photos (detect, ground), or the frame whose size the annotation records (evaluation, training
+readers, shards). The image returned says which frame it is in, and any later :func:`load_image` of it (the
+processor's, ``TestTransform``'s) takes it as it is.
 """
 from __future__ import annotations
 
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageLoadError", "MAX_ASPECT_RATIO", "MAX_IMAGE_PIXELS", "load_image"]
+__all__ = ["FRAMES", "ImageFrame", "ImageLoadError", "MAX_ASPECT_RATIO", "MAX_IMAGE_PIXELS", "load_image"]
 
 #: Images with more pixels are refused before decoding (2**28, a 16384 x 16384 image). Files are also subject to
 #: PIL's own decompression-bomb check, which refuses more than ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (about 179
@@ -38,9 +44,15 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-# info keys that carry an orientation; dropped once the pixels are upright so that nothing applies it twice
+# orientations whose upright image has the stored image's width and height swapped
+_SWAPS_SIDES = (5, 6, 7, 8)
+# info keys that carry an orientation; dropped once the frame is decided so that nothing applies it later
 _ORIENTATION_CARRIERS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+#: The two pixel frames of an image: ``"upright"`` (its EXIF orientation applied, as viewers show it) and
+#: ``"stored"`` (the pixels as the file stores them, as the official loader reads every image).
+FRAMES = ("upright", "stored")
 
 
 class ImageLoadError(OSError):
@@ -48,8 +60,83 @@ class ImageLoadError(OSError):
     bomb, an unsupported array, zero or absurd size. The message names the source and the reason."""
 
 
-def load_image(source: Any, *, where: str | None = None, exif_transpose: bool = True) -> Image.Image:
-    """Load an image as an upright 8-bit PIL RGB image.
+@dataclass(frozen=True)
+class ImageFrame:
+    """Which pixel frame :func:`load_image` reads an image in.
+
+    ``ImageFrame("upright")`` and ``ImageFrame("stored")`` fix the frame. :meth:`matching` ``(width, height)``
+    takes it from an annotation: an image whose upright (EXIF-displayed) size is the recorded one is read upright,
+    one whose stored size is the recorded one is read as stored. When the size does not tell — both frames have the
+    recorded size (a square image, or an orientation such as 3, upside down, that keeps the sides), or neither has
+    it (a resized copy) and the recorded width/height do not pick one frame by their landscape/portrait shape —
+    ``ambiguous`` decides: ``"stored"`` by default, the frame the official loader reads (it ignores EXIF).
+
+    Attributes:
+        frame: ``"upright"``, ``"stored"`` or ``"match"`` (built by :meth:`matching`).
+        width, height: the recorded size (``"match"`` only).
+        ambiguous: the frame when the recorded size does not tell (``"match"`` only).
+    """
+
+    frame: str = "upright"
+    width: Union[int, None] = None
+    height: Union[int, None] = None
+    ambiguous: str = "stored"
+
+    def __post_init__(self) -> None:
+        if self.frame not in (*FRAMES, "match"):
+            raise ValueError(f"ImageFrame.frame must be one of {FRAMES} or 'match', got {self.frame!r}")
+        if self.ambiguous not in FRAMES:
+            raise ValueError(f"ImageFrame.ambiguous must be one of {FRAMES}, got {self.ambiguous!r}")
+        sized = self.width is not None or self.height is not None
+        if self.frame == "match":
+            for name in ("width", "height"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise ValueError(f"ImageFrame.{name} must be a positive integer (the recorded size), "
+                                     f"got {value!r}")
+        elif sized:
+            raise ValueError("ImageFrame.width/height belong to frame='match'; use ImageFrame.matching(w, h)")
+
+    @classmethod
+    def matching(cls, width: Any, height: Any, *, ambiguous: str = "stored") -> "ImageFrame":
+        """The frame whose size is ``(width, height)``, the size an annotation records."""
+        return cls("match", int(width), int(height), ambiguous)
+
+    def choose(self, stored_size: tuple[int, int], orientation: int) -> tuple[str, str]:
+        """``(frame, why)`` for an image stored ``stored_size`` ``(w, h)`` with EXIF ``orientation``.
+
+        ``why`` is ``"fixed"`` (frame ``"upright"``/``"stored"``), ``"size"`` (the recorded size is one frame's
+        only), ``"shape"`` (neither frame's size, but the recorded landscape/portrait shape is one frame's only) or
+        ``"default"`` (the size does not tell: the ``ambiguous`` frame).
+        """
+        if self.frame != "match":
+            return self.frame, "fixed"
+        w, h = stored_size
+        upright = (h, w) if orientation in _SWAPS_SIDES else (w, h)
+        recorded = (self.width, self.height)
+        fits = [f for f, size in (("upright", upright), ("stored", (w, h))) if size == recorded]
+        if len(fits) == 1:
+            return fits[0], "size"
+        if not fits and self.width != self.height and w != h and orientation in _SWAPS_SIDES:
+            landscape = self.width > self.height
+            return ("upright" if (upright[0] > upright[1]) == landscape else "stored"), "shape"
+        return self.ambiguous, "default"
+
+
+FrameLike = Union[str, ImageFrame]
+
+
+def _as_frame(frame: FrameLike) -> ImageFrame:
+    if isinstance(frame, ImageFrame):
+        return frame
+    if isinstance(frame, str) and frame in FRAMES:
+        return ImageFrame(frame)
+    raise ValueError(f"frame must be one of {FRAMES} or an ImageFrame (e.g. ImageFrame.matching(width, height)), "
+                     f"got {frame!r}")
+
+
+def load_image(source: Any, *, where: str | None = None, frame: FrameLike = "upright") -> Image.Image:
+    """Load an image as an 8-bit PIL RGB image in the pixel frame ``frame`` decides (upright by default).
 
     Sources:
 
@@ -61,10 +148,13 @@ def load_image(source: Any, *, where: str | None = None, exif_transpose: bool = 
 
     Conversions:
 
-    * **EXIF orientation** is applied: a phone photo stored 480x320 with orientation 6 comes out 320x480. The
-      orientation found is recorded in ``image.info["exif_orientation"]`` (1 when there is none), and the EXIF/XMP
-      blocks are dropped from the returned image so that the rotation cannot be applied twice. (The official
-      loader ignores EXIF; the checkpoints' evaluation images carry no orientation, so parity is unaffected.)
+    * **EXIF orientation** is applied when the frame is upright: a phone photo stored 480x320 with orientation 6
+      comes out 320x480 (``frame="stored"`` keeps it 480x320). The result records its frame:
+      ``image.info["exif_orientation"]`` (the tag found, 1 when there is none) and ``image.info["exif_applied"]``
+      (whether the pixels were turned by it); the EXIF/XMP blocks that carry an orientation are dropped. An image
+      :func:`load_image` returned is **taken as it is** when it comes back (its frame was decided then), so nothing
+      rotates it twice or undoes a decision to keep it as stored. (The official loader ignores EXIF; the
+      checkpoints' evaluation images carry no orientation, so parity is unaffected.)
     * **16-bit** images (modes ``I;16``, ``I;16B``, ``I``, ``uint16`` arrays) are scaled to 8 bits,
       ``round(v * 255 / 65535)``, not clipped (which would turn most of a 16-bit photo white); mode ``I`` values
       must lie in ``0..65535``. **Float** images (mode ``F``, float arrays) must lie in ``[0, 1]`` and are scaled by
@@ -72,15 +162,17 @@ def load_image(source: Any, *, where: str | None = None, exif_transpose: bool = 
     * Other modes go through PIL's ``convert("RGB")``: ``L``, ``1``, ``P`` (with transparency via ``RGBA``),
       ``LA``/``RGBA``/``PA`` (alpha dropped, not composited, as the official loader), ``CMYK``, ``YCbCr``.
 
-    An RGB PIL image without an orientation is returned as is (its ``info`` gains ``exif_orientation``); anything
-    else is a new image, and a file is closed before returning.
+    An RGB PIL image without an orientation is returned as is (its ``info`` gains the two keys); anything else is
+    a new image, and a file is closed before returning.
 
     Args:
         source: the image (see above).
         where: how to name the image in an error when it is not a path (e.g. ``"shard-000003.tar#000042.jpg"``);
             added in parentheses after a path.
-        exif_transpose: apply the EXIF orientation (default). ``False`` keeps the pixels as stored and records
-            nothing: for images already inside a pipeline whose boxes refer to those pixels.
+        frame: ``"upright"`` (default), ``"stored"``, or an :class:`ImageFrame`, e.g.
+            ``ImageFrame.matching(width, height)`` for an image whose boxes an annotation gives (the frame of the
+            annotation wins). With ``"match"`` the decision is also recorded in ``image.info["frame_reason"]``
+            (see :meth:`ImageFrame.choose`).
 
     Raises:
         ImageLoadError: for every failure (an ``OSError``): no such file, undecodable or truncated data, an
@@ -88,8 +180,9 @@ def load_image(source: Any, *, where: str | None = None, exif_transpose: bool = 
             :data:`MAX_IMAGE_PIXELS` pixels, an aspect ratio beyond :data:`MAX_ASPECT_RATIO`.
     """
     name = _describe(source, where)
+    frame = _as_frame(frame)
     try:
-        return _load(source, name, exif_transpose)
+        return _load(source, name, frame)
     except ImageLoadError:
         raise
     except Exception as err:  # decoders of untrusted bytes raise many types (OSError, SyntaxError, struct.error...)
@@ -115,21 +208,21 @@ def _fail(name: str, reason: str) -> ImageLoadError:
     return ImageLoadError(f"cannot load image {name}: {reason}")
 
 
-def _load(source: Any, name: str, exif_transpose: bool) -> Image.Image:
+def _load(source: Any, name: str, frame: ImageFrame) -> Image.Image:
     if isinstance(source, (str, os.PathLike)):
         path = Path(os.fspath(source))
         if not path.is_file():
             raise _fail(name, "no such file" if not path.exists() else "not a regular file")
         with Image.open(path) as image:
-            return _finish(image, name, owned=True, exif_transpose=exif_transpose)
+            return _finish(image, name, owned=True, frame=frame)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
             raise _fail(name, "no data (0 bytes)")
         with Image.open(io.BytesIO(data)) as image:
-            return _finish(image, name, owned=True, exif_transpose=exif_transpose)
+            return _finish(image, name, owned=True, frame=frame)
     if isinstance(source, Image.Image):
-        return _finish(source, name, owned=False, exif_transpose=exif_transpose)
+        return _finish(source, name, owned=False, frame=frame)
     if isinstance(source, np.ndarray):
         return _from_array(source, name)
     raise _fail(name, f"unsupported source type {type(source).__name__}; pass a path, bytes, a PIL image or a "
@@ -147,24 +240,30 @@ def _check_size(width: int, height: int, name: str) -> None:
                           "(glip_data.images.MAX_ASPECT_RATIO); it cannot be resized for the model")
 
 
-def _finish(image: Image.Image, name: str, *, owned: bool, exif_transpose: bool) -> Image.Image:
-    """Decode, read the orientation, convert to 8-bit RGB, make upright. ``owned``: the caller closes ``image``, so
-    the result must not be ``image`` itself."""
+def _finish(image: Image.Image, name: str, *, owned: bool, frame: ImageFrame) -> Image.Image:
+    """Decode, read the orientation, convert to 8-bit RGB, put in ``frame``. ``owned``: the caller closes ``image``,
+    so the result must not be ``image`` itself."""
     _check_size(*image.size, name)
     image.load()
     rgb = _to_rgb(image, name)
-    if not exif_transpose:
-        return image.copy() if rgb is image and owned else rgb
+    if not owned and "exif_applied" in image.info:  # returned by load_image before: its frame is decided
+        for key in ("exif_orientation", "exif_applied"):
+            rgb.info[key] = image.info[key]
+        return rgb
     orientation = _orientation(image, name)
-    if orientation in _UPRIGHT:
+    chosen, why = frame.choose(image.size, orientation)
+    applied = chosen == "upright" and orientation in _UPRIGHT
+    if applied:
         rgb = rgb.transpose(_UPRIGHT[orientation])
+    elif rgb is image and (owned or orientation != 1):
+        rgb = image.copy()  # the caller's image keeps its EXIF block; ours drops it below
+    if orientation != 1:
         for key in _ORIENTATION_CARRIERS:
             rgb.info.pop(key, None)
-    elif rgb is image and owned:
-        rgb = image.copy()
-    if orientation == 1 and "exif_orientation" in image.info:
-        orientation = image.info["exif_orientation"]  # upright already: keep what the first load recorded
     rgb.info["exif_orientation"] = orientation
+    rgb.info["exif_applied"] = applied
+    if frame.frame == "match":
+        rgb.info["frame_reason"] = why
     return rgb
 
 
@@ -234,5 +333,5 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
         raise _fail(name, "numpy images must be uint8, uint16, or float32/float64 in [0, 1]")
     image = Image.fromarray(np.ascontiguousarray(eight))  # L, RGB or RGBA from the shape
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    rgb.info["exif_orientation"] = 1
+    rgb.info.update(exif_orientation=1, exif_applied=False)
     return rgb

@@ -6,9 +6,13 @@ convert, ``glip-data``).
   truncated one. Temporary names all end in :data:`TEMP_SUFFIX`, so the leftovers of a killed write are recognisable
   and :func:`clean_temporaries` removes them when the next run starts.
 * **Atomic folders.** :func:`atomic_directory` fills a staging folder and renames it into place when it is complete.
-* **One writer per output.** :class:`RunLock` takes an advisory lock on an output folder; a second run on the same
-  folder is refused with :class:`OutputLockedError`, naming the folder and the process holding it. The lock dies
-  with its process (``kill -9`` included), so a stale lock never blocks a rerun.
+* **One writer per output.** :class:`RunLock` takes an advisory lock on an output folder (or, with
+  :meth:`RunLock.for_output`, on one output file or folder by its name); a second run on the same output is refused
+  with :class:`OutputLockedError`, naming the output and the process holding it. The lock dies with its process
+  (``kill -9`` included), so a stale lock never blocks a rerun.
+* **Pairs of files.** When two files belong together (``detections.json`` and the ``metrics.json`` computed from
+  it, an ODVG file and its label map), the file that vouches for the pair is removed before the other is replaced
+  and written last: whenever it exists, its partner is from the same run.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -167,16 +172,24 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
         raise
 
 
-def clean_temporaries(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+def clean_temporaries(folder: str | os.PathLike, *, recursive: bool = True,
+                      names: list[str] | None = None) -> list[Path]:
     """Remove what killed writes left in ``folder`` (names made by :func:`temporary_path`); returns what was removed.
 
-    Call it only while holding the folder's :class:`RunLock` (or knowing no other process writes there): a
+    ``names``: only the temporaries of these outputs (file or folder names in ``folder``, not recursive), for a
+    folder shared with other writers.
+
+    Call it only while holding the output's :class:`RunLock` (or knowing no other process writes there): a
     temporary of a live writer would be removed too.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = folder.rglob(f"*{TEMP_SUFFIX}") if recursive else folder.glob(f"*{TEMP_SUFFIX}")
+    if names is not None:
+        mine = re.compile("|".join(rf"\.{re.escape(n)}\.\d+-[0-9a-f]+{re.escape(TEMP_SUFFIX)}" for n in names))
+        found = [p for p in folder.glob(f".*{TEMP_SUFFIX}") if mine.fullmatch(p.name)] if names else []
+    else:
+        found = folder.rglob(f"*{TEMP_SUFFIX}") if recursive else folder.glob(f"*{TEMP_SUFFIX}")
     removed = []
     for p in sorted(found, key=lambda q: len(q.parts)):
         if not p.exists():  # inside a temporary folder removed just before
@@ -191,41 +204,66 @@ def clean_temporaries(folder: str | os.PathLike, *, recursive: bool = True) -> l
 
 
 class RunLock:
-    """An exclusive advisory lock on an output folder, held while a run writes there.
+    """An exclusive advisory lock on an output, held while a run writes there.
 
-    ``with RunLock(folder, "glip eval"):`` creates the folder if needed and takes the lock; a second process asking
-    for the same folder gets :class:`OutputLockedError` at once (never a wait, never interleaved outputs). The lock
-    file records the holder (command, pid, host, start time) for that message. The operating system drops the lock
-    when the process ends however it ends, so a killed run never blocks the next one. Locks are per process:
-    processes of one distributed job take it on one rank only.
+    ``with RunLock(folder, "glip eval"):`` creates the folder if needed and takes the lock; a second process (or a
+    second lock in the same process) asking for the same output gets :class:`OutputLockedError` at once (never a
+    wait, never interleaved outputs). The lock file records the holder (command, pid, host, start time) for that
+    message. The operating system drops the lock when the process ends however it ends, so a killed run never blocks
+    the next one. Locks are per process: processes of one distributed job take it on one rank only.
 
     Args:
         folder: the output folder.
         command: how the error names the holder, e.g. ``"glip eval"``.
         clean: remove the leftovers of killed writes (:func:`clean_temporaries`) once the lock is held.
+        name: lock one output *in* ``folder`` instead of the whole folder (see :meth:`for_output`).
     """
 
-    def __init__(self, folder: str | os.PathLike, command: str, *, clean: bool = True):
+    #: lock files held by this process (for :meth:`held_here`)
+    _held: set[Path] = set()
+
+    def __init__(self, folder: str | os.PathLike, command: str, *, clean: bool = True, name: str | None = None):
         self.folder = Path(folder)
         self.command = command
         self.clean = clean
+        self.name = name
         self.removed: list[Path] = []
         self._fh: IO[str] | None = None
+
+    @classmethod
+    def for_output(cls, path: str | os.PathLike, command: str, *, clean: bool = True) -> "RunLock":
+        """A lock on one output file or folder, ``path``, that shares its parent folder with other outputs: the lock
+        file is ``.<name>.glip.lock`` beside it, and only ``path``'s own temporaries are cleaned."""
+        path = Path(path)
+        return cls(path.parent, command, clean=clean, name=path.name)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.folder / (LOCK_NAME if self.name is None else f".{self.name}{LOCK_NAME}")
+
+    @property
+    def output(self) -> Path:
+        return self.folder if self.name is None else self.folder / self.name
 
     @property
     def held(self) -> bool:
         return self._fh is not None
 
+    @classmethod
+    def held_here(cls, folder: str | os.PathLike, name: str | None = None) -> bool:
+        """True when this process holds the lock of that output (library code then need not take it again)."""
+        return cls(folder, "", name=name).lock_path.resolve() in cls._held
+
     def acquire(self) -> "RunLock":
-        if self.folder.exists() and not self.folder.is_dir():
+        if self.name is None and self.folder.exists() and not self.folder.is_dir():
             raise FileExistsError(f"output {self.folder} exists and is not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
-        fh = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")
+        fh = open(self.lock_path, "a+", encoding="utf-8")
         if not _try_lock(fh):
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
-            raise OutputLockedError(f"{self.folder} is in use by another run ({holder}); wait for it to finish or "
+            raise OutputLockedError(f"{self.output} is in use by another run ({holder}); wait for it to finish or "
                                     "write somewhere else")
         fh.seek(0)
         fh.truncate()
@@ -233,13 +271,16 @@ class RunLock:
                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         fh.flush()
         self._fh = fh
+        RunLock._held.add(self.lock_path.resolve())
         if self.clean:
-            self.removed = clean_temporaries(self.folder)
+            names = None if self.name is None else [self.name]
+            self.removed = clean_temporaries(self.folder, names=names)
         return self
 
     def release(self) -> None:
         # the lock file stays: removing it would let a third process lock a new file while a second waits on the old
         if self._fh is not None:
+            RunLock._held.discard(self.lock_path.resolve())
             _unlock(self._fh)
             self._fh.close()
             self._fh = None

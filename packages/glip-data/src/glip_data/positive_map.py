@@ -15,12 +15,17 @@ Token 0 is [CLS], so indices are positions in the model's (padded) token sequenc
 Unlike the official code, nothing is dropped silently: an entity that maps to no token, or whose tokens were cut
 by the ``max_length`` truncation, is reported (a warning plus the ``unmapped`` / ``truncated`` lists of the
 returned :class:`EntityTokens`).
+
+:func:`check_phrases` is the one rule of whether the model can read a phrase at all (it maps to tokens, not only
+unknown ones, within the text limit): the processor raises on an unreadable phrase, evaluation checks every class
+name and phrase with it before the model loads, and pseudo-labelling skips and counts the unreadable ones.
 """
 from __future__ import annotations
 
 import numbers
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -189,6 +194,84 @@ def spans_to_tokens(
             stacklevel=2,
         )
     return result
+
+
+#: The statuses of an unreadable phrase (:func:`check_phrases`), in the words skip reports and errors use.
+PHRASE_PROBLEMS = {
+    "no_token": "phrase maps to no token",
+    "unknown_only": "phrase is only unknown tokens",
+    "beyond_limit": "phrase beyond the text limit",
+}
+
+
+@dataclass
+class PhraseCheck:
+    """Whether the model can read each phrase of a text: the result of :func:`check_phrases`.
+
+    Attributes:
+        tokens: per phrase, its token indices in the untruncated tokenization (``[]`` when it maps to none).
+        status: per phrase ``"ok"`` or the first problem that applies, in this order: ``"no_token"`` (its spans
+            cover no token), ``"unknown_only"`` (every token is the tokenizer's unknown token, e.g. an emoji for
+            BERT's vocabulary), ``"beyond_limit"`` (a token at or past ``max_length``, which the model never sees).
+        max_length: the text limit checked.
+        unk_token: the tokenizer's unknown token (for messages).
+    """
+
+    tokens: list[list[int]]
+    status: list[str]
+    max_length: int
+    unk_token: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Every phrase is readable."""
+        return all(s == "ok" for s in self.status)
+
+    def unreadable(self) -> list[int]:
+        """Indices of the phrases the model cannot read."""
+        return [i for i, s in enumerate(self.status) if s != "ok"]
+
+    def error(self, names: Sequence[str], text: str) -> str:
+        """One line naming every unreadable phrase (``names``: the phrases' names) by its problem ('' when none)."""
+        parts = []
+        for status, template in (
+            ("no_token", "these phrases map to no tokens of {text!r}: {names}"),
+            ("unknown_only", "these phrases tokenize to nothing but the unknown token {unk!r}, so the model cannot "
+                             "read them: {names}"),
+            ("beyond_limit", "phrases beyond the {limit}-token limit of {text!r}: {names}"),
+        ):
+            bad = [names[i] for i, s in enumerate(self.status) if s == status]
+            if bad:
+                parts.append(template.format(text=text, names=bad, unk=self.unk_token, limit=self.max_length))
+        return "; ".join(parts)
+
+
+def check_phrases(tokenizer: Any, text: str, spans: Sequence[Sequence[Span]], *,
+                  max_length: int = 256) -> PhraseCheck:
+    """The one readability rule of phrases: can the model read each entity of ``text`` (its character ``spans``)?
+
+    The text is tokenized without truncation and each entity mapped to tokens with the official rule of
+    :func:`spans_to_tokens`; a phrase is readable when it maps to at least one token, not all of them the unknown
+    token, and none at or beyond ``max_length`` (the model's 256).
+
+    Returns:
+        a :class:`PhraseCheck` (tokens and a status per phrase).
+    """
+    tokens = spans_to_tokens(tokenizer, text, spans, max_length=None, warn=False)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids = tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"] if unk is not None \
+        else None
+    status = []
+    for t in tokens:
+        if not t:
+            status.append("no_token")
+        elif ids is not None and all(ids[j] == unk for j in t):
+            status.append("unknown_only")
+        elif max(t) >= max_length:
+            status.append("beyond_limit")
+        else:
+            status.append("ok")
+    return PhraseCheck([list(t) for t in tokens], status, int(max_length), getattr(tokenizer, "unk_token", None))
 
 
 def label_to_tokens(

@@ -1,5 +1,7 @@
-"""Reporting skipped inputs: the one discipline of every glip command that reads data.
+"""Reporting to the user of a command: skipped inputs, errors, warnings and exit codes -- the one discipline of
+every glip command (``glip`` and ``glip-data``).
 
+Skipped inputs.
 A run never drops an input silently. Each skipped or dropped input (an unreadable image, an annotation with an unknown
 category, a caption with no readable phrase, ...) is
 
@@ -10,14 +12,32 @@ category, a caption with no readable phrase, ...) is
 * and makes the **exit code 1** (:meth:`SkipReport.exit_code`).
 
 Reports of several processes (or shards) merge with :meth:`SkipReport.merge`.
+
+Errors and warnings. :func:`run_command` is the error boundary of a command: every error becomes one line naming
+the file, key or value (``<command>: error: ...``, exit code 2, for bad options and inputs; ``<command>: failed:
+...``, exit code 3, when the work could not finish), with hints in the command line's spelling
+(:func:`cli_spelling`); a library warning becomes one line ``<command>: warning: ...``. ``GLIP_DEBUG=1`` lets the
+traceback through.
+
+Exit codes: 0 success, 1 some inputs skipped, 2 usage error, 3 runtime failure, 130 interrupted.
 """
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import sys
+import warnings
 from collections import Counter
-from typing import IO, Any
+from typing import IO, Any, Callable
 
-__all__ = ["SkipReport"]
+__all__ = ["EXIT_CODES_HELP", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_SKIPPED", "EXIT_USAGE",
+           "SkipReport", "UsageError", "cli_spelling", "run_command"]
+
+EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES_HELP = ("exit codes: 0 success, 1 some inputs skipped (named on stderr, counted in the outputs), 2 usage "
+                   "error (bad option, missing or unusable input, output in use by another run), 3 runtime failure, "
+                   "130 interrupted")
 
 
 class SkipReport:
@@ -95,3 +115,76 @@ class SkipReport:
             kept = self.examples.setdefault(reason, [])
             kept.extend(names[: max(0, self.keep - len(kept))])
         return self
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the error boundary
+
+
+class UsageError(Exception):
+    """A bad option value or input, found before the work starts (exit code 2)."""
+
+
+# warnings meant for developers (library deprecations), not for someone running a command
+_DEVELOPER_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+# a library hint names an option the Python way: "pass on_bad_image='skip'", "pass trust_pickle=True"
+_PYTHON_HINT = re.compile(r"\bpass (\w+)=(True|'[^']*')")
+
+
+def cli_spelling(message: str, parser: argparse.ArgumentParser | None = None) -> str:
+    """Rewrite the Python spelling of a hint (``pass on_bad_image='skip'``) into the command line's (``pass
+    --on-bad-image skip``), for the options ``parser`` has (every option, without a parser)."""
+    options = None if parser is None else {s for a in parser._actions for s in a.option_strings}
+
+    def cli(match: re.Match) -> str:
+        flag = "--" + match.group(1).replace("_", "-")
+        if options is not None and flag not in options:
+            return match.group(0)
+        value = match.group(2)
+        return f"pass {flag}" if value == "True" else f"pass {flag} {value[1:-1]}"
+
+    return _PYTHON_HINT.sub(cli, message)
+
+
+def _one_line(text: Any) -> str:
+    return "; ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
+
+def run_command(name: str, work: Callable[[], int], *, usage_errors: tuple[type[BaseException], ...] = (),
+                parser: argparse.ArgumentParser | None = None) -> int:
+    """Run ``work`` (a command; returns its exit code) inside the error boundary (see the module doc).
+
+    Args:
+        name: how lines start, e.g. ``"glip eval"``.
+        usage_errors: the exceptions that mean a bad option or input (exit code 2; :class:`UsageError`,
+            ``ValueError``, ``TypeError``, ``FileNotFoundError``, ``FileExistsError`` always are); any other error is
+            a runtime failure (exit code 3).
+        parser: the command's parser, whose options hints are rewritten to.
+    """
+    usage_errors = (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError, *usage_errors)
+    debug = bool(os.environ.get("GLIP_DEBUG"))
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{name}: warning: {cli_spelling(_one_line(message), parser)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.simplefilter("default")
+            for category in _DEVELOPER_WARNINGS:
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = show
+        try:
+            return work()
+        except KeyboardInterrupt:
+            print(f"{name}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # noqa: BLE001 - the one error boundary of a command line
+            if debug:
+                raise
+            usage = isinstance(exc, usage_errors)
+            message = str(exc).strip() or type(exc).__name__  # a checkpoint mismatch lists its keys on lines
+            if not usage and not isinstance(exc, (RuntimeError, OSError, MemoryError)):
+                message = (f"internal error ({type(exc).__name__}): {message} (rerun with GLIP_DEBUG=1 for the "
+                           "traceback)")
+            print(f"{name}: {'error' if usage else 'failed'}: {cli_spelling(message, parser)}", file=sys.stderr)
+            return EXIT_USAGE if usage else EXIT_FAILURE

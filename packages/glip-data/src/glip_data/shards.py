@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from glip_data.images import load_image as _load_image
+from glip_data.images import ImageFrame, load_image as _load_image
 from glip_data.sample import GroundingSample
 
 INDEX_NAME = "index.json"
@@ -127,10 +127,12 @@ class _ShardWriter:
                 ("jsonl", False): ".jsonl", ("jsonl", True): ".jsonl.gz"}[(self.kind, self.compress)]
 
     def open_next(self) -> None:
+        from glip_data.io import temporary_path
+
         self.close()
         name = f"{self.prefix}-{len(self.shards):06d}{self._suffix()}"
-        path = self.out / name
-        self._raw = open(path, "wb")
+        self._path = self.out / name
+        self._raw = open(temporary_path(self._path), "wb")  # renamed into place when complete
         stream = gzip.GzipFile(fileobj=self._raw, mode="wb", mtime=0, filename="") if self.compress else self._raw
         if self.kind == "tar":
             self._handle = tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT)
@@ -157,6 +159,20 @@ class _ShardWriter:
         if self.kind == "tar" and self._gz is not None:
             self._gz.close()
         self._raw.close()
+        os.replace(self._raw.name, self._path)
+        self._handle = self._raw = None
+
+    def abort(self) -> None:
+        """Drop the shard being written (an error stopped the run): its temporary file goes, nothing is renamed."""
+        if self._handle is None:
+            return
+        for stream in (self._handle, self._gz, self._raw):
+            try:
+                if stream is not None:
+                    stream.close()
+            except (OSError, ValueError, tarfile.TarError):
+                pass  # a half-written stream may refuse to finish; it is removed below
+        Path(self._raw.name).unlink(missing_ok=True)
         self._handle = self._raw = None
 
 
@@ -175,7 +191,9 @@ def write_shards(
 
     Args:
         dataset: ``len()`` and ``dataset[i] -> GroundingSample`` (images are not decoded: tar shards copy the files).
-        out_dir: created if needed; ``index.json`` and the shards are written there.
+        out_dir: created if needed; ``index.json`` and the shards are written there (locked against a second writer;
+            each shard written under a temporary name and renamed; ``index.json`` removed first and written last, so
+            an index always lists complete shards of its own run).
         kind: ``"tar"`` (images inside) or ``"jsonl"`` (image paths).
         samples_per_shard: records per shard (write at least ``world_size * num_workers`` shards for streaming).
         compress: gzip the shards.
@@ -190,8 +208,22 @@ def write_shards(
         raise ValueError(f"kind must be 'tar' or 'jsonl', got {kind!r}")
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    from glip_data.io import RunLock
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = None if RunLock.held_here(out) else RunLock(out, "glip-data shard").acquire()
+    try:
+        (out / INDEX_NAME).unlink(missing_ok=True)  # the index vouches for the shards: removed first, written last
+        return _write_shards(dataset, out, kind, samples_per_shard, compress, image_root, prefix, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_shards(dataset: Any, out: Path, kind: str, samples_per_shard: int, compress: bool,
+                  image_root: str | os.PathLike | None, prefix: str, progress: bool) -> dict[str, Any]:
+    from glip_data.io import atomic_write_json
+
     root = Path(image_root).resolve() if image_root is not None else None
     writer = _ShardWriter(out, kind, compress, prefix)
     indices: Any = range(len(dataset))
@@ -218,8 +250,10 @@ def write_shards(
                 path = src.resolve()
                 image = os.path.relpath(path, root) if root is not None else str(path)
                 writer.write(sample_to_record(sample, key, image), None, None)
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
     index = {
         "format": FORMAT_NAME,
         "version": 1,
@@ -231,7 +265,7 @@ def write_shards(
         "categories": {str(k): v for k, v in getattr(dataset, "categories", {}).items()},
         "source": repr(dataset),
     }
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    atomic_write_json(out / INDEX_NAME, index, indent=1)
     return index
 
 
@@ -291,7 +325,7 @@ def iter_shard(path: str | os.PathLike, *, load_image: bool = True, image_root: 
                     image = Path(image_root) / image
                 sample = record_to_sample(record, str(image), where)
                 if load_image:
-                    _attach(sample, _load_image(image, where=where), where)
+                    _attach(sample, image, where, where)
                 yield sample
         return
     with tarfile.open(path, mode="r|*") as tar:
@@ -313,7 +347,9 @@ def iter_shard(path: str | os.PathLike, *, load_image: bool = True, image_root: 
             yield _from_group(path, group_key, group, load_image)
 
 
-def _attach(sample: GroundingSample, image: Any, where: str) -> None:
+def _attach(sample: GroundingSample, source: Any, name: str, where: str) -> None:
+    """Load ``source`` in the frame of the record's width/height into ``sample.image``, checked against them."""
+    image = _load_image(source, where=name, frame=ImageFrame.matching(sample.width, sample.height))
     if image.size != (sample.width, sample.height):
         raise ValueError(f"{where}: image is {image.size[0]}x{image.size[1]} but the record says "
                          f"{sample.width}x{sample.height}")
@@ -334,7 +370,7 @@ def _from_group(path: Path, key: str, group: dict[str, bytes], load_image: bool)
     if load_image:
         if ext not in group:
             raise ValueError(f"{where}: the record names image {image_name!r}, which is not in the shard")
-        _attach(sample, _load_image(group[ext], where=f"{path}#{image_name}"), where)
+        _attach(sample, group[ext], f"{path}#{image_name}", where)
     return sample
 
 

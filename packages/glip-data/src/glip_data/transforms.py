@@ -89,8 +89,8 @@ class TestTransform:
         max_size: cap on the longer side (official: 1333).
 
     Call with anything :func:`glip_data.load_image` accepts (a PIL image of any mode, a numpy array, a path,
-    encoded bytes); it is loaded with that function (EXIF orientation applied) and raises its
-    :class:`~glip_data.ImageLoadError`. Pad a batch of outputs with :func:`glip_data.collate.pad_images`.
+    encoded bytes); it is loaded with that function and raises its :class:`~glip_data.ImageLoadError`. An image
+    :func:`~glip_data.load_image` returned is taken in the frame it was loaded in; anything else is read upright. Pad a batch of outputs with :func:`glip_data.collate.pad_images`.
     """
 
     __test__ = False  # not a pytest test class, despite the name
@@ -269,7 +269,7 @@ class ToModelTensor:
     def __call__(self, sample: GroundingSample) -> GroundingSample:
         _image_size(sample)
         # the pixels stay as they are (no EXIF rotation here): the boxes refer to them
-        image = load_image(sample.image, where=sample.image_path, exif_transpose=False)
+        image = load_image(sample.image, where=sample.image_path, frame="stored")
         return replace(sample, image=to_model_tensor(image))
 
 

@@ -3,23 +3,20 @@
 The bi-directional image-text attention op (reference, two-SDPA and fused Triton backends), the X-MHA blocks, the
 multi-level fusion wrapper, the head BERT layer with GLIP's clamps, DyConv and the stacked encoder. Depends only on
 torch and torchvision; the Triton kernel (``glip_fusion.triton``) is imported lazily, never at import time.
+
+Modules, one job each: ``attention`` (the op and its backends), ``factored_attention`` (the X-MHA reassociated for
+short prompts), ``fusion_block`` (X-MHA, its block and multi-level wrapper), ``bert_layer`` (the head BERT layer),
+``dyconv`` (DyConv, DyReLU and the deformable convolution), ``levels`` (tokens of a feature pyramid), ``encoder``
+(the stacked tower), ``config`` (its configuration), ``_validation`` (the shared input checks).
 """
 
 from .attention import available_backends, bi_attention, bi_attention_reference
+from .bert_layer import BertEncoderLayer
 from .config import FusionConfig
-from .deform import deform_conv2d, set_dcn_impl
-from .modules import (
-    BertEncoderLayer,
-    BiAttentionBlock,
-    BiMultiHeadAttention,
-    DyConv,
-    FusionEncoder,
-    FusionEncoderOutput,
-    VLFuse,
-    flatten_levels,
-    level_image_masks,
-    split_levels,
-)
+from .dyconv import DyConv, deform_conv2d, set_dcn_impl
+from .encoder import FusionEncoder, FusionEncoderOutput
+from .fusion_block import BiAttentionBlock, BiMultiHeadAttention, VLFuse
+from .levels import flatten_levels, level_image_masks, split_levels
 
 __version__ = "0.2.0"
 

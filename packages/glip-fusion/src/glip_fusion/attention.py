@@ -36,8 +36,8 @@ Backends (``backend=``):
     only exact backend there); else ``"triton"`` for float16/bfloat16 CUDA tensors when the kernel is available and
     supports the inputs (M <= 256, D <= 256), else ``"sdpa"`` (memory-efficient, exact whenever the first clamp is
     inactive, falls back to the reference otherwise). float32 goes to ``"sdpa"`` (``AUTO_KERNEL_DTYPES``): TF32-free
-    and exact, while the kernel's float32 path has no tensor cores and is unmeasured on a GPU. An explicit ``backend=`` argument wins over the environment
-    variable.
+    and exact, while the kernel's float32 path has no tensor cores and is unmeasured on a GPU. An explicit
+    ``backend=`` argument wins over the environment variable.
 
 Deliberate differences from the official eager code (both documented in the README):
 
@@ -46,22 +46,22 @@ Deliberate differences from the official eager code (both documented in the READ
 * padded text tokens are masked with ``-inf`` instead of GLIP's ``+1 / -9e15`` additive mask: identical after the
   softmax (a constant shift per row), up to float rounding.
 
-Every backend shares one input validation (:func:`_validate`); the fused kernel adds only its envelope
-(:mod:`glip_fusion.triton._limits`).
+Every backend shares one input validation (:func:`glip_fusion._validation.validate_bi_attention`, also called by the
+fused kernel's entry point); the fused kernel adds only its envelope (:mod:`glip_fusion.triton._envelope`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import math
-import numbers
 import os
 from types import ModuleType
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ._validation import check_second_clamp, second_clamp_matters, second_clamp_threshold, validate_bi_attention
 
 __all__ = ["bi_attention", "bi_attention_reference", "available_backends", "second_clamp_threshold", "BACKENDS",
            "BACKEND_ENV_VAR"]
@@ -139,7 +139,7 @@ def _auto_backend(q: torch.Tensor, k: torch.Tensor, v_v: torch.Tensor, v_l: torc
                   on_cuda: bool) -> str:
     """What ``"auto"`` picks: the reference where only it is exact (second clamp), the fused kernel for CUDA
     fp16/bf16 inputs it supports, else SDPA."""
-    if _second_clamp_matters(clamp, q.shape[2], q.dtype):
+    if second_clamp_matters(clamp, q.shape[2], q.dtype):
         return "reference"
     if on_cuda and q.dtype in AUTO_KERNEL_DTYPES and _triton_status()[0] is not None \
             and _triton_supports(q, k, v_v, v_l):
@@ -174,127 +174,6 @@ def _resolve_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v_v: torch.
                                f"{reason}. Available here: {available_backends()}. Install the extra with "
                                "`pip install glip-fusion[triton]` and run on a CUDA device, or use 'sdpa'.")
     return name
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the second clamp of the text direction
-
-
-def second_clamp_threshold(n_image: int, dtype: torch.dtype) -> float:
-    """The smallest ``clamp`` for which GLIP's second clamp (text direction) cannot change the result in ``dtype``.
-
-    The text direction computes ``softmax_N(clamp(S^T - rowmax, -clamp, clamp))``. Values after the max
-    subtraction are <= 0, so the clamp raises those below ``-clamp`` to ``-clamp``: each weight grows by at most
-    ``exp(-clamp)`` and the normaliser is at least 1 (the max entry has weight 1), so the probability row moves by
-    at most ``2 * n_image * exp(-clamp)`` in L1 norm, and ``o_l`` by that times ``max|v_v|``. Below half a unit of
-    rounding (``eps / 2``) that is invisible: ``clamp >= ln(4 * n_image / eps)``. For ``n_image = 22400`` (GLIP-T
-    at 800x1333): 27.3 in float32, 16.3 in bfloat16, 18.3 in float16, 47.5 in float64.
-    """
-    return math.log(4.0 * max(1, int(n_image)) / torch.finfo(dtype).eps)
-
-
-def _second_clamp_matters(clamp: Optional[float], n_image: int, dtype: torch.dtype) -> bool:
-    return clamp is not None and clamp < second_clamp_threshold(n_image, dtype)
-
-
-def _check_second_clamp(backend: str, clamp: Optional[float], n_image: int, dtype: torch.dtype) -> None:
-    """Raise ``ValueError`` when ``backend`` (one without the second clamp: "sdpa", "triton") would be inexact."""
-    if _second_clamp_matters(clamp, n_image, dtype):
-        limit = second_clamp_threshold(n_image, dtype)
-        raise ValueError(
-            f"bi_attention backend {backend!r} cannot reproduce GLIP's second clamp of the text direction for "
-            f"clamp={clamp:g}: with N={n_image} image tokens in {str(dtype).replace('torch.', '')} it changes the "
-            f"result whenever clamp < ln(4 N / eps) = {limit:.2f}. Use backend='reference' (exact for any clamp), "
-            f"clamp >= {limit:.2f} or clamp=None")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# input validation: one function for every backend. The fused kernel's entry point (glip_fusion.triton.function)
-# calls it too, then adds only its envelope; ``caller`` prefixes the messages ("bi_attention_triton: ...").
-
-
-def _check_tensors(q, k, v_v, v_l, caller: str = "bi_attention") -> None:
-    """Each of ``q, k, v_v, v_l`` is a 4-D floating-point ``torch.Tensor`` with ``q``'s dtype and device."""
-    pre = f"{caller}: " if caller else ""
-    named = {"q": q, "k": k, "v_v": v_v, "v_l": v_l}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{pre}{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{pre}{name} must be 4-D (B, H, L, D); got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{pre}{name} must be a floating-point tensor; got dtype {t.dtype}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{pre}{name} has dtype {t.dtype} but q has {q.dtype}; all four inputs must share a dtype")
-        if t.device != q.device:
-            raise ValueError(f"{pre}{name} is on {t.device} but q is on {q.device}; all inputs must share a device")
-
-
-def _check_shapes(q, k, v_v, v_l, caller: str = "bi_attention") -> tuple[int, int, int, int, int]:
-    """``q (B, H, N, D)``, ``k (B, H, M, D)``, ``v_v (B, H, N, Dv)``, ``v_l (B, H, M, Dl)``, none of them empty.
-
-    Call after :func:`_check_tensors`. Returns ``(B, H, N, M, D)``.
-    """
-    pre = f"{caller}: " if caller else ""
-    B, H, N, D = q.shape
-    M = k.shape[2]
-    if tuple(k.shape[:2]) != (B, H) or k.shape[3] != D:
-        raise ValueError(f"{pre}k must have shape (B={B}, H={H}, M, D={D}) to match q {tuple(q.shape)}; "
-                         f"got {tuple(k.shape)}")
-    if tuple(v_v.shape[:3]) != (B, H, N):
-        raise ValueError(f"{pre}v_v must have shape (B={B}, H={H}, N={N}, D) like q; got {tuple(v_v.shape)}")
-    if tuple(v_l.shape[:3]) != (B, H, M):
-        raise ValueError(f"{pre}v_l must have shape (B={B}, H={H}, M={M}, D) like k; got {tuple(v_l.shape)}")
-    if 0 in (B, H, N, M, D, v_v.shape[3], v_l.shape[3]):  # not min(): a traced export keeps B, N, M symbolic
-        raise ValueError(f"{pre}empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v_v {tuple(v_v.shape)}, "
-                         f"v_l {tuple(v_l.shape)}")
-    return B, H, N, M, D
-
-
-def _check_mask(mask: Optional[torch.Tensor], name: str, shape: tuple[int, int], device: torch.device,
-                caller: str = "bi_attention") -> None:
-    """``mask`` is None or a bool tensor of ``shape`` (``(B, M)`` text, ``(B, N)`` image) on ``device``."""
-    if mask is None:
-        return
-    pre = f"{caller}: " if caller else ""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{pre}{name} must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{pre}{name} must be a bool tensor (True = real); got dtype {mask.dtype}. "
-                        f"Convert a 0/1 mask with `{name}.bool()`")
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"{pre}{name} must have shape {shape} (B, {'M' if name == 'text_mask' else 'N'}); "
-                         f"got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"{pre}{name} is on {mask.device} but q is on {device}")
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, caller: str = "bi_attention"
-              ) -> tuple[float, float, Optional[float], Optional[int]]:
-    """Raise a clear error for any malformed input of :func:`bi_attention` (every backend).
-
-    Returns the options as plain Python numbers: ``(scale, dropout_p, clamp, seed)``, ``scale`` defaulting to
-    ``D ** -0.5``.
-    """
-    pre = f"{caller}: " if caller else ""
-    _check_tensors(q, k, v_v, v_l, caller)
-    B, H, N, M, D = _check_shapes(q, k, v_v, v_l, caller)
-    _check_mask(text_mask, "text_mask", (B, M), q.device, caller)
-    _check_mask(image_mask, "image_mask", (B, N), q.device, caller)
-    if scale is not None and not (_is_real(scale) and math.isfinite(scale)):
-        raise ValueError(f"{pre}scale must be a finite number or None; got {scale!r}")
-    if not (_is_real(dropout_p) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"{pre}dropout_p must be a number in [0, 1); got {dropout_p!r}")
-    if clamp is not None and not (_is_real(clamp) and clamp > 0):  # also rejects NaN
-        raise ValueError(f"{pre}clamp must be a positive number or None; got {clamp!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"{pre}seed must be an int or None; got {seed!r}")
-    return (D ** -0.5 if scale is None else float(scale), float(dropout_p), None if clamp is None else float(clamp),
-            None if seed is None else int(seed))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -420,7 +299,7 @@ def _reference(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, s
 def _sdpa(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, skip_masked_text):
     """Two SDPA calls; exact whenever the first clamp cannot change S (checked), else the reference math. Refuses a
     clamp small enough for the text direction's second clamp to matter (SDPA cannot apply it)."""
-    _check_second_clamp("sdpa", clamp, q.shape[2], q.dtype)
+    check_second_clamp("sdpa", clamp, q.shape[2], q.dtype)
     if clamp is not None and _clamp_may_bite(q, k, scale, clamp):
         return _reference(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed, skip_masked_text)
     if dropout_p > 0.0 and seed is not None and q.device.type not in ("cpu", "cuda"):
@@ -504,8 +383,8 @@ def bi_attention(
 def _dispatch(caller: str, q, k, v_v, v_l, text_mask=None, image_mask=None, *, scale=None, dropout_p=0.0,
               clamp=50000.0, backend="auto", seed=None, skip_masked_text=False):
     """Validate (errors prefixed with ``caller``), pick the backend, run it."""
-    scale, dropout_p, clamp, seed = _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed,
-                                              caller=caller)
+    scale, dropout_p, clamp, seed = validate_bi_attention(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p,
+                                                           clamp, seed, caller=caller)
     name = _resolve_backend(backend, q, k, v_v, v_l, clamp)
     return _BACKEND_FNS[name](q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, seed,
                               bool(skip_masked_text))

@@ -11,27 +11,16 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ._validation import check_positive_int, check_probability
 from .attention import BACKENDS
-from .deform import DCN_IMPLS
+from .dyconv import DCN_IMPLS, OFFSET_MODES
 
 __all__ = ["FusionConfig", "OFFSET_MODES", "FUSION_BACKENDS"]
 
-#: DyConv's coarser-level offsets: the official memory reinterpretation, or offsets predicted per level (clean)
-OFFSET_MODES = ("official", "per_level")
 #: what ``FusionConfig.backend`` accepts (``glip_fusion.bi_attention`` backends plus "auto")
 FUSION_BACKENDS = ("auto", *BACKENDS)
 #: what ``FusionConfig.dcn_impl`` accepts
 DCN_SETTINGS = ("auto", *DCN_IMPLS)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"FusionConfig.{name} must be a positive integer; got {value!r}")
-
-
-def _probability(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"FusionConfig.{name} must be a number in [0, 1); got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -90,9 +79,9 @@ class FusionConfig:
     def __post_init__(self) -> None:
         for name in ("num_blocks", "channels", "lang_dim", "embed_dim", "num_heads", "bert_num_heads",
                      "bert_intermediate_size"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(f"FusionConfig.{name}", getattr(self, name))
         if self.in_channels is not None:
-            _positive_int("in_channels", self.in_channels)
+            check_positive_int("FusionConfig.in_channels", self.in_channels)
         if self.offset_mode not in OFFSET_MODES:
             raise ValueError(f"FusionConfig.offset_mode must be one of {OFFSET_MODES}; got {self.offset_mode!r}")
         if self.dcn_impl not in DCN_SETTINGS:
@@ -110,8 +99,8 @@ class FusionConfig:
                              "GroupNorm(16) (or set use_gn=False)")
         if self.use_dyrelu and self.channels % 4:
             raise ValueError(f"FusionConfig.channels ({self.channels}) must be divisible by 4 for DyReLU")
-        _probability("dropout", self.dropout)
-        _probability("bert_dropout", self.bert_dropout)
+        check_probability("FusionConfig.dropout", self.dropout)
+        check_probability("FusionConfig.bert_dropout", self.bert_dropout)
         if self.clamp is not None and (isinstance(self.clamp, bool) or not isinstance(self.clamp, (int, float))
                                        or not self.clamp > 0 or math.isinf(self.clamp)):
             raise ValueError(f"FusionConfig.clamp must be a positive finite number or None; got {self.clamp!r}")

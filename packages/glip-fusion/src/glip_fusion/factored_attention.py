@@ -11,13 +11,13 @@ M ~ 10-200 tokens. Per head h (d = E / H channels) the same outputs follow from 
   zeroed, see below).
 
 Cost per block ~ ``6 N C_v H M`` instead of ``6 N C_v E + 4 N E M``: about 20x fewer FLOPs at M = 11, 1.3x at
-M = 195; it stops paying when M reaches d (256 for GLIP). Same semantics as :class:`BiMultiHeadAttention` with the
-reference backend (clamp of S and the text direction's second clamp, text padding masked, optional image
-mask, zero outputs for rows without a single valid key, ``skip_masked_text``); results equal to float rounding
-(~1e-6 relative in float32). Attention dropout is not supported (the probabilities would need the reference's
-masks).
+M = 195; it stops paying when M reaches d (256 for GLIP). Same semantics as
+:class:`~glip_fusion.BiMultiHeadAttention` with the reference backend (clamp of S and the text direction's second
+clamp, text padding masked, optional image mask, zero outputs for rows without a single valid key,
+``skip_masked_text``); results equal to float rounding (~1e-6 relative in float32). Attention dropout is not
+supported (the probabilities would need the reference's masks).
 
-:class:`~glip_fusion.modules.BiMultiHeadAttention` uses it by itself (``factored=None``, the default) where it was
+:class:`~glip_fusion.BiMultiHeadAttention` uses it by itself (``factored=None``, the default) where it was
 measured to pay: on CPU, with no gradient being recorded, while the prompt is shorter than a head; ``factored=True``
 / ``False`` on the module forces the choice (True still refuses attention dropout in training).
 """
@@ -38,10 +38,10 @@ def factored_pays(num_text_tokens: int, head_dim: int) -> bool:
 
 def factored_bi_mha(attn, v: torch.Tensor, l: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
                     image_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:meth:`BiMultiHeadAttention.forward` of ``attn`` computed in the factored order.
+    """:meth:`glip_fusion.BiMultiHeadAttention.forward` of ``attn`` computed in the factored order.
 
     Args:
-        attn: a :class:`~glip_fusion.modules.BiMultiHeadAttention` (its weights, heads, scale, clamp and
+        attn: a :class:`~glip_fusion.BiMultiHeadAttention` (its weights, heads, scale, clamp and
             ``skip_masked_text`` are used; its backend is not).
         v: ``(B, N, v_dim)``; l: ``(B, M, l_dim)``; text_mask: ``(B, M)`` bool or 0/1, True = real;
         image_mask: ``(B, N)`` bool or None (official: padding attended to).

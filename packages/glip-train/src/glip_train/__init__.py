@@ -12,9 +12,9 @@ _LAZY = {
     "GLIP": "modeling_glip",
     "GLIPOutput": "modeling_glip",
     "GLIPProcessor": "processing_glip",
-    "GLIPConfig": "config",
-    "PostProcessConfig": "config",
-    "CheckpointError": "checkpoint",
+    "GLIPConfig": "model_config",
+    "PostProcessConfig": "model_config",
+    "CheckpointError": "official_checkpoint",
     "ExportedGLIP": "export",
     "export_model": "export",
 }

@@ -15,7 +15,7 @@ from torch import nn
 
 from glip_fusion import FusionEncoder
 
-from .config import GLIPConfig
+from .model_config import GLIPConfig
 
 __all__ = ["Scale", "GLIPHead", "HeadOutput"]
 

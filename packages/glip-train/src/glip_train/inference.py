@@ -1,10 +1,11 @@
-"""Detection and grounding: processor -> network -> processor.
+"""Detection and grounding: processor -> network -> processor, each passed in explicitly.
 
-:func:`detect` and :func:`ground` (also :meth:`glip_train.GLIP.detect` / :meth:`glip_train.GLIP.ground`) build the
-prompts with the model's :class:`~glip_train.GLIPProcessor`, run :func:`predict` and merge the detections of every
-image. :func:`predict` is the one inference loop: per batch of images the image encoder runs **once**, then every
-round of prompts (one prompt per image and round, for long vocabularies split into several prompts) runs the text
-encoder, the fusion tower and the head on the same image features, and the processor post-processes.
+:func:`detect` and :func:`ground` (also :meth:`glip_train.GLIP.detect` / :meth:`glip_train.GLIP.ground`, which pass
+the model and its :attr:`~glip_train.GLIP.processor`) build the prompts with the :class:`~glip_train.GLIPProcessor`,
+run :func:`predict` and merge the detections of every image. :func:`predict` is the one inference loop: per batch of
+images the image encoder runs **once**, then every round of prompts (one prompt per image and round, for long
+vocabularies split into several prompts) runs the text encoder, the fusion tower and the head on the same image
+features, and the processor post-processes the network's output.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from .postprocess import Detections
-from .processing_glip import ImageInput, TextQuery
+from .processing_glip import GLIPProcessor, ImageInput, TextQuery
 
 __all__ = ["detect", "ground", "predict"]
 
@@ -51,6 +52,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 @torch.no_grad()
 def predict(
     model: Any,
+    processor: GLIPProcessor,
     images: Sequence[ImageInput],
     queries: Sequence[TextQuery],
     *,
@@ -66,7 +68,8 @@ def predict(
     labels already mapped to the image's class list.
 
     Args:
-        model: a :class:`glip_train.GLIP`.
+        model: the network, a :class:`glip_train.GLIP`.
+        processor: its :class:`~glip_train.GLIPProcessor` (``model.processor``).
         images: the images (any :data:`ImageInput`).
         queries: prompts, each naming its image (:class:`TextQuery`).
         min_size, max_size: the test-time resize (None: the model's ``config.test_min_size`` / ``test_max_size``,
@@ -78,7 +81,6 @@ def predict(
             post-processing config).
         on_batch: called with the number of images after each batch (progress bars).
     """
-    processor = model.processor
     device = model.device
     per_image: list[list[Detections]] = [[] for _ in images]
     by_image: dict[int, list[TextQuery]] = {}
@@ -99,9 +101,7 @@ def predict(
             with _autocast(device, dtype):
                 out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                             image_sizes=sizes, image_features=subset)
-            head = out.head
-            detections = processor.post_process(head.box_regression, head.centerness, head.token_logits, out.anchors,
-                                                sizes, [q.class_tokens for q in round_queries],
+            detections = processor.post_process(out, [q.class_tokens for q in round_queries],
                                                 max_detections=max_detections_per_prompt)
             for j, query, det in zip(members, round_queries, detections):
                 per_image[index[j]].append(processor.to_input_frame(det, batch.image_sizes[j],
@@ -113,6 +113,7 @@ def predict(
 
 def detect(
     model: Any,
+    processor: GLIPProcessor,
     images: ImageInput | Sequence[ImageInput],
     classes: Any = None,
     prompt: Any = None,
@@ -131,7 +132,8 @@ def detect(
     """Zero-shot detection of the given classes.
 
     Args:
-        model: a :class:`glip_train.GLIP`.
+        model: the network, a :class:`glip_train.GLIP`.
+        processor: its :class:`~glip_train.GLIPProcessor` (``model.processor``).
         images: one image or a list (paths, PIL images, arrays or encoded bytes; any sizes).
         classes: class names shared by every image, or one list per image. Long lists are split into prompts of at
             most ``classes_per_prompt`` classes (and 256 tokens) and the detections merged.
@@ -157,15 +159,16 @@ def detect(
     per_prompt = max_detections if max_detections_per_prompt == "same" else max_detections_per_prompt
     _check_options(threshold, max_detections, per_prompt, batch_size)
     images = _as_list(images)
-    queries, names = model.processor.detection_queries(len(images), classes, prompt, classes_per_prompt)
-    parts = predict(model, images, queries, min_size=min_size, max_size=max_size, batch_size=batch_size,
+    queries, names = processor.detection_queries(len(images), classes, prompt, classes_per_prompt)
+    parts = predict(model, processor, images, queries, min_size=min_size, max_size=max_size, batch_size=batch_size,
                     pad_text_to_max=pad_text_to_max, dtype=dtype, max_detections_per_prompt=per_prompt,
                     on_batch=on_batch)
-    return [model.processor.to_results(p, n, threshold, max_detections) for p, n in zip(parts, names)]
+    return [processor.to_results(p, n, threshold, max_detections) for p, n in zip(parts, names)]
 
 
 def ground(
     model: Any,
+    processor: GLIPProcessor,
     images: ImageInput | Sequence[ImageInput],
     captions: str | Sequence[str],
     phrases: Any = None,
@@ -196,8 +199,8 @@ def ground(
     captions = [captions] if isinstance(captions, str) else list(captions)
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions: pass one caption per image")
-    queries, names = model.processor.grounding_queries(captions, phrases)
-    parts = predict(model, images, queries, min_size=min_size, max_size=max_size, batch_size=batch_size,
+    queries, names = processor.grounding_queries(captions, phrases)
+    parts = predict(model, processor, images, queries, min_size=min_size, max_size=max_size, batch_size=batch_size,
                     pad_text_to_max=pad_text_to_max, dtype=dtype, max_detections_per_prompt=max_detections,
                     on_batch=on_batch)
-    return [model.processor.to_results(p, n, threshold, max_detections) for p, n in zip(parts, names)]
+    return [processor.to_results(p, n, threshold, max_detections) for p, n in zip(parts, names)]

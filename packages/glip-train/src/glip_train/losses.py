@@ -57,6 +57,8 @@ import torch
 import torch.distributed as dist
 import torchvision
 
+from glip_data.boxes import box_iou
+
 from .box_ops import BoxCoder
 
 __all__ = [
@@ -220,22 +222,6 @@ def _check_anchor_levels(anchors_per_level: Sequence[torch.Tensor], where: str) 
 # geometry
 
 
-def _iou_plus1(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU ``(K1, K2)`` with ``+1`` widths, evaluated in the official operation order.
-
-    ``box_ops.box_iou_plus1`` shifts ``x2, y2`` by one and calls torchvision, which rounds differently in float32 for
-    fractional coordinates (about 3 entries in 10^4 differ by one ulp); the assignment compares IoUs with a threshold,
-    so the official order is kept here.
-    """
-    area1 = (boxes1[:, 2] - boxes1[:, 0] + 1) * (boxes1[:, 3] - boxes1[:, 1] + 1)
-    area2 = (boxes2[:, 2] - boxes2[:, 0] + 1) * (boxes2[:, 3] - boxes2[:, 1] + 1)
-    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (bottom_right - top_left + 1).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / (area1[:, None] + area2[None, :] - inter)
-
-
 def _centres(boxes: torch.Tensor) -> torch.Tensor:
     """``(K, 2)`` box centres ``((x1 + x2) / 2, (y1 + y2) / 2)``."""
     return torch.stack([(boxes[:, 2] + boxes[:, 0]) / 2, (boxes[:, 3] + boxes[:, 1]) / 2], dim=1)
@@ -263,7 +249,7 @@ def atss_assign_details(
     num_anchors, num_gt = anchors.shape[0], gt.shape[0]
     num_candidates = sum(min(topk, level.shape[0]) for level in levels)
 
-    ious = _iou_plus1(anchors, gt)  # (A, n)
+    ious = box_iou(anchors, gt, legacy=True)  # (A, n), the official +1 IoU operation for operation
     anchor_centres = _centres(anchors)  # (A, 2)
     distances = (anchor_centres[:, None, :] - _centres(gt)[None, :, :]).pow(2).sum(-1).sqrt()  # (A, n)
     if num_gt == 0:

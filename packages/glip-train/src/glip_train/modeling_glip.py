@@ -3,8 +3,8 @@
 :class:`GLIP` is only the network and its weights I/O: ``forward`` is the one network pass (inference, parity
 checks, and with ``targets`` the training losses); :meth:`GLIP.from_pretrained` / :meth:`GLIP.save_pretrained`
 read and write weights. Images, prompts and post-processing belong to :class:`glip_train.GLIPProcessor`;
-:meth:`GLIP.detect` / :meth:`GLIP.ground` are thin compositions of processor -> network -> processor
-(:mod:`glip_train.inference`), in the Hugging Face zero-shot-detection result shape.
+:meth:`GLIP.detect` / :meth:`GLIP.ground` hand the network and its processor to :mod:`glip_train.inference`, which
+composes processor -> network -> processor, in the Hugging Face zero-shot-detection result shape.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from glip_fusion import level_image_masks
 
 from .adapters import PromptTuning, load_adapter
 from .box_ops import AnchorGenerator
-from .config import GLIPConfig
+from .model_config import GLIPConfig
 from .head import GLIPHead, HeadOutput
 from .processing_glip import GLIPProcessor, ImageInput
 
@@ -134,8 +134,8 @@ class GLIP(nn.Module):
             path: an official checkpoint file (``.pth``: GLIP-T, GLIP-T(A), GLIP-L recognised from keys and
                 shapes), a directory written by :meth:`save_pretrained`, or a weights recipe ``.json`` (the parity
                 fixture's synthetic official-layout weights — meaningless boxes, for testing the whole path).
-                None: the model shipped with glip-train (:mod:`glip_train.shipped`: a small GLIP trained on the
-                synthetic shapes world, for trying the API without downloading anything).
+                None or ``"default"``: the model shipped with glip-train (:mod:`glip_train.shipped`: a small GLIP
+                trained on the synthetic shapes world, for trying the API without downloading anything).
             adapter: a prompt-tuning or linear-probe file trained on these weights (:mod:`glip_train.adapters`).
             use_ema: official checkpoints only: load ``"model_ema"`` instead of ``"model"``.
             tokenizer: override the tokenizer (instance or local directory).
@@ -144,13 +144,10 @@ class GLIP(nn.Module):
             verbose: print what was loaded, ignored and dropped.
             config_overrides: ``GLIPConfig`` fields to change (e.g. ``batch_invariant=True``, ``postprocess={...}``).
         """
-        if path is None:
-            from .shipped import default_model_dir
+        from .shipped import SHIPPED_NAME, shipped_model_dir
 
-            path = default_model_dir()
-            if path is None:
-                raise FileNotFoundError("this installation of glip-train has no shipped model: pass the path of a "
-                                        "checkpoint or of a directory written by save_pretrained")
+        if path is None or str(path) == SHIPPED_NAME:
+            path = shipped_model_dir()
         model = cls._load(path, use_ema=use_ema, tokenizer=tokenizer, trust_pickle=trust_pickle,
                           map_location=map_location, verbose=verbose, **config_overrides)
         if adapter is not None:
@@ -159,7 +156,7 @@ class GLIP(nn.Module):
 
     @classmethod
     def _load(cls, path, *, use_ema, tokenizer, trust_pickle, map_location, verbose, **config_overrides) -> "GLIP":
-        from . import checkpoint as ckpt
+        from . import official_checkpoint as ckpt
 
         path = Path(path)
         from .export.runtime import is_exported
@@ -371,7 +368,7 @@ class GLIP(nn.Module):
         """
         from .inference import detect
 
-        return detect(self, images, classes=classes, prompt=prompt, threshold=threshold,
+        return detect(self, self.processor, images, classes=classes, prompt=prompt, threshold=threshold,
                       max_detections=max_detections, min_size=min_size, max_size=max_size, **options)
 
     def ground(self, images: ImageInput | Sequence[ImageInput], captions: str | Sequence[str], phrases: Any = None,
@@ -383,7 +380,7 @@ class GLIP(nn.Module):
         """
         from .inference import ground
 
-        return ground(self, images, captions, phrases=phrases, threshold=threshold, max_detections=max_detections,
+        return ground(self, self.processor, images, captions, phrases=phrases, threshold=threshold, max_detections=max_detections,
                       min_size=min_size, max_size=max_size, **options)
 
 
@@ -395,7 +392,7 @@ def _check_weights_file(weights_file: Path, config: GLIPConfig, tokenizer: Any) 
     """
     from safetensors import safe_open
 
-    from .checkpoint import CheckpointError
+    from .official_checkpoint import CheckpointError
 
     try:
         with safe_open(str(weights_file), framework="pt") as fh:
@@ -409,7 +406,7 @@ def _check_weights_file(weights_file: Path, config: GLIPConfig, tokenizer: Any) 
 
 
 def _raise_mismatch(source: str, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
-    from .checkpoint import CheckpointError
+    from .official_checkpoint import CheckpointError
 
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))

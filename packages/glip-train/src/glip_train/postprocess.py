@@ -18,9 +18,10 @@ import torch
 from glip_data.boxes import batched_nms, clip_boxes
 
 from .box_ops import BoxCoder
-from .config import PostProcessConfig
+from .model_config import PostProcessConfig
 
-__all__ = ["PostProcessConfig", "Detections", "aggregate_token_scores", "cap_detections", "ATSSPostProcessor"]
+__all__ = ["PostProcessConfig", "Detections", "aggregate_token_scores", "cap_detections", "passes_threshold",
+           "ATSSPostProcessor"]
 
 
 @dataclass
@@ -53,6 +54,13 @@ def cap_detections(scores: torch.Tensor, max_detections: int | None) -> torch.Te
         raise ValueError(f"max_detections must be a positive integer or None; got {max_detections!r}")
     kth = torch.kthvalue(scores.detach().float().cpu(), n - max_detections + 1).values.item()
     return scores >= kth
+
+
+def passes_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The one score-threshold rule: ``(K,)`` bool, True for the detections whose final score is **at least**
+    ``threshold`` (``>=``; 0 keeps every detection). ``detect`` / ``ground`` (``--threshold``) and
+    ``glip pseudo-label`` (``--threshold``) keep detections by it."""
+    return scores >= threshold
 
 
 def aggregate_token_scores(token_probs: torch.Tensor, class_tokens: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -1,37 +1,57 @@
 """The GLIP processor: everything around the network.
 
-A :class:`GLIPProcessor` turns user inputs into network inputs and network outputs into results:
+A :class:`GLIPProcessor` turns user inputs into network inputs and network outputs into results, in the shape of
+a Hugging Face processor:
 
-* images (paths, PIL images, arrays, encoded bytes) -> the official test transform -> a zero-padded batch;
+* ``processor(images=..., text=...)``: images (paths, PIL images, arrays, encoded bytes) -> the official test
+  transform -> a zero-padded batch, and texts -> token ids: the network's inputs (``model(**inputs)``);
 * class lists, detection prompts and captions with phrases -> prompts (chunked for long vocabularies), their tokens
-  and, for every class / phrase, the token indices it is scored on;
-* head outputs -> detections per prompt (the official post-processing) -> per-image results with boxes in
-  input-image pixels, merged over the prompts of an image.
+  and, for every class / phrase, the token indices it is scored on (:meth:`GLIPProcessor.detection_queries`,
+  :meth:`GLIPProcessor.grounding_queries`);
+* the network's output -> detections per prompt (:meth:`GLIPProcessor.post_process`, the official post-processing)
+  -> per-image results with boxes in input-image pixels, merged over the prompts of an image;
+* :meth:`GLIPProcessor.save_pretrained` / :meth:`GLIPProcessor.from_pretrained`: the tokenizer and these settings.
 
 The network itself (:class:`glip_train.GLIP`) knows nothing of images files, prompts or result dicts; see
 ``docs/ARCHITECTURE.md`` for the data flow.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
 from glip_data import ImageLoadError, TestTransform, chunk_classes, detection_prompt, find_noun_phrases
-from glip_data import find_phrase_spans, get_resize_size, load_image, pad_images, spans_to_tokens
+from glip_data import check_phrases, find_phrase_spans, get_resize_size, load_image, pad_images
 from glip_encoders import tokenize
 
-from .config import GLIPConfig, PostProcessConfig
-from .postprocess import ATSSPostProcessor, Detections, cap_detections
+from .model_config import GLIPConfig, PostProcessConfig
+from .postprocess import ATSSPostProcessor, Detections, cap_detections, passes_threshold
 
-__all__ = ["GLIPProcessor", "ImageBatch", "TextQuery", "ImageInput"]
+if TYPE_CHECKING:
+    from .modeling_glip import GLIPOutput
+
+__all__ = ["GLIPProcessor", "GLIPInputs", "ImageBatch", "TextQuery", "ImageInput"]
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, bytes]
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+class GLIPInputs(dict):
+    """What ``processor(images=..., text=...)`` returns: the keyword arguments of the network's ``forward``
+    (``images (B, 3, H, W)``, ``image_sizes``; ``input_ids (B, M)``, ``attention_mask (B, M)``), so that
+    ``model(**inputs)`` runs it, and :attr:`original_sizes` (``(h, w)`` of each image as given: the frame of the
+    results)."""
+
+    original_sizes: list[tuple[int, int]]
 
 
 @dataclass
@@ -90,20 +110,94 @@ class GLIPProcessor:
         return cls(tokenizer, max_text_len=config.max_text_len, size_divisibility=config.size_divisibility,
                    postprocess=config.postprocess, test_size=(config.test_min_size, config.test_max_size))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The settings :meth:`save_pretrained` writes (everything but the tokenizer)."""
+        return {"max_text_len": self.max_text_len, "size_divisibility": self.size_divisibility,
+                "test_size": list(self.test_size), "postprocess": dataclasses.asdict(self.postprocess_config)}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``tokenizer/`` (the model directory's layout) and ``processor_config.json`` to ``directory``."""
+        from glip_data.io import atomic_write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        atomic_write_json(directory / PROCESSOR_CONFIG_NAME, self.to_dict())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "GLIPProcessor":
+        """The processor of a directory written by :meth:`save_pretrained`, or of a model directory written by
+        :meth:`glip_train.GLIP.save_pretrained` (its ``config.json`` gives the settings), without loading weights.
+
+        Raises:
+            FileNotFoundError: the directory has neither ``processor_config.json`` nor ``config.json``.
+        """
+        from glip_encoders import load_tokenizer
+
+        directory = Path(directory)
+        tokenizer_dir = directory / TOKENIZER_DIR
+        if (directory / PROCESSOR_CONFIG_NAME).is_file():
+            settings = json.loads((directory / PROCESSOR_CONFIG_NAME).read_text(encoding="utf-8"))
+            known = {"max_text_len", "size_divisibility", "test_size", "postprocess"}
+            if not isinstance(settings, dict) or set(settings) - known:
+                raise ValueError(f"{directory / PROCESSOR_CONFIG_NAME}: expected a JSON object with the keys "
+                                 f"{sorted(known)}")
+            if not tokenizer_dir.is_dir():
+                raise FileNotFoundError(f"{directory}: {PROCESSOR_CONFIG_NAME} without a {TOKENIZER_DIR}/ folder")
+            postprocess = PostProcessConfig.from_dict(settings.pop("postprocess", {}))
+            test_size = tuple(settings.pop("test_size", (800, 1333)))
+            return cls(load_tokenizer(tokenizer_dir), postprocess=postprocess, test_size=test_size, **settings)
+        if (directory / "config.json").is_file():
+            from .modeling_glip import bundled_tokenizer_dir
+
+            config = GLIPConfig.load(directory / "config.json")
+            source = tokenizer_dir if tokenizer_dir.is_dir() else (config.tokenizer or bundled_tokenizer_dir())
+            return cls.from_config(config, load_tokenizer(source))
+        raise FileNotFoundError(f"{directory}: no {PROCESSOR_CONFIG_NAME} or config.json (not written by "
+                                "GLIPProcessor.save_pretrained or GLIP.save_pretrained)")
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput] | None = None,
+                 text: str | Sequence[str] | None = None, *, min_size: int | None = None,
+                 max_size: int | None = None, pad_to_max: bool = False) -> GLIPInputs:
+        """The network inputs of ``images`` (:meth:`preprocess`) and ``text`` (:meth:`tokenize`; one text per
+        image), ready for ``model(**inputs)``; either may be left out."""
+        if images is None and text is None:
+            raise ValueError("pass images=..., text=... or both")
+        inputs = GLIPInputs()
+        inputs.original_sizes = []
+        if images is not None:
+            if isinstance(images, (str, Path, Image.Image, np.ndarray, bytes)):
+                images = [images]
+            batch = self.preprocess(list(images), min_size, max_size)
+            inputs.update(images=batch.pixel_values, image_sizes=batch.image_sizes)
+            inputs.original_sizes = batch.original_sizes
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if images is not None and len(texts) != len(inputs.original_sizes):
+                raise ValueError(f"{len(inputs.original_sizes)} images but {len(texts)} texts: pass one text per "
+                                 "image")
+            inputs["input_ids"], inputs["attention_mask"] = self.tokenize(texts, pad_to_max=pad_to_max)
+        return inputs
+
     def resize_limits(self, min_size: int | None = None, max_size: int | None = None) -> tuple[int, int]:
         """``(min_size, max_size)`` of the test resize: the given values, else the model's (:attr:`test_size`)."""
         return (self.test_size[0] if min_size is None else int(min_size),
                 self.test_size[1] if max_size is None else int(max_size))
 
     # ------------------------------------------------------------------------------------------------ images
-    def load_image(self, image: ImageInput, min_size: int | None = None, max_size: int | None = None):
-        """One image as an upright RGB PIL image, checked to survive the test resize (None: the model's sizes).
+    def load_image(self, image: ImageInput, min_size: int | None = None, max_size: int | None = None, *,
+                   frame: Any = "upright"):
+        """One image as an RGB PIL image, checked to survive the test resize (None: the model's sizes).
+
+        ``frame`` is :func:`glip_data.load_image`'s: upright by default; an image ``load_image`` returned before keeps
+        the frame it was loaded in.
 
         Raises:
             glip_data.ImageLoadError: naming the image (a path, or its index in the call) when it cannot be read or
                 has a size the resize cannot handle (e.g. a 1x4000 strip).
         """
-        pil = load_image(image)
+        pil = load_image(image, frame=frame)
         min_size, max_size = self.resize_limits(min_size, max_size)
         try:
             get_resize_size(pil.size, min_size, max_size)
@@ -137,24 +231,12 @@ class GLIPProcessor:
 
     def class_tokens(self, text: str, spans: Sequence[Sequence[tuple[int, int]]], names: Sequence[str]
                      ) -> list[list[int]]:
-        """Token indices of each entity of ``text`` (its character ``spans``); raise naming entities that map to no
-        token or lie beyond the text limit."""
-        tokens = spans_to_tokens(self.tokenizer, text, spans, max_length=None, warn=False)
-        empty = [names[i] for i, t in enumerate(tokens) if not t]
-        if empty:
-            raise ValueError(f"these phrases map to no tokens of {text!r}: {empty}")
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        if unk is not None:
-            ids = self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-            unreadable = [names[i] for i, t in enumerate(tokens) if all(ids[j] == unk for j in t)]
-            if unreadable:
-                raise ValueError(f"these phrases tokenize to nothing but the unknown token "
-                                 f"{self.tokenizer.unk_token!r}, so the model cannot read them: {unreadable}")
-        limit = self.max_text_len
-        over = [names[i] for i, t in enumerate(tokens) if max(t) >= limit]
-        if over:
-            raise ValueError(f"phrases beyond the {limit}-token limit of {text!r}: {over}")
-        return [list(t) for t in tokens]
+        """Token indices of each entity of ``text`` (its character ``spans``); raise naming the entities the model
+        cannot read (:func:`glip_data.check_phrases`: no token, only unknown tokens, beyond the text limit)."""
+        check = check_phrases(self.tokenizer, text, spans, max_length=self.max_text_len)
+        if not check.ok:
+            raise ValueError(check.error(names, text))
+        return check.tokens
 
     def detection_queries(self, num_images: int, classes: Any = None, prompt: Any = None,
                           classes_per_prompt: int | None = 40) -> tuple[list[TextQuery], list[list[str]]]:
@@ -248,20 +330,22 @@ class GLIPProcessor:
         return nested
 
     # ------------------------------------------------------------------------------------------------ outputs
-    def post_process(self, box_regression: Sequence[torch.Tensor], centerness: Sequence[torch.Tensor],
-                     token_logits: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],
-                     image_sizes: Sequence[tuple[int, int]], class_tokens: Sequence[Sequence[Sequence[int]]], *,
+    def post_process(self, output: "GLIPOutput", class_tokens: Sequence[Sequence[Sequence[int]]], *,
                      max_detections: int | None = -1, keep_pre_nms: bool = False) -> list[Detections]:
-        """The official post-processing of a batch (one class-token map per image), in the network-input frame.
+        """The official post-processing of a network output (:class:`glip_train.GLIPOutput`: its head outputs,
+        anchors and image sizes), one class-token map per image, in the network-input frame (float32 whatever the
+        network's dtype).
 
         ``max_detections`` overrides the config's per-image cap (None = no cap; -1 = the config's).
         """
         config = self.postprocess_config
         if max_detections != -1:
             config = config.replace(detections_per_image=max_detections)
+        head = output.head
         return ATSSPostProcessor(config)(
-            [x.float() for x in box_regression], [x.float() for x in centerness], [x.float() for x in token_logits],
-            anchors, image_sizes, class_tokens, keep_pre_nms=keep_pre_nms,
+            [x.float() for x in head.box_regression], [x.float() for x in head.centerness],
+            [x.float() for x in head.token_logits], output.anchors, output.image_sizes, class_tokens,
+            keep_pre_nms=keep_pre_nms,
         )
 
     @staticmethod
@@ -288,7 +372,7 @@ class GLIPProcessor:
         labels = torch.cat([p.labels for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
         keep = cap_detections(scores, max_detections)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = scores >= threshold
+        keep = passes_threshold(scores, threshold)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         order = scores.argsort(descending=True, stable=True)
         boxes, scores, labels = boxes[order].cpu(), scores[order].cpu(), labels[order].cpu()

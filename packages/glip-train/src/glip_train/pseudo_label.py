@@ -7,15 +7,21 @@ reads (JSON Lines; see ``glip_data.CaptionReader``):
 
 * phrases are the line's annotated entities (their character spans are used as they are), or noun phrases found by
   the offline chunker;
-* the teacher grounds all phrases of a caption in one pass (entities beyond the 256-token text limit are dropped and
-  counted); boxes scoring **above** ``threshold`` are kept (official ``CAPTION_CONF`` 0.5), optionally followed by
+* the teacher grounds all phrases of a caption in one pass; an entity the model cannot read
+  (:func:`glip_data.check_phrases`: no token, only unknown tokens, beyond the 256-token text limit) is skipped and
+  named in the run's :class:`glip_data.SkipReport` (``skips``); boxes scoring **at least**
+  ``threshold`` are kept (:func:`glip_train.postprocess.passes_threshold`, the rule of ``detect``; the official
+  ``CAPTION_CONF`` 0.5 keeps scores above it, which differs only for a score of exactly 0.5), optionally followed by
   class-agnostic NMS over the caption's kept boxes (official ``CAPTION_NMS``, off by default);
 * a caption with at least ``min_boxes`` kept boxes is written with, per entity, its spans, boxes and scores (boxes
   in the continuous convention of the caption format). Negative-caption packing happens when training reads the file.
 
-Work is appended line by line with a ``<out>.progress`` record of the lines processed, so an interrupted run started
-again continues where it stopped. Unreadable images, captions without phrases and entities the teacher cannot read
-are counted in the report, never a crash.
+Exactly once: every output line carries its caption's ``source_line``, and each caption processed without an output
+line (too few boxes, nothing readable) is appended to ``<out>.progress``; one caption is done by one appended line,
+so a run killed at any instant and started again neither loses nor repeats a caption (a partly written last line
+is dropped and redone). The output is locked against a second run. Unreadable images, malformed caption lines,
+captions without phrases and entities the teacher cannot read are named (``glip_data.report.SkipReport``), counted
+and recorded in ``<out>.report.json``, never a crash; an unreadable image is retried by the next run.
 """
 from __future__ import annotations
 
@@ -29,76 +35,155 @@ from typing import Any
 
 import torch
 
-__all__ = ["pseudo_label", "grade_pseudo_labels", "PseudoLabelReport", "PseudoLabelGrade"]
+__all__ = ["pseudo_label", "grade_pseudo_labels", "open_captions", "PseudoLabelReport", "PseudoLabelGrade"]
 
 
 @dataclass
 class PseudoLabelReport:
-    """What a pseudo-labelling run did (``counts``: captions written, skipped by reason, boxes kept, ...)."""
+    """What a pseudo-labelling run did (``counts``: captions written, skipped by reason, boxes kept, ...;
+    ``skipped``: the named skips, :meth:`glip_data.report.SkipReport.to_dict`)."""
 
     out: Path
     counts: Counter = field(default_factory=Counter)
     failed: list[str] = field(default_factory=list)
+    skipped: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         c = self.counts
         parts = [f"{c['captions_written']} captions written ({c['boxes_kept']} boxes)",
                  f"{c['already_done']} already done"]
-        for key in sorted(k for k in c if k.startswith("skipped_") or k.startswith("entities_")):
+        for key in sorted(k for k in c if k.startswith("skipped_")):
             parts.append(f"{key.replace('_', ' ')}: {c[key]}")
-        text = f"glip pseudo-label: {'; '.join(parts)} -> {self.out}"
-        for name in self.failed[:10]:
-            text += f"\n  unreadable image: {name}"
-        if len(self.failed) > 10:
-            text += f"\n  ... and {len(self.failed) - 10} more unreadable images"
-        return text
+        return f"glip pseudo-label: {'; '.join(parts)} -> {self.out}"
 
 
-def _read_done(progress: Path) -> set[int]:
-    if not progress.is_file():
-        return set()
-    done = set()
-    for line in progress.read_text().splitlines():
-        if line.strip().isdigit():
-            done.add(int(line))
-    return done
+def _open_append(path: Path) -> Any:
+    """The append-only text stream of an output file (one place, so tests can make writes fail anywhere)."""
+    return open(path, "a", encoding="utf-8")
 
 
-def _repair_tail(path: Path) -> None:
-    """Drop a partial last line left by a run killed mid-write (the progress file did not record it)."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
+def _complete_lines(path: Path) -> list[str]:
+    """The whole lines of ``path``; a partial last line (a write cut by a kill) is cut off the file."""
+    if not path.is_file():
+        return []
     data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with open(path, "r+b") as fh:
+            fh.truncate(len(data))
+    return data.decode("utf-8").splitlines()
 
 
-def pseudo_label(model: Any, captions: str | os.PathLike, out: str | os.PathLike, *, images: str | None = None,
-                 threshold: float = 0.5, nms: float | None = None, min_boxes: int = 1, phrases: str = "entities",
-                 max_detections: int = 100, min_size: int | None = None, max_size: int | None = None,
-                 batch_size: int = 1, progress: bool = True) -> PseudoLabelReport:
-    """Label every caption of ``captions`` with the boxes ``model`` (a :class:`glip_train.GLIP`) grounds.
+class _ExactlyOnceOutput:
+    """The output lines and the progress record of one run, resumable exactly once.
 
-    Returns a :class:`PseudoLabelReport`; see the module doc for the rules.
+    A caption is done when its output line (``source_line``) or its progress line (the source line number) is
+    complete; both are appended in one write each, so each caption is done by exactly one line.
     """
-    from glip_data import CaptionReader, ImageLoadError, find_noun_phrases, find_phrase_spans, spans_to_tokens
-    from glip_data import world_image_root
+
+    def __init__(self, out: Path):
+        from glip_data.io import atomic_write_text
+
+        self.out = out
+        self.progress = out.with_name(out.name + ".progress")
+        lines = _complete_lines(out)
+        self.done: set[int] = set()
+        kept = []
+        for text in lines:
+            line = json.loads(text).get("source_line") if text.strip() else None
+            if line is None or line not in self.done:  # a repeated caption (an older run's) is kept once
+                kept.append(text)
+            if line is not None:
+                self.done.add(int(line))
+        if len(kept) != len(lines):
+            atomic_write_text(out, "".join(t + "\n" for t in kept))
+        self.done.update(int(t) for t in _complete_lines(self.progress) if t.strip().isdigit())
+        self._sink = _open_append(out)
+        self._log = _open_append(self.progress)
+
+    def write(self, line: int, record: dict[str, Any]) -> None:
+        self._sink.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._sink.flush()
+        self.done.add(line)
+
+    def processed(self, line: int) -> None:
+        """A caption done without an output line."""
+        self._log.write(f"{line}\n")
+        self._log.flush()
+        self.done.add(line)
+
+    def close(self) -> None:
+        self._sink.close()
+        self._log.close()
+
+
+def open_captions(captions: str | os.PathLike, images: str | os.PathLike | None = None, *, skips: Any = None) -> Any:
+    """Read and check a caption file for pseudo-labelling (before a teacher is loaded): a
+    :class:`glip_data.CaptionReader` that keeps caption-only lines and drops malformed ones, naming each in ``skips``
+    (a :class:`glip_data.report.SkipReport`)."""
+    from glip_data import CaptionReader, world_image_root
+
+    if images is None:  # a synthetic world's caption file finds the world's images
+        images = world_image_root(captions)
+    return CaptionReader(captions, images, min_boxes=0, errors="drop", skips=skips)
+
+
+def pseudo_label(model: Any, captions: str | os.PathLike | Any, out: str | os.PathLike, *,
+                 images: str | None = None, threshold: float = 0.5, nms: float | None = None, min_boxes: int = 1,
+                 phrases: str = "entities", max_detections: int = 100, min_size: int | None = None,
+                 max_size: int | None = None, batch_size: int = 1, progress: bool = True,
+                 skips: Any = None) -> PseudoLabelReport:
+    """Label every caption of ``captions`` (a file, or :func:`open_captions`' reader) with the boxes ``model`` (a
+    :class:`glip_train.GLIP`) grounds, into the caption file ``out``.
+
+    ``skips``: the :class:`glip_data.report.SkipReport` naming what is skipped (default: a new one on stderr).
+    Returns a :class:`PseudoLabelReport`; see the module doc for the rules.
+
+    Raises:
+        glip_data.io.OutputLockedError: another run is writing ``out``.
+    """
+    from glip_data.io import RunLock, atomic_write_json
+    from glip_data.report import SkipReport
+
+    if phrases not in ("entities", "chunker"):
+        raise ValueError(f"phrases must be 'entities' or 'chunker'; got {phrases!r}")
+    out = Path(out)
+    skips = skips if skips is not None else SkipReport("glip pseudo-label")
+    reader = captions if hasattr(captions, "ann_file") else open_captions(captions, images, skips=skips)
+    lock = None if RunLock.held_here(out.parent, out.name) else RunLock.for_output(out, "glip pseudo-label").acquire()
+    try:
+        output = _ExactlyOnceOutput(out)
+        try:
+            report = _label(model, reader, output, skips, threshold=threshold, nms=nms, min_boxes=min_boxes,
+                            phrases=phrases, max_detections=max_detections, min_size=min_size, max_size=max_size,
+                            batch_size=batch_size, progress=progress)
+        finally:
+            output.close()
+        report.skipped = skips.to_dict()
+        atomic_write_json(out.with_name(out.name + ".report.json"),
+                          {"captions": str(reader.ann_file), "counts": dict(sorted(report.counts.items())),
+                           "skipped": report.skipped, "threshold": threshold, "nms": nms, "min_boxes": min_boxes,
+                           "phrases": phrases, "max_detections": max_detections})
+    finally:
+        if lock is not None:
+            lock.release()
+    if report.counts["captions_written"] == 0 and not report.counts["already_done"]:
+        warnings.warn(f"pseudo-labelling wrote no caption to {out} (threshold {threshold}, min_boxes {min_boxes}); "
+                      "see the report's counts", stacklevel=2)
+    return report
+
+
+def _label(model: Any, reader: Any, output: _ExactlyOnceOutput, skips: Any, *, threshold: float,
+           nms: float | None, min_boxes: int, phrases: str, max_detections: int, min_size: int | None,
+           max_size: int | None, batch_size: int, progress: bool) -> PseudoLabelReport:
+    from glip_data import PHRASE_PROBLEMS, ImageFrame, ImageLoadError, check_phrases, find_noun_phrases
+    from glip_data import find_phrase_spans
     from glip_data.readers import caption_record
 
     from .inference import predict
     from .processing_glip import TextQuery
 
-    if phrases not in ("entities", "chunker"):
-        raise ValueError(f"phrases must be 'entities' or 'chunker'; got {phrases!r}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    progress_file = out.with_name(out.name + ".progress")
-    _repair_tail(out)
-    done = _read_done(progress_file)
-    if images is None:  # a synthetic world's caption file finds the world's images
-        images = world_image_root(captions)
-    reader = CaptionReader(captions, images, min_boxes=0, errors="drop")
-    report = PseudoLabelReport(out)
+    report = PseudoLabelReport(output.out)
     report.counts.update({f"skipped_{k}": v for k, v in reader.stats.items()})
     limit = model.config.max_text_len
     processor = model.processor
@@ -106,74 +191,72 @@ def pseudo_label(model: Any, captions: str | os.PathLike, out: str | os.PathLike
     for index in range(len(reader)):
         sample = reader[index]
         line = int(sample.metadata["line"])
-        if line in done:
+        if line in output.done:
             report.counts["already_done"] += 1
             continue
         todo.append((line, sample))
+
+    def where(line: int) -> str:
+        return f"{reader.ann_file}: line {line}"
 
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="caption", desc="pseudo-label", dynamic_ncols=True)
-    with open(out, "a", encoding="utf-8") as sink, open(progress_file, "a") as log:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            loaded, queries, entity_lists = [], [], []
-            for line, sample in batch:
-                entities = _entities(sample, phrases, find_noun_phrases, find_phrase_spans)
-                if not entities:
-                    report.counts["skipped_no_phrases"] += 1
-                    _mark(log, line)
-                    continue
-                tokens = spans_to_tokens(processor.tokenizer, sample.caption, [e["tokens_positive"] for e in entities],
-                                         max_length=None, warn=False)
-                usable = [(e, t) for e, t in zip(entities, tokens) if t and max(t) < limit]
-                report.counts["entities_beyond_text_limit"] += sum(1 for t in tokens if t and max(t) >= limit)
-                report.counts["entities_without_tokens"] += sum(1 for t in tokens if not t)
-                if not usable:
-                    report.counts["skipped_no_readable_phrase"] += 1
-                    _mark(log, line)
-                    continue
-                try:
-                    image = processor.load_image(sample.image_path, min_size, max_size)
-                except ImageLoadError as exc:
-                    report.counts["skipped_unreadable_image"] += 1
-                    report.failed.append(str(exc))
-                    continue  # not marked: a later run retries it (the file may be fixed)
-                queries.append(TextQuery(len(loaded), sample.caption, [list(t) for _, t in usable],
-                                         list(range(len(usable)))))
-                loaded.append((line, sample, image))
-                entity_lists.append([e for e, _ in usable])
-            if loaded:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    parts = predict(model, [x[2] for x in loaded], queries, min_size=min_size, max_size=max_size,
-                                    batch_size=len(loaded), max_detections_per_prompt=max_detections)
-                for (line, sample, image), dets, entities in zip(loaded, parts, entity_lists):
-                    record = _record(sample, image, dets[0], entities, threshold, nms, report.counts)
-                    if record is not None and record["boxes_kept"] >= min_boxes and record["boxes_kept"] > 0:
-                        kept = record.pop("boxes_kept")
-                        sink.write(json.dumps(caption_record(**record), separators=(",", ":")) + "\n")
-                        sink.flush()
-                        report.counts["captions_written"] += 1
-                        report.counts["boxes_kept"] += kept
-                    else:
-                        report.counts["skipped_too_few_boxes"] += 1
-                    _mark(log, line)
-            if bar is not None:
-                bar.update(len(batch))
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        loaded, queries, entity_lists = [], [], []
+        for line, sample in batch:
+            entities = _entities(sample, phrases, find_noun_phrases, find_phrase_spans)
+            if not entities:
+                report.counts["skipped_no_phrases"] += 1
+                skips.skip("caption without phrases", where(line))
+                output.processed(line)
+                continue
+            check = check_phrases(processor.tokenizer, sample.caption, [e["tokens_positive"] for e in entities],
+                                  max_length=limit)
+            for j in check.unreadable():  # the one readability rule; the caption's other entities are still labelled
+                report.counts[f"entities_{check.status[j]}"] += 1
+                skips.skip(PHRASE_PROBLEMS[check.status[j]], where(line), repr(entities[j]["phrase"]))
+            usable = [(e, t) for e, t, s in zip(entities, check.tokens, check.status) if s == "ok"]
+            if not usable:
+                report.counts["skipped_no_readable_phrase"] += 1
+                skips.skip("caption without a readable phrase", where(line))
+                output.processed(line)
+                continue
+            try:
+                image = processor.load_image(sample.image_path, min_size, max_size,
+                                             frame=ImageFrame.matching(sample.width, sample.height))
+            except ImageLoadError as exc:
+                report.counts["skipped_unreadable_image"] += 1
+                report.failed.append(str(exc))
+                skips.skip("unreadable image", where(line), str(exc))
+                continue  # not marked: a later run retries it (the file may be fixed)
+            queries.append(TextQuery(len(loaded), sample.caption, [list(t) for _, t in usable],
+                                     list(range(len(usable)))))
+            loaded.append((line, sample, image))
+            entity_lists.append([e for e, _ in usable])
+        if loaded:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                parts = predict(model, processor, [x[2] for x in loaded], queries, min_size=min_size,
+                                max_size=max_size, batch_size=len(loaded), max_detections_per_prompt=max_detections)
+            for (line, sample, image), dets, entities in zip(loaded, parts, entity_lists):
+                record = _record(sample, image, dets[0], entities, threshold, nms, report.counts)
+                if record is not None and record["boxes_kept"] >= min_boxes and record["boxes_kept"] > 0:
+                    kept = record.pop("boxes_kept")
+                    output.write(line, caption_record(**record))
+                    report.counts["captions_written"] += 1
+                    report.counts["boxes_kept"] += kept
+                else:
+                    report.counts["skipped_too_few_boxes"] += 1
+                    output.processed(line)
+        if bar is not None:
+            bar.update(len(batch))
     if bar is not None:
         bar.close()
-    if report.counts["captions_written"] == 0 and not report.counts["already_done"]:
-        warnings.warn(f"pseudo-labelling wrote no caption to {out} (threshold {threshold}, min_boxes {min_boxes}); "
-                      "see the report's counts", stacklevel=2)
     return report
-
-
-def _mark(log, line: int) -> None:
-    log.write(f"{line}\n")
-    log.flush()
 
 
 def _entities(sample, phrases: str, find_noun_phrases, find_phrase_spans) -> list[dict[str, Any]]:
@@ -192,7 +275,9 @@ def _record(sample, image, detections, entities, threshold: float, nms: float | 
     """The caption line of one image: kept boxes grouped by entity (None when nothing was kept)."""
     from glip_data import batched_nms
 
-    keep = detections.scores > threshold
+    from .postprocess import passes_threshold
+
+    keep = passes_threshold(detections.scores, threshold)
     boxes, scores, labels = detections.boxes[keep], detections.scores[keep], detections.labels[keep]
     counts["boxes_below_threshold"] += int((~keep).sum())
     if nms is not None and boxes.numel():

@@ -9,11 +9,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEFAULT_MODEL_DIR", "default_model_dir"]
+__all__ = ["DEFAULT_MODEL_DIR", "SHIPPED_NAME", "default_model_dir", "shipped_model_dir"]
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
+#: the weights name that means the shipped model (``--weights default``, ``glip train --init default``,
+#: ``GLIP.from_pretrained("default")``); a folder called so is ``./default``
+SHIPPED_NAME = "default"
 
 
 def default_model_dir() -> Path | None:
     """The shipped model's directory, or None when this installation has none."""
     return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "model.safetensors").is_file() else None
+
+
+def shipped_model_dir() -> Path:
+    """The shipped model's directory.
+
+    Raises:
+        FileNotFoundError: this installation has none (the message says what to pass instead).
+    """
+    found = default_model_dir()
+    if found is None:
+        raise FileNotFoundError("this installation of glip-train has no shipped model: pass the path of a checkpoint "
+                                "or of a directory written by save_pretrained")
+    return found

@@ -12,7 +12,9 @@ Bad input never passes silently. Two kinds of trouble are told apart:
   ``errors="drop"`` the record is dropped and counted under its reason in ``reader.stats``;
 * *box quality* (boxes reaching outside the image, boxes with no area): always fixed or dropped, and counted.
 
-``reader.report()`` prints the counts.
+``reader.report()`` prints the counts. Every record dropped for a problem or a box without area is also *named*:
+``reader.check.dropped`` holds, per reason, the first :data:`NAMED_DROPS` messages ``"<record>: <what is wrong>"``
+(``glip train`` reports them; the counts stay in ``reader.stats``).
 
 Box conventions (``box_convention``):
 
@@ -48,7 +50,7 @@ import torch
 from torch.utils.data import Dataset
 
 from glip_data.boxes import clip_boxes, nonempty_boxes
-from glip_data.images import load_image as _load_image
+from glip_data.images import ImageFrame, load_image as _load_image
 from glip_data.sample import GroundingSample
 
 BoxConvention = Literal["official", "exact"]
@@ -59,6 +61,8 @@ BOX_CONVENTIONS = ("official", "exact")
 BOX_NONPOSITIVE = "box_nonpositive_size"
 BOX_CLIPPED = "box_clipped"
 BOX_EMPTY_AFTER_CLIP = "box_empty_after_clip"
+#: dropped records named per reason in ``RecordChecker.dropped`` (the rest are only counted)
+NAMED_DROPS = 100
 
 
 class ReaderError(ValueError):
@@ -191,20 +195,48 @@ class RecordChecker:
         source: the file, for messages.
         errors: ``"raise"`` or ``"drop"``.
         stats: the counter of dropped records (a new one by default).
+        skips: a :class:`glip_data.report.SkipReport` that also names (and counts) every dropped record (a
+            command's report).
+
+    Attributes:
+        dropped: ``{reason: [message, ...]}``, the first :data:`NAMED_DROPS` dropped records of each reason, each
+            message ``"<record>: <what is wrong>"`` (``stats`` has the full counts).
     """
 
-    def __init__(self, source: str | os.PathLike, errors: ErrorPolicy = "raise", stats: Counter | None = None) -> None:
+    def __init__(self, source: str | os.PathLike, errors: ErrorPolicy = "raise", stats: Counter | None = None,
+                 skips: Any = None) -> None:
         if errors not in ("raise", "drop"):
             raise ValueError(f"errors must be 'raise' or 'drop', got {errors!r}")
         self.source = source
         self.errors = errors
         self.stats = stats if stats is not None else Counter()
+        self.skips = skips
+        self.dropped: dict[str, list[str]] = {}
 
     def problem(self, reason: str, message: str) -> None:
-        """Raise ``message`` (prefixed with the file) or count it under ``reason``."""
+        """Raise ``message`` (``"<record>: <what is wrong>"``, prefixed with the file) or count and name it under
+        ``reason``."""
         if self.errors == "raise":
             raise ReaderError(f"{self.source}: {message}")
         self.stats[reason] += 1
+        self.name(reason, message)
+
+    def name(self, reason: str, message: str) -> None:
+        """Name a dropped record (``message``: ``"<record>: <what is wrong>"``): kept in :attr:`dropped` if
+        ``reason`` has room, and reported to ``skips`` when there is one."""
+        named = self.dropped.setdefault(reason, [])
+        if len(named) < NAMED_DROPS:
+            named.append(message)
+        if self.skips is not None:
+            record, _, what = message.partition(": ")
+            self.skips.skip(reason.replace("_", " "), f"{self.source} {record}", what or None)
+
+    def name_rows(self, reason: str, rows: np.ndarray, describe: Any) -> None:
+        """Name the dropped rows ``rows`` of a reason (``describe(row) -> message``): all of them when there is a
+        ``skips`` report (it counts every one), else as many as :attr:`dropped` has room for."""
+        room = len(rows) if self.skips is not None else NAMED_DROPS - len(self.dropped.get(reason, ()))
+        for row in rows[:max(room, 0)]:
+            self.name(reason, describe(int(row)))
 
     def count(self, reason: str, n: Any = 1) -> None:
         """Add ``n`` to ``stats[reason]`` (zero counts are not recorded): facts, not problems."""
@@ -245,10 +277,11 @@ class RecordChecker:
         """:func:`check_spans` with the policy (problem ``span_outside_caption``)."""
         try:
             return check_spans(spans, text, f"{self.source}: {where}")
-        except ReaderError:
+        except ReaderError as err:
             if self.errors == "raise":
                 raise
             self.stats["span_outside_caption"] += 1
+            self.name("span_outside_caption", str(err).removeprefix(f"{self.source}: "))
             return None
 
     # -- COCO-shaped files (COCO, Objects365, LVIS, MDETR) ------------------------------------------------------------
@@ -338,6 +371,7 @@ def sanitize_boxes(
     box_convention: str,
     stats: Counter,
     input_wh: np.ndarray | None = None,
+    on_drop: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Clip boxes to their images and find the ones to keep, counting every change.
 
@@ -348,6 +382,8 @@ def sanitize_boxes(
         stats: counter updated with :data:`BOX_NONPOSITIVE`, :data:`BOX_CLIPPED`, :data:`BOX_EMPTY_AFTER_CLIP`.
         input_wh: ``(K, 2)`` width/height as written in the file, when it has them (xywh formats); a box with
             ``w <= 0`` or ``h <= 0`` there is dropped as non-positive even if the convention would shift it.
+        on_drop: called as ``on_drop(reason, rows)`` with the ``(n,)`` rows dropped for each reason (to name them,
+            :meth:`RecordChecker.name_rows`).
 
     Returns:
         ``(clipped (K, 4) float64, keep (K,) bool)``.
@@ -371,6 +407,10 @@ def sanitize_boxes(
                           (BOX_CLIPPED, (changed & keep).sum())):
         if count:
             stats[reason] += int(count)
+    if on_drop is not None:
+        for reason, rows in ((BOX_NONPOSITIVE, nonpositive), (BOX_EMPTY_AFTER_CLIP, empty_after_clip)):
+            if rows.any():
+                on_drop(reason, np.nonzero(rows)[0])
     return clipped, keep
 
 
@@ -401,6 +441,8 @@ class GroundingReader(Dataset):
             (:func:`glip_data.positive_map.build_positive_map`, ``max_text_len`` columns).
         max_text_len: columns of the positive map (the model's 256).
         dataset_name: name recorded in ``sample.metadata["dataset"]`` (default: the file's stem).
+        skips: a :class:`glip_data.report.SkipReport` naming every dropped record and skipped image (a command's
+            report; the counts are in ``stats`` either way).
     """
 
     task: str = "grounding"
@@ -417,6 +459,7 @@ class GroundingReader(Dataset):
         tokenizer: Any = None,
         max_text_len: int = 256,
         dataset_name: str | None = None,
+        skips: Any = None,
     ) -> None:
         super().__init__()
         self.ann_file = Path(ann_file)
@@ -424,7 +467,7 @@ class GroundingReader(Dataset):
         self.load_images = bool(load_image)
         self.box_convention = check_convention(box_convention)
         self.stats: Counter = Counter()
-        self.check = RecordChecker(self.ann_file, errors, self.stats)  # validates ``errors``
+        self.check = RecordChecker(self.ann_file, errors, self.stats, skips)  # validates ``errors``
         self.errors = errors
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
@@ -466,6 +509,11 @@ class GroundingReader(Dataset):
         counts = np.bincount(owner, minlength=num_records)
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return counts
+
+    def _line_box_namer(self, owner: list[int], boxes: list) -> Any:
+        """``on_drop`` of :func:`sanitize_boxes` for line-based files (``self._records[k][0]``: line number)."""
+        return lambda reason, rows: self.check.name_rows(
+            reason, rows, lambda i: f"line {self._records[owner[i]][0]}: box {boxes[i]!r}")
 
     def _training_box_counts(self) -> np.ndarray:
         """``(R,)`` number of non-crowd boxes of each record (``self._crowd``: ``(K,)`` bool, set by the reader)."""
@@ -515,6 +563,10 @@ class GroundingReader(Dataset):
         """Where an image named in the file lives on disk."""
         return self.image_root / relative
 
+    def image_path(self, index: int) -> Path:
+        """Where the image of sample ``index`` lives on disk (without reading it)."""
+        return Path(self._build_sample(index).image_path)
+
     def __getitem__(self, index: int) -> GroundingSample:
         n = len(self)
         if not -n <= index < n:
@@ -531,7 +583,10 @@ class GroundingReader(Dataset):
                 if self.on_bad_image == "raise":
                     raise
                 self.stats["image_unreadable"] += 1
-                warnings.warn(f"{err}; skipping to the next index", stacklevel=2)
+                if self.check.skips is not None:
+                    self.check.skips.skip("unreadable image", sample.image_path, str(err))
+                else:
+                    warnings.warn(f"{err}; skipping to the next index", stacklevel=2)
                 continue
             return self._finish(sample)
         raise OSError(f"{self.ann_file}: no readable image in the whole dataset")
@@ -546,15 +601,16 @@ class GroundingReader(Dataset):
         return sample
 
     def load_image(self, sample: GroundingSample) -> GroundingSample:
-        """Decode ``sample.image_path`` into ``sample.image`` (:func:`glip_data.load_image`: PIL RGB, upright by its
-        EXIF orientation) and check it against the annotated size.
+        """Decode ``sample.image_path`` into ``sample.image`` (:func:`glip_data.load_image`: PIL RGB, in the frame of
+        the annotation, :meth:`glip_data.ImageFrame.matching` its width and height) and check it against the
+        annotated size.
 
         Raises:
             ImageLoadError: the file is missing or cannot be decoded (an ``OSError`` naming the file and the record).
             ReaderError: the decoded size differs from the annotation's ``width``/``height``.
         """
         where = f"{self.ann_file.name}, image id {sample.metadata.get('image_id')!r}"
-        image = _load_image(sample.image_path, where=where)
+        image = _load_image(sample.image_path, where=where, frame=ImageFrame.matching(sample.width, sample.height))
         self._check_size(sample, image)
         sample.image = image
         return sample

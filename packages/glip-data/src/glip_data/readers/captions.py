@@ -21,6 +21,7 @@ drops it at construction, which is equivalent), counted as ``too_few_boxes``. Ev
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,10 +134,10 @@ class CaptionReader(GroundingReader):
                     if not isinstance(ent_scores, list) or len(ent_scores) != len(ent_boxes) \
                             or not all(_is_number(s) for s in ent_scores):
                         raise ReaderError(f"{ewhere}: 'scores' must be one number per box")
-                except ReaderError:
+                except ReaderError as err:
                     if self.errors == "raise":
                         raise
-                    self.stats["bad_entity"] += 1
+                    self._problem("bad_entity", str(err).removeprefix(f"{self.ann_file}: "))
                     ok = False
                     break
                 entity_spans.append([list(s) for s in ent_spans])
@@ -167,8 +168,8 @@ class CaptionReader(GroundingReader):
         owner_arr = np.asarray(owner, dtype=np.int64)
         sizes = np.asarray([(r[2], r[3]) for r in self._records], dtype=np.float64).reshape(-1, 2)
         internal = convert_xyxy(raw, from_legacy=False, to_legacy=self.legacy)
-        clipped, keep = sanitize_boxes(internal, sizes[owner_arr],
-                                       self.box_convention, self.stats, input_wh=raw[:, 2:] - raw[:, :2])
+        clipped, keep = sanitize_boxes(internal, sizes[owner_arr], self.box_convention, self.stats,
+                                       input_wh=raw[:, 2:] - raw[:, :2], on_drop=self._line_box_namer(owner, boxes))
         order = np.nonzero(keep)[0]  # already grouped by line
         self._boxes = clipped[order].astype(np.float32)
         self._scores = np.asarray(scores, dtype=np.float32)[order] if scores else np.zeros(0, np.float32)
@@ -177,6 +178,9 @@ class CaptionReader(GroundingReader):
         counts = self._group_boxes(owner_arr[order], len(self._records))
         # A line whose boxes were all removed by box sanitising now has too few too.
         self._select_records(counts, self.min_boxes, "too_few_boxes")
+
+    def image_path(self, index: int) -> Path:
+        return self.resolve_path(self._records[int(self._order[index])][1])
 
     def _build_sample(self, index: int) -> GroundingSample:
         k, start, end = self._record_boxes(index)

@@ -16,6 +16,7 @@ Crowd boxes (``iscrowd = 1``) are not training boxes: they are left out of ``sam
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,9 +69,14 @@ class COCODetection(GroundingReader):
         self._parse_categories(data["categories"])
         self._parse_images(data["images"])
         self._parse_annotations(data["annotations"])
-        from glip_data.prompts import detection_prompt
+        from glip_data.prompts import clean_name, detection_prompt
 
         names = [self.categories[label] for label in range(1, len(self.categories) + 1)]
+        for label, name in enumerate(names, 1):
+            if not clean_name(name).strip():  # named by its id: the file's own key for it
+                raise ReaderError(f"{self.ann_file}: category id {self.label_to_cat_id[label]!r} has the name "
+                                  f"{name!r}, which is empty once cleaned and cannot be put in a prompt; give it a "
+                                  "name")
         self.prompt, self.prompt_spans = detection_prompt(names)
 
     # -- hooks for the COCO-like formats (Objects365, LVIS) ------------------------------------------------------------
@@ -158,6 +164,7 @@ class COCODetection(GroundingReader):
         bboxes: list[list[float]] = []
         crowd: list[bool] = []
         ann_ids: list = []
+        positions: list[int] = []
         seen_ids: set = set()
         for j, ann in enumerate(anns):
             k, where = self.check.annotation(j, ann, ("category_id", "bbox"), self._image_index, seen_ids,
@@ -179,12 +186,17 @@ class COCODetection(GroundingReader):
             bboxes.append(box)
             crowd.append(bool(ann.get("iscrowd", 0)) if self.has_crowd else False)
             ann_ids.append(ann["id"])
+            positions.append(j)
+
+        def name_boxes(reason: str, rows: np.ndarray) -> None:
+            self.check.name_rows(reason, rows,
+                                 lambda i: f"annotations[{positions[i]}] (id={ann_ids[i]!r}): bbox {bboxes[i]!r}")
 
         xywh = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
         img_idx_arr = np.asarray(img_idx, dtype=np.int64)
         xyxy = xywh_to_xyxy(xywh, legacy=self.legacy)
         clipped, keep = sanitize_boxes(xyxy, self._sizes[img_idx_arr], self.box_convention, self.stats,
-                                       input_wh=xywh[:, 2:])
+                                       input_wh=xywh[:, 2:], on_drop=name_boxes)
         crowd_arr = np.asarray(crowd, dtype=bool)
         self._count("crowd_flagged", (crowd_arr & keep).sum())
         order = np.nonzero(keep)[0]
@@ -213,6 +225,9 @@ class COCODetection(GroundingReader):
 
     def image_file(self, index: int) -> str:
         return self._files[self._order[index]].decode("utf-8")
+
+    def image_path(self, index: int) -> Path:
+        return self.resolve_path(self.image_file(index))
 
     def _build_sample(self, index: int) -> GroundingSample:
         i, start, end = self._record_boxes(index)

@@ -13,6 +13,7 @@ order), ``sentence_id``, ``original_img_id``, ``dataset_name``, ``tokens_negativ
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,8 +115,13 @@ class MDETRGrounding(GroundingReader):
         xywh = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
         owner_arr = np.asarray(owner, dtype=np.int64)
         sizes = np.asarray([(e[2], e[3]) for e in self._entries], dtype=np.float64).reshape(-1, 2)
+
+        def name_boxes(reason: str, rows: np.ndarray) -> None:
+            self.check.name_rows(reason, rows, lambda i: f"annotation id={ids[i]!r} (image_id="
+                                                         f"{self._entries[owner[i]][0]!r}): bbox {bboxes[i]!r}")
+
         clipped, keep = sanitize_boxes(xywh_to_xyxy(xywh, legacy=self.legacy), sizes[owner_arr],
-                                       self.box_convention, self.stats, input_wh=xywh[:, 2:])
+                                       self.box_convention, self.stats, input_wh=xywh[:, 2:], on_drop=name_boxes)
         crowd_arr = np.asarray(crowd, dtype=bool)
         if crowd_arr.any():
             self._count("crowd_flagged", (crowd_arr & keep).sum())
@@ -127,6 +133,9 @@ class MDETRGrounding(GroundingReader):
         self._phrase_ids = [phrase_ids[i] for i in order]
         self._crowd = crowd_arr[order]
         return self._group_boxes(owner_arr[order], len(self._entries))
+
+    def image_path(self, index: int) -> Path:
+        return self.resolve_path(self._entries[int(self._order[index])][1])
 
     def _build_sample(self, index: int) -> GroundingSample:
         k, start, end = self._record_boxes(index)

@@ -10,8 +10,9 @@
   then at ``image_root/patchN/name``, then at ``image_root/name`` — whichever exists (default order).
 * **Images missing on disk.** The three v2 images of :data:`O365_MISSING_IMAGES` are left out (counted as
   ``known_missing_image``).
-* **Swapped width/height** (EXIF orientation): when a decoded image is exactly the annotated size transposed, the
-  sample's ``width``/``height`` take the decoded size and ``sample.metadata["wh_swapped"] = True`` (a warning, counted
+* **Swapped width/height**: when a decoded image is exactly the annotated size transposed (an EXIF orientation is
+  not the cause: the image is read in the frame of the annotation), the sample's ``width``/``height`` take the
+  decoded size and ``sample.metadata["wh_swapped"] = True`` (a warning, counted
   as ``wh_swapped`` in this process's ``stats``); boxes are kept as annotated. Any other size mismatch is an error.
 """
 from __future__ import annotations
@@ -117,7 +118,7 @@ class Objects365Detection(COCODetection):
             self.stats["wh_swapped"] += 1
             warnings.warn(
                 f"{sample.image_path}: decoded size {image.size} is the annotated {sample.width}x{sample.height} "
-                "transposed (EXIF orientation); using the decoded size",
+                "transposed; using the decoded size",
                 stacklevel=3,
             )
             sample.width, sample.height = image.size

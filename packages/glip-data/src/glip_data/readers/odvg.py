@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -290,8 +291,12 @@ class ODVGReader(GroundingReader):
         self.label_to_odvg = {i + 1: key for i, key in enumerate(keys)}
         self.categories = {i + 1: labels.names[key] for i, key in enumerate(keys)}
         if self.categories:
-            from glip_data.prompts import detection_prompt
+            from glip_data.prompts import clean_name, detection_prompt
 
+            for key in keys:
+                if not clean_name(labels.names[key]).strip():  # named by its label: the file's own key for it
+                    raise ReaderError(f"{self.ann_file}: label {key!r} has the name {labels.names[key]!r}, which is "
+                                      "empty once cleaned and cannot be put in a prompt; give it a name")
             self.prompt, self.prompt_spans = detection_prompt(list(self.categories.values()))
         else:
             self.prompt, self.prompt_spans = "", []
@@ -302,7 +307,7 @@ class ODVGReader(GroundingReader):
         # files hold continuous xyxy: the official convention reads x2 - 1
         internal = convert_xyxy(raw, from_legacy=False, to_legacy=self.legacy)
         clipped, keep = sanitize_boxes(internal, sizes[owner_arr], self.box_convention, self.stats,
-                                       input_wh=raw[:, 2:] - raw[:, :2])
+                                       input_wh=raw[:, 2:] - raw[:, :2], on_drop=self._line_box_namer(owner, boxes))
         order = np.nonzero(keep)[0]
         order = order[np.argsort(owner_arr[order], kind="stable")]
         self._boxes = clipped[order].astype(np.float32)
@@ -320,6 +325,9 @@ class ODVGReader(GroundingReader):
     def num_boxes(self) -> int:
         """Training boxes (crowd boxes excluded) over the samples this reader yields."""
         return self._count_boxes(~self._crowd)
+
+    def image_path(self, index: int) -> Path:
+        return self.resolve_path(self._records[int(self._order[index])][1])
 
     def _build_sample(self, index: int) -> GroundingSample:
         k, start, end = self._record_boxes(index)

@@ -42,12 +42,12 @@ def supports(q, k, v_v, v_l) -> bool:
     (:mod:`glip_fusion.triton._envelope`): one dtype among float16/bfloat16/float32, one device (CUDA, or any under
     ``TRITON_INTERPRET=1``), q/v_v ``(B, H, N, D)`` and k/v_l ``(B, H, M, D)`` with ``M <= 256`` and
     ``D <= 256``.  Used by the ``auto`` dispatcher; masks and options are not inspected."""
-    from ..attention import _check_shapes, _check_tensors
+    from .._validation import check_shapes, check_tensors
     from ._envelope import envelope_violation
 
     try:
-        _check_tensors(q, k, v_v, v_l)
-        _check_shapes(q, k, v_v, v_l)
+        check_tensors(q, k, v_v, v_l)
+        check_shapes(q, k, v_v, v_l)
     except (TypeError, ValueError):
         return False
     return envelope_violation(q, k, v_v, v_l, _interpreter_requested()) is None

@@ -10,6 +10,12 @@ one kernel variant to a cubin and reads back what the GPU would have to provide:
 * ``shared_bytes``, the dynamic shared memory per program (Triton's metadata), to compare with
   :func:`shared_memory_limit`.
 
+The variant compiled is the one a launch on contiguous inputs compiles on a GPU: Triton's JIT specialises integer
+arguments equal to 1 into constants and marks those divisible by 16 (and 16-byte aligned pointers) as such, except
+the arguments in ``_config.NO_SPECIALIZE``.  So the head-dim strides are the constant 1, the other strides, the head
+dim and the pointers are divisible by 16, and the token counts stay generic (:func:`launch_specialisation`).  These
+facts decide whether loads are vectorised, and with it the register count.
+
 Used by the compile test (``tests/test_fusion_triton_compile.py``) and by ``benchmarks/fusion/compile_check.py``,
 which tabulates every autotune candidate.  Must be imported with ``TRITON_INTERPRET`` unset (compiled kernels).
 """
@@ -29,7 +35,7 @@ from triton.compiler import ASTSource
 
 from . import _bwd, _config, _fwd
 
-__all__ = ["KERNELS", "CompiledKernel", "compile_kernel", "shared_memory_limit"]
+__all__ = ["KERNELS", "CompiledKernel", "compile_kernel", "shared_memory_limit", "launch_specialisation"]
 
 #: Every kernel launch of the backend by name: ``(jit function, constexprs fixed by the name)``.  The tiled ones are
 #: the ``_config`` names, tuned on CUDA; the backward passes are two variants of one function each.
@@ -65,6 +71,7 @@ class CompiledKernel:
     constants: dict
     num_warps: int
     num_stages: int
+    maxnreg: int | None
     registers: int
     spill_bytes: int
     shared_bytes: int
@@ -94,6 +101,25 @@ def _pointer_type(name: str, dtype: str) -> str:
     return "*" + dtype
 
 
+def launch_specialisation(name: str, head_dim: int) -> int | None:
+    """What Triton's JIT knows about integer argument ``name`` in a launch on contiguous ``(B, H, L, head_dim)``
+    tensors: 1 (it becomes a constant), 16 (divisible by 16) or None (nothing: the ``NO_SPECIALIZE`` arguments,
+    floats, token counts).
+
+    The launcher passes head-dim strides of 1 (it copies inputs with another one); the other strides of contiguous
+    operands, and of the ``(B*H, splits, M, D)`` partials, are multiples of the head dim.
+    """
+    if name in _config.NO_SPECIALIZE or name in _FLOAT_ARGS:
+        return None
+    if name.startswith("stride_"):
+        if name.endswith("d"):
+            return 1
+        return 16 if head_dim % 16 == 0 else None
+    if name == "D":
+        return 1 if head_dim == 1 else (16 if head_dim % 16 == 0 else None)
+    return None
+
+
 def _default_constants(dtype: torch.dtype, head_dim: int) -> dict:
     """Every feature on (masks, clamp, dropout, skipped padded text, split partials): the largest variant."""
     return dict(
@@ -118,12 +144,16 @@ def _resources(cubin: bytes) -> tuple[int, int]:
 
 
 def compile_kernel(kernel: str, dtype: torch.dtype = torch.bfloat16, *, arch: int = 90, head_dim: int = 256,
-                   num_warps: int = 4, num_stages: int = 1, **constants) -> CompiledKernel:
-    """Compile ``kernel`` (a key of :data:`KERNELS`) to a cubin for compute capability ``arch``.
+                   num_warps: int = 4, num_stages: int = 1, maxnreg: int | None = None,
+                   **constants) -> CompiledKernel:
+    """Compile ``kernel`` (a key of :data:`KERNELS`) to a cubin for compute capability ``arch``, specialised like a
+    launch on contiguous inputs of head dim ``head_dim`` (:func:`launch_specialisation`).
 
     ``constants`` override the kernel's ``tl.constexpr`` arguments (default: every feature on, 64-wide tiles,
-    ``BLOCK_D = block_d(head_dim)``); names a kernel does not take are ignored.  Raises what Triton raises when the
-    kernel does not compile (``CompilationError``, ``PTXASError``, ...).
+    ``BLOCK_D = block_d(head_dim)``); names a kernel does not take are ignored.  ``num_warps``, ``num_stages`` and
+    ``maxnreg`` (the register budget per thread given to ``ptxas``; None: its own choice) are those of a
+    ``triton.Config``.  Raises what Triton raises when the kernel does not compile (``CompilationError``,
+    ``PTXASError``, ...).
     """
     if _config.interpreting():
         raise RuntimeError("compile_kernel needs compiled kernels: import glip_fusion.triton with TRITON_INTERPRET unset")
@@ -136,20 +166,28 @@ def compile_kernel(kernel: str, dtype: torch.dtype = torch.bfloat16, *, arch: in
     wanted = {**_default_constants(dtype, head_dim), **constants, **fixed}
     constexpr_names = [p.name for p in fn.params if p.is_constexpr]
     consts = {name: wanted[name] for name in constexpr_names}
-    signature = {}
-    for name in fn.arg_names:
+    signature, unit, attrs = {}, {}, {}
+    for index, name in enumerate(fn.arg_names):
         if name in consts:
             signature[name] = "constexpr"
         elif name.isupper() and name not in _SIZE_ARGS:
             signature[name] = _pointer_type(name, type_name)
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations and head offsets are 16-byte aligned
         else:
-            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+            known = launch_specialisation(name, head_dim)
+            signature[name] = "constexpr" if known == 1 else ("fp32" if name in _FLOAT_ARGS else "i32")
+            if known == 1:
+                unit[name] = 1
+            elif known == 16:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                              target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={**consts, **unit}, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
     seconds = time.perf_counter() - start
     registers, spill = _resources(compiled.asm["cubin"])
     return CompiledKernel(kernel=kernel, arch=arch, dtype=type_name, constants=consts, num_warps=num_warps,
-                          num_stages=num_stages, registers=registers, spill_bytes=spill,
+                          num_stages=num_stages, maxnreg=maxnreg, registers=registers, spill_bytes=spill,
                           shared_bytes=int(compiled.metadata.shared), seconds=seconds)

@@ -130,22 +130,26 @@ def _cfg(block_n: int, block_t: int, warps: int, stages: int) -> triton.Config:
 
 
 #: Candidate tiles per kernel, in order of preference (``gpu_bench.py --tune-configs K`` keeps the first K that the
-#: pruner leaves).  Chosen from the sm_90 compile survey at head dim 256, bf16, dropout on
-#: (``benchmarks/fusion/compile_check.py --survey``; ``benchmarks/results/triton_compile_sm90_triton*_2026-12-03.json``),
-#: for Triton 3.6 (the lent GPU machine's) and 3.8: 8-warp tiles of 32 rows spill least; at head dim 256 the fp32
-#: accumulator of a 64-row tile alone takes 64 registers per thread at 8 warps.  ``BLOCK_T = 16`` tiles with wide
-#: image tiles serve short prompts (M <= 16); the column kernels get ``BLOCK_T = 128`` candidates (they spill:
-#: 0.2-2.8 KB per thread).  Not yet timed on a GPU.  If none of them compiles on a GPU, :data:`SAFE_CONFIG` is used.
+#: pruner leaves).  Chosen from the sm_90 compile surveys (``benchmarks/fusion/compile_check.py``) for Triton 3.6
+#: (the lent GPU machine's) and 3.8: 8-warp tiles of 32 rows; at head dim 256 the fp32 accumulator of a 64-row tile
+#: alone takes 64 registers per thread at 8 warps.  ``BLOCK_T = 16`` tiles with wide image tiles serve short prompts
+#: (M <= 16); the forward column kernel has a ``BLOCK_T = 128`` candidate.  Every backward tile the pruner keeps
+#: compiles for sm_90 without register spills in fp16 and bf16, at the padded head dims 32-256, with and without
+#: dropout, given the register budgets of :data:`REGISTER_BUDGET_HEAD_DIMS`
+#: (``benchmarks/results/triton_compile_sm90_backward_bf16_fp16_pruned_triton3.{6,8}_2026-12-07.md``; checked by
+#: ``tests/test_fusion_triton_compile.py``).  The two that still spilled at head dim 256 were dropped: dQ 64x16
+#: (32x16 serves short prompts) and dV_l 32x128 (32x64 and 64x32 remain).  Not yet timed on a GPU.  If none of them
+#: compiles on a GPU, :data:`SAFE_CONFIG` is used.
 AUTOTUNE_CONFIGS: dict[str, list[triton.Config]] = {
     FWD_ROWS: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(32, 64, 8, 1), _cfg(64, 64, 8, 2), _cfg(128, 16, 8, 1),
                _cfg(16, 16, 4, 1)],
     FWD_COLS: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 2), _cfg(32, 64, 8, 1), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 1),
                _cfg(128, 16, 8, 1), _cfg(16, 16, 4, 1)],
-    BWD_ROWS_DQ: [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1), _cfg(64, 16, 8, 1), _cfg(16, 16, 4, 1)],
+    BWD_ROWS_DQ: [_cfg(32, 32, 8, 1), _cfg(32, 16, 8, 1), _cfg(16, 32, 8, 1), _cfg(16, 16, 4, 1)],
     BWD_ROWS_DV: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(128, 16, 8, 1), _cfg(32, 16, 8, 1),
                   _cfg(16, 16, 4, 1)],
     BWD_COLS_DK: [_cfg(32, 32, 8, 1), _cfg(16, 32, 8, 1), _cfg(64, 16, 8, 1), _cfg(16, 16, 4, 1)],
-    BWD_COLS_DV: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(32, 128, 8, 1), _cfg(16, 16, 4, 1)],
+    BWD_COLS_DV: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(16, 16, 4, 1)],
 }
 
 #: Last resort when every autotune candidate fails with OutOfResources: 16x16 tiles fit at d = 256 in fp32
@@ -158,8 +162,11 @@ SAFE_CONFIG = dict(BLOCK_N=16, BLOCK_T=16, num_warps=4, num_stages=1)
 AUTOTUNE_KEY = ["M", "BLOCK_D", "HAS_DROPOUT", "N_BUCKET"]
 
 #: Integer arguments that Triton must not specialise on (divisibility by 16, == 1): they change from call to call
-#: (image size, seed) and would otherwise trigger recompiles.  Strides stay specialised (vectorised loads).
-NO_SPECIALIZE = ["seed_lo", "seed_hi", "N", "M", "D", "H", "split_len", "num_splits", "N_BUCKET"]
+#: (image size, seed) and would otherwise trigger recompiles.  Strides stay specialised, and so does the head dim
+#: ``D`` (fixed for a model): its divisibility by 16 tells the compiler that the head-dim bound check ``d < D`` is
+#: constant over 16 consecutive columns, so the [tile, head dim] loads and stores are vectorised (16-byte accesses;
+#: unspecialised, every element was its own predicated 2-byte load, with the registers for it).
+NO_SPECIALIZE = ["seed_lo", "seed_hi", "N", "M", "H", "split_len", "num_splits", "N_BUCKET"]
 
 
 def autotuned(kernel: str, fn):
@@ -190,19 +197,21 @@ def _smem_limit() -> int:
 
 # Shared-memory model: ``(resident, streamed)`` [tile, head dim] operand tiles held in shared memory per program, for
 # programs of at least 64 rows (Hopper warp-group MMA: every dot operand is staged in shared memory) and for smaller
-# ones (register MMA: the resident side of the two-accumulator-free kernels stays in registers). Read off the sm_90
-# compile survey (benchmarks/fusion/compile_check.py --survey, Triton 3.6 and 3.8, head dim 256, bf16), where it is
-# within 10% of the compiled size for every surveyed tile; num_stages did not change the size there (the loops are
-# not multi-buffered), so it is not a term.
+# ones (register MMA). Read off the sm_90 compile survey of the kernels as launched (compile_check.py --survey,
+# Triton 3.6 and 3.8, head dim 256, bf16: benchmarks/results/triton_compile_sm90_triton3.6_2026-12-07.json), where
+# it is within 3% of the compiled size of every surveyed tile.
 _SMEM_TILES = {
     #              rows >= 64       rows < 64
     FWD_ROWS:    ((1, 1),          (1, 1)),   # q resident; k and v_l streamed through one buffer
     FWD_COLS:    ((1, 1),          (1, 1)),   # k resident; q and v_v streamed through one buffer
-    BWD_ROWS_DQ: ((3, 3),          (3, 1)),   # q, v_v, dO_v resident; k, v_l, dO_l streamed
+    BWD_ROWS_DQ: ((3, 3),          (3, 2)),   # q, v_v, dO_v resident; k, v_l, dO_l streamed (two buffers < 64)
     BWD_ROWS_DV: ((1, 2),          (1, 1)),   # q resident; k, dO_l streamed
-    BWD_COLS_DK: ((3, 3),          (3, 1)),   # k, v_l, dO_l resident; q, v_v, dO_v streamed
+    BWD_COLS_DK: ((3, 3),          (3, 2)),   # k, v_l, dO_l resident; q, v_v, dO_v streamed (two buffers < 64)
     BWD_COLS_DV: ((1, 2),          (1, 1)),   # k resident; q, dO_v streamed
 }
+#: Kernels whose loops Triton pipelines at ``num_stages > 1`` (their 2-stage candidates); the backward candidates all
+#: run at 1 stage, where the size does not depend on ``num_stages``.
+_PIPELINED = (FWD_ROWS, FWD_COLS)
 
 
 def shared_memory_estimate(kernel: str, block_n: int, block_t: int, num_warps: int, num_stages: int, block_d_: int,
@@ -213,13 +222,19 @@ def shared_memory_estimate(kernel: str, block_n: int, block_t: int, num_warps: i
     ``keys`` the streamed one. The operand tiles of :data:`_SMEM_TILES` (``rows x head dim`` / ``keys x head dim``),
     plus, below 64 rows, a ``rows x keys`` scratch where the probabilities change layout between the two dots; the
     column kernels' fp32 split partials (``write_partial``) are stored through a ``rows x head dim`` fp32 staging
-    buffer, and the program needs the larger of the two. ``num_warps`` and ``num_stages`` do not enter (see above).
+    buffer, and the program needs the larger of the two. A pipelined forward loop (``num_stages > 1``) gives each of
+    its two streamed operands a buffer of its own, ``num_stages`` of them in a warp-group MMA program, plus 4 KB.
+    ``num_warps`` does not enter.
     """
     column = kernel in COLUMN_KERNELS
     rows, keys = (block_t, block_n) if column else (block_n, block_t)
     wide = rows >= 64
     resident, streamed = _SMEM_TILES[kernel][0 if wide else 1]
-    operands = (resident * rows + streamed * keys) * block_d_ * elem + (0 if wide else rows * keys * elem)
+    pipeline = 0
+    if kernel in _PIPELINED and num_stages > 1:
+        streamed = 2 * num_stages if wide else 2
+        pipeline = 4096 if wide else 0
+    operands = (resident * rows + streamed * keys) * block_d_ * elem + (0 if wide else rows * keys * elem) + pipeline
     epilogue = rows * block_d_ * 4 if (column and write_partial) else 0
     return max(operands, epilogue)
 
@@ -237,12 +252,33 @@ def _operand_bytes(kernel: str, cfg: triton.Config, block_d_: int, elem: int, wr
 FP32_MAX_TILE_VOLUME = 32 * 32 * 256
 
 
+#: Register budget per thread (``maxnreg``, passed to ``ptxas``) of the 8-warp backward tiles at the padded head dims
+#: of :data:`REGISTER_BUDGET_HEAD_DIMS`, for half inputs.  Without one, ptxas caps a program of 256 threads that needs
+#: a little more than 128 registers at 128, to fit two programs per SM, and spills 8-24 bytes per thread instead: the
+#: dQ and dK passes at head dims <= 128, the dV_v pass at 256 (sm_90 compile survey, Triton 3.6 and 3.8).  With the
+#: budget it keeps everything in registers, at one program per SM.  Where a pass needs far more registers anyway (dQ
+#: and dK at 256: 170-200) no budget is given: ptxas then fills it and spilled 8 bytes in two tiles (Triton 3.6).
+#: 224 compiled every listed tile spill-free on both toolchains; the budget is not a tuned performance choice.
+REGISTER_BUDGET = 224
+REGISTER_BUDGET_HEAD_DIMS = {BWD_ROWS_DQ: (32, 64, 128), BWD_COLS_DK: (32, 64, 128), BWD_ROWS_DV: (256,)}
+
+
+def with_register_budget(kernel: str, configs: list[triton.Config], block_d_: int, elem: int) -> list[triton.Config]:
+    """``configs`` with :data:`REGISTER_BUDGET` on the 8-warp ones where ``kernel`` needs it at padded head dim
+    ``block_d_`` for inputs of ``elem`` bytes (copies; the others are returned as they are)."""
+    if elem != 2 or block_d_ not in REGISTER_BUDGET_HEAD_DIMS.get(kernel, ()):
+        return list(configs)
+    return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, num_ctas=c.num_ctas,
+                          maxnreg=REGISTER_BUDGET) if c.num_warps == 8 and c.maxnreg is None else c for c in configs]
+
+
 def make_pruner(kernel: str, smem_limit: int | None = None):
     """An ``early_config_prune`` hook: drop tiles larger than the problem (a tile of 128 text tokens for M = 32 only
     wastes work), configurations that cannot fit in shared memory (:func:`shared_memory_estimate`), for float32
     inputs the tiles above :data:`FP32_MAX_TILE_VOLUME` (the rest ordered smallest first), and for half inputs the
-    16x16 tiles unless the problem is that small.  Keeps the candidates' order; never returns an empty list.
-    ``smem_limit`` (bytes per block) defaults to the current CUDA device's."""
+    16x16 tiles unless the problem is that small; then give the register budget where the pass needs it
+    (:func:`with_register_budget`).  Keeps the candidates' order; never returns an empty list.  ``smem_limit``
+    (bytes per block) defaults to the current CUDA device's."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -263,9 +299,28 @@ def make_pruner(kernel: str, smem_limit: int | None = None):
             # half inputs use tensor cores: 16x16 tiles only pay off for problems that small
             fitting = [c for c in fitting if max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_T"]) >= 32] or fitting
         sized = [c for c in fitting if c.kwargs["BLOCK_T"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
-        return sized or [min(fitting, key=lambda c: (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"]))]
+        sized = sized or [min(fitting, key=lambda c: (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"]))]
+        return with_register_budget(kernel, sized, bd, elem)
 
     return prune
+
+
+def kept_configs(kernel: str, dtype: torch.dtype, head_dim: int, smem_limit: int, n: int = 22400,
+                 prompts: tuple[int, ...] = (256, 16)) -> list[triton.Config]:
+    """The candidates of ``kernel`` that the pruner keeps for ``dtype`` inputs of head dim ``head_dim`` and ``n`` image
+    tokens (GLIP-T's 22400 by default) for any of the prompt lengths ``prompts``: a long prompt keeps every tile that
+    fits, a short one (M <= 16) the 16-wide text tiles, the 16x16 ones included.  Each as the pruner returns it (with
+    its register budget), in the candidates' order.  What the compile survey and its test compile."""
+    prune = make_pruner(kernel, smem_limit=smem_limit)
+    kept = [c for m in prompts for c in prune(AUTOTUNE_CONFIGS[kernel], {"Q": torch.empty(1, dtype=dtype)}, M=m, N=n,
+                                              BLOCK_D=block_d(head_dim))]
+    out = []
+    for cand in AUTOTUNE_CONFIGS[kernel]:
+        same = [c for c in kept if (c.kwargs, c.num_warps, c.num_stages) == (cand.kwargs, cand.num_warps,
+                                                                             cand.num_stages)]
+        if same:
+            out.append(same[0])
+    return out
 
 
 def num_splits(batch_heads: int, m_out: int, n: int, device: torch.device) -> int:

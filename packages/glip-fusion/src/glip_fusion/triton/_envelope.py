@@ -5,7 +5,7 @@ configuration (``_config``). Must not import ``triton``: ``supports`` is asked b
 before any kernel is compiled, possibly where triton is not installed.
 
 The general checks of ``bi_attention`` (tensor types, matching shapes, masks, options) are not repeated here: they
-live in :func:`glip_fusion.attention._validate`, which every backend calls first.
+live in :func:`glip_fusion._validation.validate_bi_attention`, which every backend calls first.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ def envelope_violation(q: torch.Tensor, k: torch.Tensor, v_v: torch.Tensor, v_l:
                        interpreting: bool) -> Optional[tuple[type, str]]:
     """Why the kernels cannot take these inputs, as ``(exception type, message)``, or None when they can.
 
-    The tensors must already have passed ``glip_fusion.attention._validate`` (4-D, one dtype and device, consistent
-    ``(B, H, N, D)`` / ``(B, H, M, D)`` shapes). ``interpreting``: Triton's CPU interpreter is on (then CPU tensors
-    are accepted).
+    The tensors must already have passed ``glip_fusion._validation.validate_bi_attention`` (4-D, one dtype and
+    device, consistent ``(B, H, N, D)`` / ``(B, H, M, D)`` shapes). ``interpreting``: Triton's CPU interpreter is on
+    (then CPU tensors are accepted).
     """
     if q.dtype not in DTYPES:
         return TypeError, f"q has dtype {q.dtype}; supported: float16, bfloat16, float32"

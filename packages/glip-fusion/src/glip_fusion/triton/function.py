@@ -10,9 +10,7 @@ import torch
 import triton
 import triton.runtime.errors
 
-# glip_fusion.attention never imports triton: the shared validation lives there
-from ..attention import _check_second_clamp
-from ..attention import _validate as _validate_inputs
+from .._validation import check_second_clamp, validate_bi_attention
 from . import _bwd, _config, _fwd
 from ._envelope import envelope_violation
 
@@ -49,13 +47,13 @@ def _validate(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp, se
 
     Returns ``(scale, dropout_p, clamp, seed)`` as Python numbers (``scale`` defaulting to ``D ** -0.5``).
     """
-    scale, dropout_p, clamp, seed = _validate_inputs(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p, clamp,
-                                                     seed, caller=_CALLER)
+    scale, dropout_p, clamp, seed = validate_bi_attention(q, k, v_v, v_l, text_mask, image_mask, scale, dropout_p,
+                                                          clamp, seed, caller=_CALLER)
     problem = envelope_violation(q, k, v_v, v_l, _config.interpreting())
     if problem is not None:
         exc, message = problem
         raise exc(f"{_CALLER}: {message}")
-    _check_second_clamp("triton", clamp, q.shape[2], q.dtype)
+    check_second_clamp("triton", clamp, q.shape[2], q.dtype)
     if fp32_precision not in _FP32_PRECISIONS:
         raise ValueError(f"{_CALLER}: fp32_precision must be one of {_FP32_PRECISIONS}, got {fp32_precision!r}")
     return scale, dropout_p, clamp, seed

@@ -16,7 +16,6 @@ import importlib
 # names resolve lazily, so that ``glip --help`` and the argument parser of ``glip eval`` import no torch
 _LAZY = {
     "EvaluationError": "datasets", "load_detection_dataset": "datasets", "load_flickr_dataset": "datasets",
-    "xyxy_to_xywh": "detections",
     "gather_to_main": "distributed", "init_distributed_from_env": "distributed", "shard_indices": "distributed",
     "numpy_float_alias": "lvis_compat",
     "coco_box_metrics": "metrics", "grounding_recall": "metrics", "lvis_box_metrics": "metrics",
@@ -24,7 +23,8 @@ _LAZY = {
     "PROTOCOLS": "protocols", "DetectionProtocol": "protocols", "FlickrProtocol": "protocols",
     "LVISProtocol": "protocols", "ODinWProtocol": "protocols", "get_protocol": "protocols",
     "parse_overrides": "protocols",
-    "EvalResult": "runner", "evaluate": "runner", "evaluate_detections": "runner",
+    "EvalData": "runner", "EvalResult": "runner", "evaluate": "runner", "evaluate_detections": "runner",
+    "load_eval_data": "runner",
 }
 
 
@@ -38,6 +38,7 @@ __all__ = [
     "PROTOCOLS",
     "DetectionProtocol",
     "Detector",
+    "EvalData",
     "EvalResult",
     "EvaluationError",
     "FlickrProtocol",
@@ -51,10 +52,10 @@ __all__ = [
     "grounding_recall",
     "init_distributed_from_env",
     "load_detection_dataset",
+    "load_eval_data",
     "load_flickr_dataset",
     "lvis_box_metrics",
     "numpy_float_alias",
     "parse_overrides",
     "shard_indices",
-    "xyxy_to_xywh",
 ]

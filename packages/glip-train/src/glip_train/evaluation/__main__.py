@@ -1,4 +1,4 @@
 """``python -m glip_train.evaluation ...``: the same as ``glip eval ...``."""
-from .cli import main
+from ..cli.eval import main
 
 raise SystemExit(main())

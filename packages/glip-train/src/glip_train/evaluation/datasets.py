@@ -367,7 +367,9 @@ def _sentence_types(sentences_dir: Path, original_img_id: Any, sentence_id: Any,
     key = str(original_img_id)
     if key not in cache:
         path = sentences_dir / f"{key}.txt"
-        cache[key] = ([parse_flickr_sentence(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        # as the official reader (and MDETR's): lines split at "\n", only empty ones skipped, so a line of spaces
+        # is a sentence and keeps the indices of the sentences after it
+        cache[key] = ([parse_flickr_sentence(ln) for ln in path.read_text(encoding="utf-8").split("\n") if ln]
                       if path.is_file() else None)
     lines = cache[key]
     if lines is None or not isinstance(sentence_id, int) or not 0 <= sentence_id < len(lines):

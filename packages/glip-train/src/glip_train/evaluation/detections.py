@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from glip_data.boxes import xyxy_to_xywh
+
 from .datasets import DetectionDataset, EvaluationError
 
 __all__ = [
     "ImagePredictions",
     "ResultColumns",
-    "xyxy_to_xywh",
     "top_k_per_group",
     "collect_results",
     "load_results",
@@ -65,22 +66,6 @@ def _numpy(value: Any, dtype: Any) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     return np.asarray(value, dtype=dtype)
-
-
-def xyxy_to_xywh(boxes: np.ndarray, convention: str) -> np.ndarray:
-    """``(N, 4)`` xyxy -> COCO ``[x, y, w, h]`` (float32 arithmetic, as the official conversion).
-
-    ``"inclusive"``: ``w = x2 - x1 + 1`` (legacy inclusive-pixel boxes; the official COCO conversion).
-    ``"exact"``: ``w = x2 - x1`` (the official LVIS conversion).
-    """
-    if convention not in ("inclusive", "exact"):
-        raise ValueError(f"box convention must be 'inclusive' or 'exact', got {convention!r}")
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    one = np.float32(1.0 if convention == "inclusive" else 0.0)
-    out = boxes.copy()
-    out[:, 2] = boxes[:, 2] - boxes[:, 0] + one
-    out[:, 3] = boxes[:, 3] - boxes[:, 1] + one
-    return out
 
 
 def top_k_per_group(groups: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
@@ -138,7 +123,12 @@ class ResultColumns:
 
 def collect_results(dataset: DetectionDataset, predictions: Sequence[ImagePredictions],
                     box_convention: str) -> ResultColumns:
-    """Columns of every image's predictions, in dataset order (``predictions[i]`` is image ``i``)."""
+    """Columns of every image's predictions, in dataset order (``predictions[i]`` is image ``i``), with the boxes in
+    COCO ``[x, y, w, h]`` by :func:`glip_data.xyxy_to_xywh` in float32 (as the official conversion):
+    ``box_convention`` ``"inclusive"`` is ``legacy=True`` (``w = x2 - x1 + 1``, the official COCO conversion),
+    ``"exact"`` is ``legacy=False`` (``w = x2 - x1``, the official LVIS conversion)."""
+    if box_convention not in ("inclusive", "exact"):
+        raise ValueError(f"box convention must be 'inclusive' or 'exact', got {box_convention!r}")
     if len(predictions) != len(dataset):
         raise ValueError(f"{len(predictions)} predictions for {len(dataset)} images")
     counts = [len(p.scores) for p in predictions]
@@ -151,7 +141,8 @@ def collect_results(dataset: DetectionDataset, predictions: Sequence[ImagePredic
     cat = lambda xs, shape, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt)  # noqa: E731
     boxes = cat([p.boxes for p in predictions], (0, 4), np.float32).reshape(-1, 4)
     return ResultColumns(image_index, cat([p.labels for p in predictions], (0,), np.int64),
-                         xyxy_to_xywh(boxes, box_convention), cat([p.scores for p in predictions], (0,), np.float32))
+                         xyxy_to_xywh(boxes, legacy=box_convention == "inclusive"),
+                         cat([p.scores for p in predictions], (0,), np.float32))
 
 
 def load_results(source: str | Path | list, dataset: DetectionDataset) -> ResultColumns:
@@ -201,9 +192,12 @@ def load_results(source: str | Path | list, dataset: DetectionDataset) -> Result
 
 
 def write_results(path: Path, records: Iterable[dict[str, Any]]) -> int:
-    """Stream records to a JSON list file (one detection per line); returns how many were written."""
+    """Stream records to a JSON list file (one detection per line) under a temporary name, renamed into place when
+    complete (a killed run never leaves a truncated file); returns how many were written."""
+    from glip_data.io import atomic_open
+
     n = 0
-    with open(path, "w", encoding="utf-8") as fh:
+    with atomic_open(path) as fh:
         fh.write("[")
         for rec in records:
             fh.write(("\n" if n == 0 else ",\n") + json.dumps(rec, separators=(",", ":")))

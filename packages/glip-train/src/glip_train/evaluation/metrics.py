@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["COCO_STAT_NAMES", "coco_box_metrics", "lvis_box_metrics", "box_iou", "grounding_recall"]
+from glip_data.boxes import box_iou
+
+__all__ = ["COCO_STAT_NAMES", "coco_box_metrics", "lvis_box_metrics", "grounding_recall"]
 
 #: the names of ``COCOeval.stats`` for bbox, in order
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -88,19 +90,6 @@ def lvis_box_metrics(gt: Any, results: list[dict[str, Any]], max_dets_per_image:
     return {k: float(v) for k, v in evaluator.results.items()}
 
 
-def box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
-    """``(N, 4)``, ``(M, 4)`` xyxy -> ``(N, M)`` IoU of continuous boxes (no ``+1``: the Flickr30k protocol)."""
-    a = np.asarray(boxes1, np.float64).reshape(-1, 4)
-    b = np.asarray(boxes2, np.float64).reshape(-1, 4)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    wh = np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]), 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
 def grounding_recall(
     ranked_boxes: Sequence[np.ndarray],
     gt_boxes: Sequence[np.ndarray],
@@ -140,7 +129,8 @@ def grounding_recall(
         if merge_gt:
             gt = np.concatenate([gt[:, :2].min(axis=0), gt[:, 2:].max(axis=0)])[None]
         pred = np.asarray(pred, np.float64).reshape(-1, 4)
-        best = box_iou(pred, gt).max(axis=1) if len(pred) else np.zeros(0)
+        # continuous coordinates, no +1: the Flickr30k protocol
+        best = box_iou(pred, gt, legacy=False).max(axis=1) if len(pred) else np.zeros(0)
         hit = np.array([bool(len(best[:k])) and best[:k].max() >= iou_threshold for k in recall_at]
                        + [bool(len(best)) and best.max() >= iou_threshold], dtype=np.int64)
         hits_all += hit

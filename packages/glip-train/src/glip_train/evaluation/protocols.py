@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
+from glip_data.validators import check_int, check_number
+
 __all__ = [
     "BOX_CONVENTIONS",
     "DetectionProtocol",
@@ -35,10 +37,7 @@ BOX_CONVENTIONS = ("inclusive", "exact")
 
 
 def _positive_int(obj: Any, name: str, allow_zero: bool = False) -> None:
-    value = getattr(obj, name)
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{type(obj).__name__}.{name} must be an integer >= {low}, got {value!r}")
+    check_int(getattr(obj, name), f"{type(obj).__name__}.{name}", low=0 if allow_zero else 1)
 
 
 @dataclass(frozen=True)
@@ -53,12 +52,17 @@ class _InferenceSettings:
     min_size: Union[int, None] = None
     max_size: Union[int, None] = None
     batch_size: int = 1  # images per forward pass; the official numbers use 1 (padding changes GLIP's outputs)
+    # the pixel frame of an image whose EXIF orientation the annotated width/height cannot settle (a square image,
+    # an upside-down one): "stored" as the official loader reads every image, or "upright" (glip_data.ImageFrame)
+    image_frame: str = "stored"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"{type(self).__name__}.name must be a non-empty string, got {self.name!r}")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(f"{type(self).__name__}.threshold must be in [0, 1], got {self.threshold!r}")
+        if self.image_frame not in ("stored", "upright"):
+            raise ValueError(f"{type(self).__name__}.image_frame must be 'stored' or 'upright', "
+                             f"got {self.image_frame!r}")
+        check_number(self.threshold, f"{type(self).__name__}.threshold", low=0.0, high=1.0)
         _positive_int(self, "batch_size")
         for field in ("min_size", "max_size"):  # max_size < min_size is allowed: the longer side's cap wins
             if getattr(self, field) is not None:
@@ -185,8 +189,7 @@ class FlickrProtocol(_InferenceSettings):
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
             raise ValueError(f"FlickrProtocol.recall_at must be positive integers, got {self.recall_at!r}")
         object.__setattr__(self, "recall_at", ks)
-        if not 0.0 < float(self.iou_threshold) <= 1.0:
-            raise ValueError(f"FlickrProtocol.iou_threshold must be in (0, 1], got {self.iou_threshold!r}")
+        check_number(self.iou_threshold, "FlickrProtocol.iou_threshold", low=0.0, high=1.0, low_open=True)
 
 
 EvalProtocol = Union[DetectionProtocol, LVISProtocol, ODinWProtocol, FlickrProtocol]
@@ -225,43 +228,20 @@ def get_protocol(protocol: str | EvalProtocol, **overrides: Any) -> EvalProtocol
     return dataclasses.replace(protocol, **overrides)
 
 
-def _convert(text: str, annotation: Any, key: str) -> Any:
-    """Parse ``text`` as a value of the field type ``annotation`` (int, float, bool, str, None unions, int tuples)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is Union:
-        if text.lower() in ("none", "null") and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(text, inner[0], key)
-    if annotation is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{key}: expected true/false, got {text!r}")
-    if origin is tuple:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    if annotation in (int, float):
-        try:
-            return annotation(text)
-        except ValueError:
-            raise ValueError(f"{key}: expected {annotation.__name__}, got {text!r}") from None
-    return text
-
-
 def parse_overrides(protocol: str | EvalProtocol, assignments: list[str]) -> dict[str, Any]:
-    """Turn ``["key=value", ...]`` (the command line's ``--set``) into typed overrides for ``protocol``."""
+    """Turn ``["key=value", ...]`` (the command line's ``--set``) into overrides for ``protocol``, each value read by
+    the one override grammar (:mod:`glip_train.overrides`) with its field's type; :func:`get_protocol` validates
+    them."""
+    from ..overrides import parse_for, split_assignment
+
     base = get_protocol(protocol)
     hints = typing.get_type_hints(type(base))
     names = {f.name for f in dataclasses.fields(base)}
     out: dict[str, Any] = {}
     for item in assignments:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, text = split_assignment(item, "--set")
+        key = key.replace("-", "_")
         if key not in names:
             raise ValueError(f"{base.name} has no parameter {key!r}; valid: {sorted(names)}")
-        out[key] = _convert(value.strip(), hints[key], key)
+        out[key] = parse_for(hints[key], text)
     return out

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from glip_fusion import BiMultiHeadAttention
-from glip_fusion.modules import ModulatedDeformConv3x3
+from glip_fusion.dyconv import ModulatedDeformConv3x3
 
-from ..config import NUM_LEVELS
+from ..model_config import NUM_LEVELS
 
 __all__ = ["INPUT_NAMES", "OUTPUT_GROUPS", "DEFORM_CHOICES", "NetworkGraph", "output_names", "portable_network",
            "attention_form", "dynamic_shapes", "example_inputs"]

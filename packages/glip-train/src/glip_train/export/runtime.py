@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..box_ops import AnchorGenerator
-from ..config import GLIPConfig
+from ..model_config import GLIPConfig
 from ..head import HeadOutput
 from ..modeling_glip import CONFIG_NAME, GLIP, TOKENIZER_DIR, GLIPOutput
 from .graph import INPUT_NAMES, output_names

@@ -1,8 +1,9 @@
-"""Training GLIP: typed run configs, the trainer (one process or ``torchrun``), data pipeline, optimizer and
-checkpoints. ``glip train`` is the command line; ``docs/training.md`` the guide."""
+"""Training GLIP: typed run configs, the trainer (one process or ``torchrun``; a small loop of steps with hooks),
+data pipeline, optimizer and checkpoints. ``glip train`` is the command line; ``docs/training.md`` the guide."""
 from .checkpointing import ResumeError
 from .config import ConfigError, DataConfig, DatasetConfig, FreezeConfig, OptimConfig, ScheduleConfig, TrainConfig
 from .config import load_train_config
+from .hooks import HookBase
 from .trainer import Trainer, TrainingDiverged, TrainResult
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "DataConfig",
     "DatasetConfig",
     "FreezeConfig",
+    "HookBase",
     "OptimConfig",
     "ResumeError",
     "ScheduleConfig",

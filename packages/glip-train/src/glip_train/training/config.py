@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from glip_data.validators import check_choice, check_int, check_number
+
 __all__ = [
     "DatasetConfig",
     "DataConfig",
@@ -46,23 +48,16 @@ def _fail(path: str, message: str) -> None:
 
 
 def _check_positive_int(path: str, value: Any, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(path, f"must be an integer >= {low}; got {value!r}")
+    check_int(value, path, low=0 if allow_zero else 1, error=ConfigError)
 
 
 def _check_number(path: str, value: Any, low: float = -math.inf, high: float = math.inf,
                   low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(path, f"must be a finite number; got {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        _fail(path, f"must be in {bound}; got {value!r}")
+    check_number(value, path, low=low, high=high, low_open=low_open, error=ConfigError)
 
 
 def _check_choice(path: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(path, f"must be one of {choices}; got {value!r}")
+    check_choice(value, path, choices, error=ConfigError)
 
 
 @dataclass(frozen=True)
@@ -451,53 +446,15 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     return value
 
 
-def _parse_value(text: str) -> Any:
-    """A command-line value: YAML scalars/lists (``1e-5``, ``true``, ``null``, ``[1, 2]``), else the string."""
-    import yaml
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to plain config data (lists are indexed by number: ``data.train.0.x``);
+    values are read by the one override grammar (:mod:`glip_train.overrides`) with the fields' types."""
+    from ..overrides import OverrideError, apply_overrides as apply
 
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        try:  # YAML reads "1e-5" as a string
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted ``key=value`` overrides to plain config data (lists are indexed by number: ``data.train.0.x``)."""
-    data = json.loads(json.dumps(data))  # a deep copy of plain data
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty key part")
-        node = data
-        for depth, part in enumerate(parts[:-1]):
-            where = ".".join(parts[: depth + 1])
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override {item!r}: {where} is not an index of a list of {len(node)}")
-                node = node[int(part)]
-            else:
-                if part not in node or node[part] is None:
-                    node[part] = {}
-                node = node[part]
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
-        last = parts[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"override {item!r}: {key} is not an index of a list of {len(node)}")
-            node[int(last)] = _parse_value(text)
-        else:
-            node[last] = _parse_value(text)
-    return data
+        return apply(data, overrides, schema=TrainConfig)
+    except OverrideError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def shipped_configs() -> dict[str, Path]:

@@ -4,15 +4,20 @@ Every random choice of a sample (the mixture draw, negative classes of a detecti
 captions, the resize and the flip) is a pure function of ``(seed, epoch, index)``, and the sampler hands each process
 its slice of a seeded global order. So a run is reproducible, a resumed run sees exactly the batches it would have
 seen, and N processes with batch b see the same global batches as one process with batch N·b.
+
+Nothing is left out silently: what the readers drop and the image files missing on disk are named in the run's
+:class:`~glip_data.report.SkipReport` when the sources are built (before the model), and an image that cannot be
+read during training is replaced by the next sample of its source and travels with its batch
+(``TrainBatch.unreadable``) to the trainer's report.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +27,28 @@ from torch.utils.data import Dataset, Sampler
 
 import glip_data as gd
 from glip_data.packing import num_caption_negatives, pack_captions
+from glip_data.report import SkipReport
 from glip_data.sampling import few_shot_indices
 
-from .config import DETECTION_KINDS, DataConfig, DatasetConfig
+from .config import DETECTION_KINDS, DataConfig, DatasetConfig, TrainConfig
+from .distributed import any_rank
 
-__all__ = ["build_sources", "TrainingSamples", "GlobalBatchSampler", "TrainBatch", "to_train_batch"]
+__all__ = ["build_sources", "build_data", "prepare_world", "TrainData", "TrainingSamples", "GlobalBatchSampler",
+           "TrainBatch", "to_train_batch"]
 
 
-class _Subset(Dataset):
-    """The ``indices`` of ``dataset`` (few-shot), keeping the attributes the pipeline reads."""
+class _Source(Dataset):
+    """One training source: the usable ``indices`` of a reader (images present, few-shot subset), reading past the
+    images that cannot be read.
 
-    def __init__(self, dataset: Any, indices: Sequence[int]):
-        self.dataset, self.indices = dataset, list(indices)
+    An image that fails to load at training time is replaced by the next sample of the same source whose image
+    loads (a pure function of the index, so every process, worker and resumed run agrees); the failures travel in
+    the sample's ``metadata["unreadable_images"]`` as ``(path, message)`` pairs for the trainer's skip report.
+    """
+
+    def __init__(self, dataset: Any, indices: Sequence[int] | None = None):
+        self.dataset = dataset
+        self.indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
         self.task = getattr(dataset, "task", "grounding")
         self.dataset_name = getattr(dataset, "dataset_name", None)
         self.categories = getattr(dataset, "categories", None)
@@ -43,11 +58,27 @@ class _Subset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        return self.dataset[self.indices[i]]
+        unreadable: list[tuple[str, str]] = []
+        for attempt in range(len(self.indices)):
+            j = int(self.indices[(i + attempt) % len(self.indices)])
+            try:
+                sample = self.dataset[j]
+            except OSError as err:  # glip_data.ImageLoadError: missing, truncated, undecodable
+                unreadable.append((str(self.dataset.image_path(j)), str(err)))
+                continue
+            if unreadable:
+                sample.metadata["unreadable_images"] = unreadable
+            return sample
+        raise OSError(f"{getattr(self.dataset, 'ann_file', 'a training source')}: none of its images can be read "
+                      f"(the first: {unreadable[0][1]})")
+
+    def caption_texts(self) -> list[str]:
+        return self.dataset.caption_texts()
 
 
-def _reader(spec: DatasetConfig, load_image: bool, max_text_len: int):
-    common = dict(load_image=load_image, on_bad_image="skip" if load_image else "raise", errors="drop")
+def _reader(spec: DatasetConfig, load_image: bool):
+    # unreadable images raise: _Source replaces them and reports them
+    common = dict(load_image=load_image, on_bad_image="raise", errors="drop")
     if spec.kind == "coco":
         return gd.COCODetection(spec.annotations, spec.images, skip_empty=True, **common)
     if spec.kind == "objects365":
@@ -83,6 +114,22 @@ def ensure_world(config: DataConfig, create: bool = True) -> Any:
     return gd.SynthWorld.load(folder)
 
 
+def prepare_world(config: DataConfig, is_main: bool, device: torch.device) -> Any:
+    """The run's synthetic world (or None): generated once, by rank 0, while the other processes wait; a failure
+    on rank 0 stops every process."""
+    world, failed = None, None
+    if is_main:
+        try:
+            world = ensure_world(config)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            failed = exc
+    if any_rank(failed is not None, device):  # also the barrier: the others read the world only once it exists
+        if failed is not None:
+            raise failed
+        raise RuntimeError("rank 0 could not generate the synthetic world of data.world (its message says why)")
+    return world if is_main else ensure_world(config, create=False)
+
+
 def resolve_world_file(annotations: str, images: str | None, world: Any, where: str) -> tuple[str, str | None]:
     """``world:<file>`` -> ``(the world's file, images or the world's image folder)``; other paths pass through."""
     if not str(annotations).startswith(WORLD_PREFIX):
@@ -105,29 +152,83 @@ def resolve_world_paths(spec: DatasetConfig, world: Any, where: str) -> DatasetC
     return dataclasses.replace(spec, annotations=annotations, images=images)
 
 
-def build_sources(config: DataConfig, max_text_len: int = 256, world: Any = None) -> dict[str, Any]:
-    """The training readers, by name (``"<index>:<file stem>"``), few-shot subsets applied.
+def build_sources(config: DataConfig, world: Any = None, report: SkipReport | None = None) -> dict[str, _Source]:
+    """The training sources, by name (``"<index>:<file stem>"``): each reader's usable samples (their image files
+    present, few-shot subsets applied).
+
+    What the readers drop (unknown category or image ids, boxes without area, ...: every record their
+    :class:`~glip_data.readers.base.RecordChecker` names) and the images missing on disk are counted and named in
+    ``report``.
 
     Raises:
-        FileNotFoundError / glip_data.ReaderError: naming the annotation file of a source that cannot be read.
+        FileNotFoundError / glip_data.ReaderError: naming the annotation file of a source that cannot be read, or a
+            source none of whose images exists.
         ValueError: a source that holds no usable sample.
     """
-    sources: dict[str, Any] = {}
+    report = report if report is not None else SkipReport("glip train", stream=None)
+    sources: dict[str, _Source] = {}
     for i, spec in enumerate(config.train):
-        spec = resolve_world_paths(spec, world, f"data.train.{i}")
-        reader = _reader(spec, load_image=True, max_text_len=max_text_len)
+        where = f"data.train.{i}"
+        spec = resolve_world_paths(spec, world, where)
+        if spec.few_shot and spec.kind not in DETECTION_KINDS:
+            raise ValueError(f"{where}: few_shot needs a detection source (coco, objects365, lvis), not {spec.kind!r}")
+        reader = _reader(spec, load_image=True)
+        report_reader_drops(reader, report)
+        indices = present_images(reader, where, report)
         if spec.few_shot:
-            if spec.kind not in DETECTION_KINDS:
-                raise ValueError(f"data.train.{i}: few_shot needs a detection source (coco, objects365, lvis), "
-                                 f"not {spec.kind!r}")
-            labels = _reader(spec, load_image=False, max_text_len=max_text_len)
-            label_sets = [set(labels[j].labels.tolist()) for j in range(len(labels))]
-            reader = _Subset(reader, few_shot_indices(label_sets, spec.few_shot, spec.few_shot_seed))
-        if len(reader) == 0:
-            raise ValueError(f"data.train.{i}: {spec.annotations} holds no usable training sample "
-                             f"({getattr(reader, 'stats', {})})")
-        sources[f"{i}:{getattr(reader, 'dataset_name', None) or spec.kind}"] = reader
+            labels = _reader(spec, load_image=False)
+            label_sets = [set(labels[j].labels.tolist()) for j in indices]
+            indices = [indices[k] for k in few_shot_indices(label_sets, spec.few_shot, spec.few_shot_seed)]
+        source = _Source(reader, indices)
+        if len(source) == 0:
+            raise ValueError(f"{where}: {spec.annotations} holds no usable training sample "
+                             f"({dict(reader.stats) or 'no box in any image'})")
+        sources[f"{i}:{source.dataset_name or spec.kind}"] = source
     return sources
+
+
+def report_reader_drops(reader: Any, report: SkipReport) -> None:
+    """Count and name in ``report`` every record ``reader`` dropped (what its checker named, with the full counts
+    of its ``stats``): ``glip train: skipped FILE annotations[3] (id=7, ...): unknown category id (...)``."""
+    for reason, messages in sorted(reader.check.dropped.items()):
+        phrase = reason.replace("_", " ")
+        for message in messages:
+            record, _, what = message.partition(": ")
+            report.skip(phrase, f"{reader.ann_file} {record}", what or None)
+        unnamed = reader.stats[reason] - len(messages)
+        if unnamed > 0:
+            report.merge({"by_reason": {phrase: unnamed}})
+
+
+def present_images(reader: Any, where: str, report: SkipReport) -> list[int]:
+    """The samples of ``reader`` whose image file exists; each missing file is named in ``report`` once.
+
+    Each folder is listed once (not one ``stat`` per image), so checking a million images takes seconds.
+
+    Raises:
+        FileNotFoundError: not one image exists (a wrong image folder), naming the folder to fix.
+    """
+    paths = [reader.image_path(i) for i in range(len(reader))]
+    listings: dict[Path, set[str]] = {}
+    present = []
+    for path in paths:
+        names = listings.get(path.parent)
+        if names is None:
+            try:
+                names = set(os.listdir(path.parent))
+            except OSError:
+                names = set()
+            listings[path.parent] = names
+        present.append(path.name in names)
+    if paths and not any(present):
+        raise FileNotFoundError(f"{where}: none of the {len(paths)} images of {reader.ann_file} exists under "
+                                f"{reader.image_root} (the first: {paths[0]}); set {where}.images to their folder")
+    named: set[Path] = set()
+    for path, ok in zip(paths, present):
+        if not ok and path not in named:
+            named.add(path)
+            report.skip("missing image file", path, reader.ann_file.name)
+    return [i for i, ok in enumerate(present) if ok]
 
 
 class TrainingSamples(Dataset):
@@ -179,8 +280,7 @@ class TrainingSamples(Dataset):
 
     def _negative_captions(self, name: str, source: Any, rng: np.random.Generator, count: int) -> list[str]:
         if name not in self._captions:  # caption texts of the source, read once per process
-            inner = source.dataset if isinstance(source, _Subset) else source
-            self._captions[name] = inner.caption_texts()
+            self._captions[name] = source.caption_texts()
         texts = self._captions[name]
         return [texts[int(i)] for i in rng.integers(0, len(texts), size=count)]
 
@@ -253,7 +353,8 @@ class TrainBatch:
     Attributes:
         images: ``(B, 3, H, W)``; image_sizes: ``(h, w)`` before padding; input_ids, attention_mask: ``(B, M)``;
         targets: per image ``{"boxes": (n, 4), "positive_map": (n, M) bool}``; num_empty: images without a box;
-        sources: the mixture source of each image.
+        sources: the mixture source of each image; unreadable: ``(path, message)`` of the images that could not be
+        read and were replaced by the next sample of their source.
     """
 
     images: torch.Tensor
@@ -263,12 +364,12 @@ class TrainBatch:
     targets: list[dict[str, torch.Tensor]]
     num_empty: int
     sources: list[str]
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     def to(self, device: torch.device) -> "TrainBatch":
-        return TrainBatch(self.images.to(device), self.image_sizes, self.input_ids.to(device),
-                          self.attention_mask.to(device),
-                          [{k: v.to(device) for k, v in t.items()} for t in self.targets], self.num_empty,
-                          self.sources)
+        return dataclasses.replace(self, images=self.images.to(device), input_ids=self.input_ids.to(device),
+                                   attention_mask=self.attention_mask.to(device),
+                                   targets=[{k: v.to(device) for k, v in t.items()} for t in self.targets])
 
 
 def to_train_batch(batch: gd.GroundingBatch) -> TrainBatch:
@@ -282,6 +383,7 @@ def to_train_batch(batch: gd.GroundingBatch) -> TrainBatch:
         targets=targets,
         num_empty=sum(int(t["boxes"].shape[0] == 0) for t in targets),
         sources=[str(m.get("mixture_source", "")) for m in batch.metadata],
+        unreadable=[tuple(u) for m in batch.metadata for u in m.get("unreadable_images", ())],
     )
 
 
@@ -298,9 +400,49 @@ class Collator:
             return to_train_batch(self.collator(samples))
 
 
-def micro_batches_per_epoch(length: int, batch_size: int, world_size: int) -> int:
-    return max(1, length // (batch_size * world_size))
+@dataclass
+class TrainData:
+    """What a run reads: the prepared samples, their collation and this process's share of the global batches.
+
+    Attributes:
+        samples: the mixture's prepared samples; collator: the DataLoader ``collate_fn``; batch_size: images per
+        process and micro-batch; seed: the run's seed; rank, world_size: this process and how many there are;
+        num_workers: DataLoader workers.
+    """
+
+    samples: TrainingSamples
+    collator: Any
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Global micro-batches in one epoch of the mixture (an incomplete last one is dropped)."""
+        return len(self.samples) // (self.batch_size * self.world_size)
+
+    def batches(self, start: int = 0) -> Iterator[TrainBatch]:
+        """This process's micro-batches from global micro-batch ``start`` on (resume), endlessly."""
+        sampler = GlobalBatchSampler(len(self.samples), self.batch_size, self.seed, self.world_size, self.rank,
+                                     start=start)
+        # the loader's own generator: creating it must not draw from the global RNG (dropout), or a resumed run
+        # would see other dropout masks than an uninterrupted one (samples take their randomness from their keys)
+        loader = torch.utils.data.DataLoader(
+            self.samples, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator,
+            num_workers=self.num_workers, persistent_workers=False,
+            prefetch_factor=2 if self.num_workers else None, generator=torch.Generator().manual_seed(self.seed))
+        return iter(loader)
 
 
-def epochs_of(steps: int, accumulation: int, per_epoch: int) -> float:
-    return steps * accumulation / per_epoch if per_epoch else math.inf
+def build_data(config: TrainConfig, sources: dict[str, Any], model: Any, rank: int = 0,
+               world_size: int = 1) -> TrainData:
+    """The run's :class:`TrainData` over ``sources`` (:func:`build_sources`) for ``model``'s tokenizer and text
+    length."""
+    samples = TrainingSamples(sources, config.data.train, config.data, model.tokenizer, model.config.max_text_len,
+                              config.seed)
+    collator = Collator(model.tokenizer, model.config.max_text_len, config.data.pad_text_to,
+                        model.config.size_divisibility)
+    return TrainData(samples, collator, config.data.batch_size, config.seed, rank, world_size,
+                     config.data.num_workers)

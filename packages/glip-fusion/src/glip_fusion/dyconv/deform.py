@@ -3,6 +3,8 @@
 ``deform_conv2d`` has the signature and numerics of :func:`torchvision.ops.deform_conv2d` for one offset group and
 ``groups=1``; on CPU it is several times faster, forward and especially backward (torchvision's CPU backward is a
 single-threaded scatter loop).
+``deform_conv2d_grid_sample`` is the same function as one ``grid_sample`` plus one matmul: plain ONNX operators, what
+exported graphs use (slower, and it materialises every column at once).
 
 Formulation. For output position p and kernel tap k = i * kw + j (row-major), the sampling point is
 ``y = p_y * stride - padding + i * dilation + offset[2k]``, ``x = ... + offset[2k + 1]``; the sample is the bilinear
@@ -26,21 +28,13 @@ Shapes: input ``(B, C, H, W)``, offset ``(B, 2*K, Ho, Wo)`` ((dy, dx) per tap), 
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-__all__ = ["deform_conv2d", "deform_conv2d_grid_sample", "dcn_function", "DCN_IMPLS", "DCN_IMPL_ENV_VAR",
-           "resolve_dcn_impl", "set_dcn_impl", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["deform_conv2d", "deform_conv2d_grid_sample", "DEFAULT_CHUNK_ELEMENTS"]
 
-#: implementations a :class:`~glip_fusion.modules.ModulatedDeformConv3x3` can use (``"auto"`` picks one):
-#: ``"gather"`` (:func:`deform_conv2d`), ``"torchvision"``, ``"grid_sample"`` (:func:`deform_conv2d_grid_sample`)
-DCN_IMPLS = ("gather", "torchvision", "grid_sample")
-#: environment variable that forces the implementation chosen by ``impl="auto"``
-DCN_IMPL_ENV_VAR = "GLIP_DCN_IMPL"
 #: column elements per chunk (4 Mi = 16 MB in float32; measured fastest on CPU between 1 Mi and 8 Mi)
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
@@ -379,55 +373,3 @@ def deform_conv2d_grid_sample(input: torch.Tensor, offset: torch.Tensor, weight:
     if bias is not None:
         out = out + bias.to(dtype).reshape(1, O, 1)
     return out.reshape(B, O, Ho, Wo).to(input.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# implementation choice
-
-
-def resolve_dcn_impl(impl: str, device: torch.device) -> str:
-    """The implementation (one of :data:`DCN_IMPLS`) for an ``impl`` setting and the device of the data.
-
-    ``"auto"``: ``$GLIP_DCN_IMPL`` if set, else ``"gather"`` on CPU (measured faster there) and ``"torchvision"``
-    on other devices (its native kernels; the gather path runs there too but has not been measured).
-    """
-    if impl == "auto":
-        env = os.environ.get(DCN_IMPL_ENV_VAR, "").strip()
-        if env and env != "auto":
-            if env not in DCN_IMPLS:
-                raise ValueError(f"${DCN_IMPL_ENV_VAR}={env!r} is not a DCN implementation; expected one of "
-                                 f"{DCN_IMPLS} or 'auto'")
-            return env
-        return "gather" if device.type == "cpu" else "torchvision"
-    if impl not in DCN_IMPLS:
-        raise ValueError(f"DCN impl must be 'auto' or one of {DCN_IMPLS}; got {impl!r}")
-    return impl
-
-
-def dcn_function(impl: str):
-    """The function of an implementation name of :data:`DCN_IMPLS` (all with torchvision's signature)."""
-    if impl == "torchvision":
-        from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
-
-        return torchvision_deform_conv2d
-    functions = {"gather": deform_conv2d, "grid_sample": deform_conv2d_grid_sample}
-    if impl not in functions:
-        raise ValueError(f"DCN impl must be one of {DCN_IMPLS}; got {impl!r}")
-    return functions[impl]
-
-
-def set_dcn_impl(module: nn.Module, impl: str) -> int:
-    """Set ``impl`` on every deformable convolution inside ``module`` (e.g. a whole GLIP model); returns how many.
-
-    ``impl``: ``"auto"`` or one of :data:`DCN_IMPLS`.
-    """
-    from .modules import ModulatedDeformConv3x3
-
-    if impl != "auto" and impl not in DCN_IMPLS:
-        raise ValueError(f"DCN impl must be 'auto' or one of {DCN_IMPLS}; got {impl!r}")
-    count = 0
-    for sub in module.modules():
-        if isinstance(sub, ModulatedDeformConv3x3):
-            sub.impl = impl
-            count += 1
-    return count

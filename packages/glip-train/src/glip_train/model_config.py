@@ -189,7 +189,7 @@ class GLIPConfig:
         text_dim = int(self.text_encoder["hidden_size"])
         _check(self.fusion.lang_dim == text_dim,
                f"GLIPConfig.fusion.lang_dim ({self.fusion.lang_dim}) must equal the text encoder's hidden_size "
-               f"({text_dim}); build it with glip_train.config.fusion_for_text(text_encoder, ...)")
+               f"({text_dim}); build it with glip_train.model_config.fusion_for_text(text_encoder, ...)")
         _check(self.fusion.channels == self.fpn_channels and self.fusion.in_channels in (None, self.fpn_channels),
                f"GLIPConfig.fusion.channels / in_channels ({self.fusion.channels} / {self.fusion.in_channels}) must "
                f"equal fpn_channels ({self.fpn_channels})")

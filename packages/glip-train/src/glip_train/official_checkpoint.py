@@ -19,7 +19,7 @@ import torch
 
 from glip_encoders import image_checkpoint_filter_fn, image_to_official_state_dict, text_checkpoint_filter_fn
 
-from .config import GLIPConfig, fusion_for_text
+from .model_config import GLIPConfig, fusion_for_text
 
 __all__ = [
     "CheckpointError",
@@ -108,15 +108,19 @@ def read_official_checkpoint(
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# how torch's weights-only unpickler names the global it refuses (an unknown one, or one of a blocked module)
+_REFUSED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 
 
 def _global_kind(dotted: str) -> str:
-    """"object" when ``module.attr`` exists, "missing module" when the module is not installed, "cut" when the module
-    exists but not the attribute (a truncated file cuts names in half)."""
+    """"object" when ``module.attr`` (or the builtin ``attr``) exists, "missing module" when the module is not
+    installed, "cut" when the module exists but not the attribute (a truncated file cuts names in half)."""
+    import builtins
     import importlib
 
     module, _, attr = dotted.rpartition(".")
+    if not module:  # torch names builtins without their module ("eval")
+        return "object" if hasattr(builtins, attr) else "cut"
     try:
         found = importlib.import_module(module)
     except Exception:  # noqa: BLE001 - not installed (or failing): the file refers to code we do not have
@@ -127,9 +131,10 @@ def _global_kind(dotted: str) -> str:
 def load_checkpoint_file(path: str | Path, *, trust_pickle: bool = False):
     """``torch.load`` a checkpoint file on the CPU with one clear :class:`CheckpointError` per way it can be wrong.
 
-    By default only tensors and plain containers are unpickled (``weights_only``); a file holding other Python objects
-    is refused with a hint to ``trust_pickle`` (``--trust-pickle``), which is given only where it would help — never
-    for a truncated or damaged file, or for a file that is not a checkpoint at all (an image, a text file).
+    By default only tensors and plain containers are unpickled (``weights_only``). A file holding other Python objects
+    -- a checkpoint saved with its config objects, or a malicious file whose unpickling would run code -- is refused,
+    naming the object, with a hint to ``trust_pickle`` (``--trust-pickle``) given only where it would help: never for a
+    truncated or damaged file, or for a file that is not a checkpoint at all (an image, a text file).
     """
     import pickle
 
@@ -145,16 +150,17 @@ def load_checkpoint_file(path: str | Path, *, trust_pickle: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        found = _UNSUPPORTED_GLOBAL.search(str(exc))
-        kind = _global_kind(found.group(1)) if found else None
+        found = _REFUSED_GLOBAL.search(str(exc))
+        blocked = found is not None and "is blocked" in str(exc)
+        kind = "object" if blocked else (_global_kind(found.group(1)) if found else None)
         if kind in ("object", "missing module") and not trust_pickle:
             extra = " (its module is not installed here)" if kind == "missing module" else ""
-            raise CheckpointError(f"{path}: holds Python objects besides tensors ({found.group(1)}{extra}); if you "
-                                  "trust the file, load it with trust_pickle=True (CLI: --trust-pickle)") from None
+            raise CheckpointError(f"{path}: refuses to unpickle {found.group(1)}{extra}: the file holds Python objects "
+                                  "besides tensors, and unpickling them can run any code (pass trust_pickle=True "
+                                  "only for files you trust)") from None
         if not found and not trust_pickle and "Unsupported operand" in str(exc):
-            raise CheckpointError(f"{path}: is a plain pickle, not a file torch.save wrote with tensors only; if it "
-                                  "is a checkpoint you trust, load it with trust_pickle=True (CLI: --trust-pickle)") \
-                from None
+            raise CheckpointError(f"{path}: is a plain pickle, not a file torch.save wrote with tensors only (pass "
+                                  "trust_pickle=True only if it is a checkpoint you trust)") from None
         raise CheckpointError(f"{path}: cannot be read: the file is truncated or damaged") from None
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
