@@ -1,7 +1,8 @@
-"""Export to ONNX / OpenVINO (glip_train.export): the runtimes' detections equal the eager model's.
+"""Export to ONNX / OpenVINO (glip_train.export, ``glip export``): the runtimes' detections equal the eager model's.
 
-The shipped model is exported once (the ONNX trace is the slow part, about a minute on 2 cores); the OpenVINO model
-and the int8 model are converted from that export without tracing again. Detections are compared one to one with
+The shipped model is exported once, through ``glip export`` (the ONNX trace is the slow part, about a minute on 2
+cores); the OpenVINO model is converted from that export without tracing again. ``glip detect / ground / eval`` run
+the exported folders through the command line's one model loader. Detections are compared one to one with
 :func:`glip_train.testing.match_detections` (same label, IoU > 0.99, |score difference| < 1e-3: the float32 graph
 differs from eager PyTorch by rounding, ~1e-6 relative, so a detection that moves more is a wrong graph). The images
 and prompts differ in size and length from the ones traced, so the dynamic axes are exercised.
@@ -21,6 +22,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from glip_train import GLIP  # noqa: E402
+from glip_train.cli import main as glip_main  # noqa: E402
 from glip_train.export import ExportedGLIP, ExportError, export_model, is_exported, resolve_export  # noqa: E402
 from glip_train.export.graph import INPUT_NAMES, example_inputs, output_names  # noqa: E402
 from glip_train.testing import match_detections  # noqa: E402
@@ -56,10 +58,11 @@ def shipped():
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(shipped, tmp_path_factory):
+def onnx_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export") / "onnx"
-    # optimize=False: the exporter's graph optimizer takes as long as the trace and changes no output
-    export_model(shipped, folder, "onnx", optimize=False, source="shipped")
+    # --no-optimize: the exporter's graph optimizer takes as long as the trace and changes no output
+    assert glip_main(["export", "--weights", "default", "--format", "onnx", "-o", str(folder), "--no-optimize",
+                      "--quiet"]) == 0
     return folder
 
 
@@ -89,27 +92,36 @@ def test_onnxruntime_detections_equal_eager(onnx_dir, shipped, images):
     _check_runtime_equals_eager(model, shipped, images)
 
 
-def test_openvino_detections_equal_eager(onnx_dir, shipped, images, tmp_path):
+@pytest.fixture(scope="module")
+def openvino_dir(onnx_dir):
     pytest.importorskip("openvino")
-    source = ExportedGLIP.from_pretrained(onnx_dir)
-    xml = export_model(source, tmp_path / "ov", "openvino")  # converted from the ONNX export: no new trace
-    assert xml.name == "model.xml" and (tmp_path / "ov" / "model.bin").is_file()
-    assert not (tmp_path / "ov" / "model.onnx").exists()
-    model = ExportedGLIP.from_pretrained(tmp_path / "ov")
+    folder = onnx_dir.parent / "openvino"
+    # converted from the ONNX export (the one model loader reads it as an ExportedGLIP): no new trace
+    assert glip_main(["export", "--weights", str(onnx_dir / "model.onnx"), "--format", "openvino", "-o",
+                      str(folder), "--quiet"]) == 0
+    return folder
+
+
+def test_openvino_detections_equal_eager(openvino_dir, shipped, images, tmp_path):
+    assert (openvino_dir / "model.bin").is_file() and not (openvino_dir / "model.onnx").exists()
+    model = ExportedGLIP.from_pretrained(openvino_dir)
     assert model.format == "openvino"
     _check_runtime_equals_eager(model, shipped, images)
 
 
 def test_export_folder_and_record(onnx_dir, shipped):
+    from glip_train.shipped import default_model_dir
+
     names = sorted(p.name for p in onnx_dir.iterdir())
-    assert names == [".glip.lock", "config.json", "export.json", "model.onnx", "model.onnx.data", "tokenizer"]
+    assert names == ["config.json", "export.json", "model.onnx", "model.onnx.data", "tokenizer"]
+    assert (onnx_dir.parent / ".onnx.glip.lock").is_file()  # the lock lies beside the folder, renamed into place
     info = json.loads((onnx_dir / "export.json").read_text())
     assert info["format"] == "onnx" and info["file"] == "model.onnx" and info["precision"] == "fp32"
     assert info["inputs"] == list(INPUT_NAMES) and info["outputs"] == output_names()
     # the shipped model's head width (32) is below its text limit (256): the projected X-MHA, reference attention
     assert info["attention"] == "reference" and info["deformable_convolution"] == "grid_sample"
     assert max(info["check_relative_error"].values()) < 1e-4
-    assert info["source"] == "shipped"
+    assert info["source"] == str(default_model_dir().resolve())
 
     import onnx
 
@@ -126,6 +138,95 @@ def test_export_folder_and_record(onnx_dir, shipped):
     assert not is_exported(onnx_dir / "config.json")
     with pytest.raises(FileExistsError, match="overwrite"):
         export_model(ExportedGLIP.from_pretrained(onnx_dir), onnx_dir, "onnx")
+
+
+def _json_detections(folder, stem: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    found = json.loads((folder / f"{stem}.json").read_text())["detections"]
+    return (torch.tensor([d["box"] for d in found]).reshape(-1, 4), torch.tensor([d["score"] for d in found]),
+            torch.tensor([d["label"] for d in found]))
+
+
+def _assert_same_files(ours, reference, stems, what: str) -> None:
+    """detect / ground JSON files (boxes written to 0.01 px, scores to 1e-5: within the match's tolerances)."""
+    for stem in stems:
+        m = match_detections(*_json_detections(ours, stem), *_json_detections(reference, stem))
+        assert m.num_reference > 0, f"{what} {stem}: no detection to compare"
+        assert m.matched == m.num_reference and m.unmatched_ours == 0, f"{what} {stem}: {m}"
+
+
+def test_cli_detect_and_ground_run_the_export(onnx_dir, openvino_dir, images, tmp_path):
+    """glip detect (onnxruntime) and glip ground (OpenVINO) through --weights: the eager model's detections."""
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"img{i}.png")
+        image.save(paths[-1])
+    detect = ["detect", *map(str, paths), "--classes", ",".join(PROMPTS[1]), "--threshold", "0.05", "--no-draw",
+              "--quiet"]
+    assert glip_main([*detect, "--weights", str(onnx_dir / "model.onnx"), "-o", str(tmp_path / "onnx")]) == 0
+    assert glip_main([*detect, "--weights", "default", "-o", str(tmp_path / "eager")]) == 0
+    _assert_same_files(tmp_path / "onnx", tmp_path / "eager", ["img0", "img1"], "glip detect onnx")
+    ground = ["ground", *map(str, paths), "--caption", "a red circle left of a blue square", "--phrases",
+              "red circle|blue square", "--threshold", "0.05", "--no-draw", "--quiet"]
+    assert glip_main([*ground, "--weights", str(openvino_dir), "-o", str(tmp_path / "ov")]) == 0
+    assert glip_main([*ground, "--weights", "default", "-o", str(tmp_path / "eager_ground")]) == 0
+    _assert_same_files(tmp_path / "ov", tmp_path / "eager_ground", ["img0", "img1"], "glip ground openvino")
+
+
+def _coco_columns(records: list[dict], image_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """boxes (x0, y0, x1, y1), scores, category ids of one image's COCO result records."""
+    found = [r for r in records if r["image_id"] == image_id]
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in found)]).reshape(-1, 4)
+    return boxes, torch.tensor([r["score"] for r in found]), torch.tensor([r["category_id"] for r in found])
+
+
+def test_cli_eval_runs_the_export(onnx_dir, tmp_path, detection_dataset_writer):
+    """glip eval --weights DIR/model.onnx: the eager model's detections.json (matched) and the same AP."""
+    sizes = [(120, 96), (100, 100)]
+    dataset = detection_dataset_writer(tmp_path, sizes, [(1, "red circle"), (2, "blue square")],
+                                       [(0, 1, [10, 10, 40, 40]), (1, 2, [20, 30, 50, 40])])
+    for i, size in enumerate(sizes):  # pictures of the shipped model's world
+        _picture(size, i).save(tmp_path / "images" / f"{i:03d}.png")
+    common = ["eval", "--protocol", "custom", "--annotations", str(dataset), "--no-progress", "--quiet"]
+    assert glip_main([*common, "--weights", str(onnx_dir / "model.onnx"), "--out", str(tmp_path / "onnx")]) == 0
+    assert glip_main([*common, "--weights", "default", "--out", str(tmp_path / "eager")]) == 0
+    ours, ref = (json.loads((tmp_path / d / "detections.json").read_text()) for d in ("onnx", "eager"))
+    assert len(ref) > 0
+    for image_id in {d["image_id"] for d in ref}:
+        m = match_detections(*_coco_columns(ours, image_id), *_coco_columns(ref, image_id))
+        assert m.matched == m.num_reference and m.unmatched_ours == 0, f"image {image_id}: {m}"
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text())["metrics"]["AP"] for d in ("onnx", "eager")]
+    assert metrics[0] == pytest.approx(metrics[1], abs=1e-3)
+
+
+def test_cli_export_write_discipline(onnx_dir, tmp_path, capsys):
+    """The same export again is left as it is; another one, or a folder of other files, is refused in one line
+    (exit code 2) before the model loads; a model option that an export cannot honour is named."""
+    before = (onnx_dir / "export.json").stat().st_mtime_ns
+    assert glip_main(["export", "--weights", "default", "--format", "onnx", "-o", str(onnx_dir)]) == 0
+    assert "already holds this export" in capsys.readouterr().out
+    assert (onnx_dir / "export.json").stat().st_mtime_ns == before
+    cases = [
+        (["--weights", "default", "--format", "onnx", "--int8", "-o", str(onnx_dir)],
+         f"{onnx_dir} already holds an exported model; pass --overwrite to replace it"),
+        (["--weights", "default", "--format", "onnx", "-o", str(tmp_path)],  # holds the other cases' files
+         "is not empty and holds no exported model"),
+        (["--weights", "default", "--format", "openvino", "--deform", "torchvision", "-o", str(tmp_path / "x")],
+         "OpenVINO cannot read ONNX's DeformConv"),
+        (["--weights", str(onnx_dir), "--format", "onnx", "--adapter", "a.pt", "-o", str(tmp_path / "x")],
+         "pass --adapter to glip export instead"),
+        (["--weights", str(tmp_path / "missing.onnx"), "--format", "onnx", "-o", str(tmp_path / "x")],
+         "no such file or directory"),
+    ]
+    (tmp_path / "notes.txt").write_text("not an export")
+    for argv, message in cases:
+        assert glip_main(["export", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists()
+    _picture((64, 64), 0).save(tmp_path / "p.png")
+    assert glip_main(["detect", str(tmp_path / "p.png"), "--classes", "circle", "--weights", str(onnx_dir),
+                      "--dtype", "bf16", "-o", str(tmp_path / "d")]) == 2
+    assert "runs in the precision it was exported with" in capsys.readouterr().err
 
 
 def test_loading_something_else_fails_with_one_line(onnx_dir, tmp_path):

@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 
-from glip_data.io import RunLock, atomic_write_json, temporary_path
+from glip_data.io import RunLock, atomic_directory, atomic_write_json
 
 from ..modeling_glip import CONFIG_NAME, TOKENIZER_DIR
 from .graph import INPUT_NAMES, NetworkGraph, dynamic_shapes, example_inputs, output_names, portable_network
 from .runtime import EXPORT_INFO_NAME, MODEL_FILES, RUNTIMES, ExportedGLIP, ExportError, missing_extra, open_session
 
-__all__ = ["export_model", "FORMATS", "QUANTIZATIONS", "DEFAULT_OPSET", "CHECK_TOLERANCE"]
+__all__ = ["export_model", "check_packages", "check_target", "FORMATS", "QUANTIZATIONS", "DEFAULT_OPSET",
+           "CHECK_TOLERANCE"]
 
 #: what ``export_model(format=...)`` writes
 FORMATS = tuple(MODEL_FILES)
@@ -40,7 +41,8 @@ DEFAULT_OPSET = 19
 CHECK_TOLERANCE = 1e-3
 
 
-def _check_packages(fmt: str) -> None:
+def check_packages(fmt: str) -> None:
+    """Raise :class:`ExportError` (with the install command) when a package writing or running ``fmt`` is missing."""
     for package in ("onnx", "onnxscript", "onnxruntime") if fmt == "onnx" else ("onnx", "onnxscript", "openvino"):
         try:
             __import__(package)
@@ -48,9 +50,23 @@ def _check_packages(fmt: str) -> None:
             raise missing_extra(package, fmt) from None
 
 
-def _existing_export(directory: Path) -> list[str]:
-    names = [EXPORT_INFO_NAME, "model.onnx", "model.onnx.data", "model.xml", "model.bin", CONFIG_NAME, TOKENIZER_DIR]
-    return [name for name in names if (directory / name).exists()]
+def check_target(directory: str | Path, overwrite: bool = False) -> None:
+    """Whether an export may be written to ``directory``: new, empty, or (with ``overwrite``) an earlier export.
+
+    Raises:
+        FileExistsError: ``directory`` is a file, holds something that is not an export (never replaced, so a wrong
+            ``-o`` cannot delete a folder of other files), or holds an export and ``overwrite`` is False.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder")
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return
+    if not (directory / EXPORT_INFO_NAME).is_file():
+        raise FileExistsError(f"{directory} is not empty and holds no exported model: export into a new or empty "
+                              "folder")
+    if not overwrite:
+        raise FileExistsError(f"{directory} already holds an exported model; pass overwrite=True to replace it")
 
 
 def export_model(
@@ -96,7 +112,7 @@ def export_model(
 
     Raises:
         ExportError: a missing optional package (with the install command), a graph the runtime cannot load, or a
-            failed check. FileExistsError: ``directory`` holds an export and ``overwrite`` is False.
+            failed check. FileExistsError: see :func:`check_target`.
         glip_data.io.OutputLockedError: another export writes to ``directory``.
     """
     from ..modeling_glip import GLIP
@@ -116,22 +132,16 @@ def export_model(
         raise ValueError(f"quantize must be one of {QUANTIZATIONS}; got {quantize!r}")
     if format == "openvino" and deform != "grid_sample":
         raise ValueError("OpenVINO cannot read the ONNX DeformConv operator: export it with deform='grid_sample'")
-    _check_packages(format)
+    check_packages(format)
     directory = Path(directory)
-    with RunLock(directory, "glip export"):
-        found = _existing_export(directory)
-        if found and not overwrite:
-            raise FileExistsError(f"{directory} already holds an exported model ({', '.join(found)}); pass "
-                                  "overwrite=True (glip export --overwrite) to replace it")
-        staging = temporary_path(directory / "export")
-        staging.mkdir()
-        try:
+    # the lock file lies beside the folder, which is written whole under a temporary name and renamed into place:
+    # a killed export leaves the folder as it was (the next export removes the leftovers)
+    with RunLock.for_output(directory.resolve(), "glip export"):
+        check_target(directory, overwrite)
+        with atomic_directory(directory, overwrite=True) as staging:
             info = _write(model, staging, format, quantize, deform, opset, optimize, check)
             info["source"] = source
-            _publish(staging, directory, found)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        atomic_write_json(directory / EXPORT_INFO_NAME, info)  # last: the folder is complete
+            atomic_write_json(staging / EXPORT_INFO_NAME, info)
     return directory / MODEL_FILES[format]
 
 
@@ -269,16 +279,3 @@ def _compare(session, inputs, reference: list[torch.Tensor]) -> dict[str, float]
     names = output_names(len(reference) // 3)
     ours = _run(session, inputs, len(reference) // 3)
     return {name: float(relative_error(a, b)) for name, a, b in zip(names, ours, reference)}
-
-
-def _publish(staging: Path, directory: Path, old: list[str]) -> None:
-    """Replace the old export's files by the staged ones (the record first, so that an interrupted replacement
-    leaves a folder that reads as unfinished, never a mix that reads as complete)."""
-    for name in [EXPORT_INFO_NAME] + [n for n in old if n != EXPORT_INFO_NAME]:
-        target = directory / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    for item in sorted(staging.iterdir()):
-        os.replace(item, directory / item.name)

@@ -2,8 +2,8 @@
 
 An exported folder (written by :func:`glip_train.export.export_model`, ``glip export``) holds the graph
 (``model.onnx`` [+ ``model.onnx.data``], or OpenVINO's ``model.xml`` + ``model.bin``), the model's ``config.json``
-and ``tokenizer/``, and ``export.json`` (what was exported and how; written last, so a folder without it is an
-unfinished export). :class:`ExportedGLIP` loads such a folder and has what the processor and the inference loop use
+and ``tokenizer/``, and ``export.json`` (what was exported and how; the folder is written whole under a temporary
+name and renamed into place, so a folder with it is complete). :class:`ExportedGLIP` loads such a folder and has what the processor and the inference loop use
 from a :class:`glip_train.GLIP` (``config``, ``tokenizer``, ``processor``, ``device``, ``encode_images``, the call
 returning a :class:`~glip_train.GLIPOutput`), so ``detect``, ``ground``, evaluation and pseudo-labelling run it
 unchanged.
