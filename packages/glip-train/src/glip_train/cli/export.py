@@ -22,20 +22,26 @@ DESCRIPTION = (
 )
 
 
+#: the help of the export options
+OPTION_HELP = {
+    "int8": "int8 weights of the matrix products (onnxruntime dynamic quantization; OpenVINO: NNCF weight "
+            "compression); faster, with the accuracy cost measured in docs/deploy.md",
+    "deform": "the deformable convolution in the graph: GridSample + MatMul (every runtime) or ONNX's DeformConv "
+              "operator (onnxruntime only) [grid_sample]",
+    "no_optimize": "skip the ONNX exporter's graph optimizer (half the export time; the runtimes optimize the graph "
+                   "when they load it, so the speed is the same)",
+}
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="ONNX / OpenVINO model for onnxruntime / OpenVINO Runtime",
                        epilog=EXIT_CODES_HELP, description=DESCRIPTION)
     p.add_argument("--format", required=True, choices=("onnx", "openvino"), help="the model format")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="the export folder (new, empty, or an export)")
-    p.add_argument("--int8", action="store_true",
-                   help="int8 weights of the matrix products (onnxruntime dynamic quantization; OpenVINO: NNCF weight "
-                        "compression); faster, with the accuracy cost measured in docs/deploy.md")
+    p.add_argument("--int8", action="store_true", help=OPTION_HELP["int8"])
     p.add_argument("--deform", choices=("grid_sample", "torchvision"), default="grid_sample",
-                   help="the deformable convolution in the graph: GridSample + MatMul (every runtime) or ONNX's "
-                        "DeformConv operator (onnxruntime only) [grid_sample]")
-    p.add_argument("--no-optimize", action="store_true",
-                   help="skip the ONNX exporter's graph optimizer (half the export time; the runtimes optimize the "
-                        "graph when they load it, so the speed is the same)")
+                   help=OPTION_HELP["deform"])
+    p.add_argument("--no-optimize", action="store_true", help=OPTION_HELP["no_optimize"])
     p.add_argument("--overwrite", action="store_true", help="replace another export already in DIR")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     add_model_options(p, dtype=False, device=False)
