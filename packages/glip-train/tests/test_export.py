@@ -102,6 +102,7 @@ def openvino_dir(onnx_dir):
     return folder
 
 
+@pytest.mark.slow  # the default run checks OpenVINO through glip ground (test_cli_detect_and_ground_run_the_export)
 def test_openvino_detections_equal_eager(openvino_dir, shipped, images, tmp_path):
     assert (openvino_dir / "model.bin").is_file() and not (openvino_dir / "model.onnx").exists()
     model = ExportedGLIP.from_pretrained(openvino_dir)
