@@ -1,4 +1,4 @@
-"""The one way every command that runs a model (detect, ground, eval, pseudo-label) finds, checks and loads it.
+"""The one way every command that runs a model (detect, ground, eval, pseudo-label, export) finds, checks and loads it.
 
 * ``--weights``: a path; ``default`` (the model shipped with glip-train); absent: ``$GLIP_WEIGHTS``, else the shipped
   model. The same fallback for every command and for ``python -m glip_train.evaluation``. A model written by
