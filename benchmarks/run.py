@@ -12,8 +12,11 @@ project publishes are copied into ``benchmarks/results/`` deliberately, with the
   LVIS with an official checkpoint: ``--zero-shot-args "--weights W.pth --coco-annotations ... --coco-images ..."``.
 * With ``--detect``: ``benchmarks/detect/bench_detect_cpu.py`` (GLIP-T CPU detection time per image, text padded to
   256 vs to the longest prompt; several minutes on 2 cores).
+* With ``--export``: ``benchmarks/export/bench_export_cpu.py`` (GLIP-T end to end on the CPU: eager / onnxruntime /
+  OpenVINO x fp32 / int8, 4 and 80 classes, as shares of the measured GEMM rate; needs the ``onnx`` and ``openvino``
+  extras; the first run exports GLIP-T, tens of minutes on 2 cores).
 
-Options: ``--cpu-only``, ``--gpu-only``, ``--detect``, ``--no-zero-shot``, ``--zero-shot-args``, ``--out DIR``;
+Options: ``--cpu-only``, ``--gpu-only``, ``--detect``, ``--export``, ``--no-zero-shot``, ``--zero-shot-args``, ``--out DIR``;
 arguments after ``--`` go to the GPU scripts.
 """
 from __future__ import annotations
@@ -56,6 +59,11 @@ def gpu_part(out: Path, extra: list[str]) -> int:
         cmd = [sys.executable, str(script), "--out", str(out), *extra]
         print("$", " ".join(cmd), flush=True)
         rc = subprocess.call(cmd, cwd=REPO) or rc
+    if args.export:
+        cmd = [sys.executable, str(HERE / "export" / "bench_export_cpu.py"), "--export-dir", str(out / "export_glip_t"),
+               "--out", str(out / f"export_cpu_{_dt.date.today().isoformat()}.json")]
+        print("$", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, cwd=REPO) or rc
     return rc
 
 
@@ -70,6 +78,9 @@ def main(argv=None) -> int:
     group.add_argument("--cpu-only", action="store_true")
     group.add_argument("--gpu-only", action="store_true")
     ap.add_argument("--detect", action="store_true", help="also time GLIP-T detection on the CPU (minutes)")
+    ap.add_argument("--export", action="store_true",
+                    help="also time GLIP-T eager / onnxruntime / OpenVINO x fp32 / int8 on the CPU (the first run "
+                         "exports GLIP-T: tens of minutes)")
     ap.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot protocol runner")
     ap.add_argument("--zero-shot-args", default="", metavar="ARGS",
                     help="arguments for benchmarks/zero_shot/protocol.py (e.g. real COCO / LVIS paths and --weights)")
@@ -90,6 +101,11 @@ def main(argv=None) -> int:
     if args.detect:
         cmd = [sys.executable, str(HERE / "detect" / "bench_detect_cpu.py"),
                "--out", str(out / f"detect_cpu_{_dt.date.today().isoformat()}.json")]
+        print("$", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, cwd=REPO) or rc
+    if args.export:
+        cmd = [sys.executable, str(HERE / "export" / "bench_export_cpu.py"), "--export-dir", str(out / "export_glip_t"),
+               "--out", str(out / f"export_cpu_{_dt.date.today().isoformat()}.json")]
         print("$", " ".join(cmd), flush=True)
         rc = subprocess.call(cmd, cwd=REPO) or rc
     return rc

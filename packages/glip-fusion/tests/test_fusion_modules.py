@@ -197,6 +197,10 @@ def test_level_image_masks_are_the_cells_of_the_image_alone():
     assert level_image_masks([(33, 40)], [(5, 5)], [8], size_divisibility=1)[0].all()
     with pytest.raises(ValueError, match="2 feature sizes but 1 strides"):
         level_image_masks([(8, 8)], [(1, 1), (1, 1)], [8])
+    # a (B, 2) tensor of sizes (an exported graph's input) gives the same masks
+    as_tensor = level_image_masks(torch.tensor([(96, 128), (33, 40), (64, 1)]), feature_sizes, [8, 16, 32, 64],
+                                  size_divisibility=32)
+    assert all(torch.equal(a, b) for a, b in zip(as_tensor, masks))
 
 
 def test_gradient_checkpointing_recomputes_and_matches():

@@ -50,9 +50,10 @@ def test_hints_use_the_spelling_of_the_command_line():
     assert "pass --trust-pickle only" in cli_spelling(message, _subparser("pseudo-label"))
 
 
-@pytest.mark.parametrize("command", ["detect", "ground", "eval", "pseudo-label"])
+@pytest.mark.parametrize("command", ["detect", "ground", "eval", "pseudo-label", "export"])
 def test_every_command_that_loads_a_model_has_the_same_model_options(command):
     options = {s for a in _subparser(command)._actions for s in a.option_strings}
-    assert {"--weights", "--adapter", "--use-ema", "--trust-pickle", "--device"} <= options
+    assert {"--weights", "--adapter", "--use-ema", "--trust-pickle"} <= options
+    assert ("--device" in options) == (command != "export")  # an export is traced on the CPU
     help_text = _subparser(command).format_help()
     assert "'default'" in help_text and "$GLIP_WEIGHTS" in help_text and "exit codes: 0 success" in help_text

@@ -63,7 +63,7 @@ SIZE = ["--min-size", "96", "--max-size", "160"]
 def test_help_version_and_exit_codes_are_documented():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("detect", "ground", "convert", "train", "eval", "pseudo-label"):
+    for command in ("detect", "ground", "convert", "train", "eval", "pseudo-label", "export"):
         assert command in out.stdout
     assert "exit codes: 0 success, 1 some inputs skipped" in out.stdout
     version = run("--version")

@@ -96,7 +96,7 @@ def check_shapes(q, k, v_v, v_l, caller: str = "bi_attention") -> tuple[int, int
         raise ValueError(f"{pre}v_v must have shape (B={B}, H={H}, N={N}, D) like q; got {tuple(v_v.shape)}")
     if tuple(v_l.shape[:3]) != (B, H, M):
         raise ValueError(f"{pre}v_l must have shape (B={B}, H={H}, M={M}, D) like k; got {tuple(v_l.shape)}")
-    if min(B, H, N, M, D) == 0 or v_v.shape[3] == 0 or v_l.shape[3] == 0:
+    if 0 in (B, H, N, M, D, v_v.shape[3], v_l.shape[3]):  # not min(): a traced export keeps B, N, M symbolic
         raise ValueError(f"{pre}empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v_v {tuple(v_v.shape)}, "
                          f"v_l {tuple(v_l.shape)}")
     return B, H, N, M, D

@@ -44,7 +44,8 @@ class FusionConfig:
             dynamic ReLU.
         offset_mode: "official" (coarser-level offsets reinterpreted in memory, quirk 3) or "per_level" (clean).
         dcn_impl: DyConv's deformable convolutions: "auto" (the gather + GEMM kernel on CPU, torchvision elsewhere;
-            ``$GLIP_DCN_IMPL``), "gather" or "torchvision" (:func:`glip_fusion.deform_conv2d`).
+            ``$GLIP_DCN_IMPL``), "gather" (:func:`glip_fusion.deform_conv2d`), "torchvision" or "grid_sample" (plain
+            ONNX ops, for exported graphs).
         clamp: the ±50000 clamps of X-MHA logits, head BERT scores/FFN (None = off).
         backend: ``glip_fusion.bi_attention`` backend ("auto", "reference", "sdpa", "triton").
         gradient_checkpointing: checkpoint every X-MHA block in training (official ``DYHEAD.USE_CHECKPOINT``).

@@ -102,7 +102,8 @@ def _factored(attn, v, l, text_mask, image_mask, norm_v=None, gamma_v=None):
     grad = torch.is_grad_enabled()  # in-place steps and chunks only without autograd
     # an online softmax cannot see the second clamp (relative to the final maximum): invisible when it underflows
     clamp_invisible = clamp is None or float(torch.tensor(-clamp, dtype=v.dtype).exp()) == 0.0
-    step = CHUNK_TOKENS if not grad and clamp_invisible else max(N, 1)
+    # a traced graph (export) keeps N symbolic: one chunk, no loop over a size it does not know
+    chunked = not grad and clamp_invisible and not torch.compiler.is_compiling() and N > CHUNK_TOKENS
 
     k = attn.l_proj(l).view(B, M, H, d)
     w_q = attn.v_proj.weight.view(H, d, Cv)
@@ -117,7 +118,8 @@ def _factored(attn, v, l, text_mask, image_mask, norm_v=None, gamma_v=None):
     if text_mask is not None:
         has_text = text_mask.any(-1)
         text_keep = (text_mask | ~has_text[:, None])[:, None, None, :]
-        has_text = None if bool(has_text.all()) else has_text[:, None, None, None].to(v.dtype)
+        # unconditional (times 1 is exact): a traced export has no data-dependent branch
+        has_text = has_text[:, None, None, None].to(v.dtype)
     # text direction: softmax over the image tokens (the columns of the logits)
     image_keep = None  # (B, N, 1): the image tokens a text token may attend to
     keep_rows = None  # (B, 1, H*M) 1 where the text row keeps its output
@@ -128,8 +130,8 @@ def _factored(attn, v, l, text_mask, image_mask, norm_v=None, gamma_v=None):
 
     out = None
     col_max = sums = g = None  # running column maximum (B, 1, H*M), sums (B, 1, H*M), P_l v (B, H*M, Cv)
-    for n0 in range(0, N, step):
-        n1 = min(N, n0 + step)
+    bounds = [(n0, min(N, n0 + CHUNK_TOKENS)) for n0 in range(0, N, CHUNK_TOKENS)] if chunked else [(0, N)]
+    for n0, n1 in bounds:
         vc = v[:, n0:n1] if norm_v is None else norm_v(v[:, n0:n1])
         s = torch.baddbmm(c, vc, a)  # (B, n, H*M): the logits of every head, column h*M + m
         if clamp is not None:
@@ -143,7 +145,7 @@ def _factored(attn, v, l, text_mask, image_mask, norm_v=None, gamma_v=None):
         dv = torch.baddbmm(attn.out_v_proj.bias.view(1, 1, Cv), p_v.view(B, n1 - n0, HM), u)
         if gamma_v is not None:
             dv = vc + (dv * gamma_v if grad else dv.mul_(gamma_v))
-        if step >= N:
+        if not chunked:
             out = dv
         else:
             if out is None:

@@ -26,7 +26,7 @@ def flatten_levels(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list
     for i, f in enumerate(features):
         if f.dim() != 4 or f.shape[0] != B or f.shape[1] != C:
             raise ValueError(f"features[{i}] must have shape (B={B}, C={C}, H, W); got {tuple(f.shape)}")
-        sizes.append((int(f.shape[2]), int(f.shape[3])))
+        sizes.append((f.shape[2], f.shape[3]))  # not int(): a traced export keeps the sizes symbolic
     tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)
     return tokens, sizes
 
@@ -45,7 +45,7 @@ def split_levels(tokens: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list
             for c, (h, w) in zip(chunks, sizes)]
 
 
-def level_image_masks(image_sizes: Sequence[tuple[int, int]], feature_sizes: Sequence[tuple[int, int]],
+def level_image_masks(image_sizes: Sequence[tuple[int, int]] | torch.Tensor, feature_sizes: Sequence[tuple[int, int]],
                       strides: Sequence[int], *, size_divisibility: int = 32,
                       device: Optional[torch.device] = None) -> list[torch.Tensor]:
     """Per-level validity masks of a zero-padded batch: the cells the image would have if it were alone.
@@ -58,7 +58,8 @@ def level_image_masks(image_sizes: Sequence[tuple[int, int]], feature_sizes: Seq
     pixel mask would not: it depends on the batch's padded size at levels whose stride does not divide it.)
 
     Args:
-        image_sizes: ``(h, w)`` of each unpadded image (B entries).
+        image_sizes: ``(h, w)`` of each unpadded image (B entries), or a ``(B, 2)`` integer tensor (a traced export
+            takes the sizes as a graph input).
         feature_sizes: ``(H_l, W_l)`` of every level of the batch.
         strides: the stride of every level (GLIP: 8, 16, 32, 64, 128).
         size_divisibility: the batch padding multiple (GLIP: 32).
@@ -68,14 +69,13 @@ def level_image_masks(image_sizes: Sequence[tuple[int, int]], feature_sizes: Seq
     if len(feature_sizes) != len(strides):
         raise ValueError(f"{len(feature_sizes)} feature sizes but {len(strides)} strides")
     divisor = max(1, int(size_divisibility))
-    padded = [((int(h) + divisor - 1) // divisor * divisor, (int(w) + divisor - 1) // divisor * divisor)
-              for h, w in image_sizes]
+    sizes = torch.as_tensor(image_sizes, dtype=torch.int64, device=device).reshape(-1, 2)
+    padded = torch.div(sizes + divisor - 1, divisor, rounding_mode="floor") * divisor
     masks = []
     for (height, width), stride in zip(feature_sizes, strides):
-        rows = torch.arange(height, device=device)
-        cols = torch.arange(width, device=device)
-        valid_rows = torch.tensor([-(-ph // stride) for ph, _ in padded], device=device)
-        valid_cols = torch.tensor([-(-pw // stride) for _, pw in padded], device=device)
-        masks.append((rows[None, :, None] < valid_rows[:, None, None])
-                     & (cols[None, None, :] < valid_cols[:, None, None]))
+        valid = torch.div(padded + stride - 1, stride, rounding_mode="floor")  # (B, 2): ceil(padded / stride)
+        rows = torch.arange(height, device=sizes.device)
+        cols = torch.arange(width, device=sizes.device)
+        masks.append((rows[None, :, None] < valid[:, 0, None, None])
+                     & (cols[None, None, :] < valid[:, 1, None, None]))
     return masks

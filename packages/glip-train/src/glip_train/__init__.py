@@ -15,6 +15,8 @@ _LAZY = {
     "GLIPConfig": "model_config",
     "PostProcessConfig": "model_config",
     "CheckpointError": "official_checkpoint",
+    "ExportedGLIP": "export",
+    "export_model": "export",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -159,6 +159,11 @@ class GLIP(nn.Module):
         from . import official_checkpoint as ckpt
 
         path = Path(path)
+        from .export.runtime import is_exported
+
+        if is_exported(path):
+            raise ValueError(f"{path} is an exported model (ONNX / OpenVINO): load it with "
+                             "glip_train.export.ExportedGLIP.from_pretrained, which runs it in its runtime")
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)
         if path.is_dir():
@@ -296,17 +301,9 @@ class GLIP(nn.Module):
             image_sizes = [padded] * batch
         image_sizes = [(int(h), int(w)) for h, w in image_sizes]
         device = fpn[0].device
-        text = self.language_backbone(input_ids, attention_mask)
-        text_hidden, text_embedded = text.hidden, text.embedded
-        if self.prompt_tuning is not None:
-            text_hidden, text_embedded = self.prompt_tuning(text_hidden, text_embedded)
+        head, text_hidden, text_embedded = self.text_and_head(fpn, input_ids, attention_mask, image_sizes,
+                                                              output_intermediates=output_intermediates)
         text_mask = attention_mask.bool()
-        image_masks = None
-        if self.config.batch_invariant:
-            image_masks = level_image_masks(image_sizes, feature_sizes, self.config.anchor_strides,
-                                            size_divisibility=self.config.size_divisibility, device=device)
-        head = self.head(list(fpn), text_hidden, text_embedded, text_mask, image_masks=image_masks,
-                         output_intermediates=output_intermediates)
         anchors = [a.to(device) for a in self.anchor_generator(feature_sizes)]
         output = GLIPOutput(head=head, fpn_features=list(fpn), backbone_features=body, text_hidden=text_hidden,
                             text_embedded=text_embedded, text_mask=text_mask, anchors=anchors,
@@ -315,6 +312,35 @@ class GLIP(nn.Module):
             output.losses = self.compute_losses(output, targets)
             output.loss = sum(output.losses.values())
         return output
+
+    def text_and_head(self, image_features: Sequence[torch.Tensor], input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, image_sizes: Sequence[tuple[int, int]] | torch.Tensor,
+                      *, output_intermediates: bool = False) -> tuple[HeadOutput, torch.Tensor, torch.Tensor]:
+        """The network after the image encoder: text encoder, prompt tuning (if any), fusion tower and predictors.
+
+        Args:
+            image_features: P3..P7 of :meth:`encode_images`, each ``(B, C, H_l, W_l)``.
+            input_ids, attention_mask: ``(B, M)``.
+            image_sizes: per image ``(h, w)`` before padding, or a ``(B, 2)`` integer tensor (an exported graph takes
+                them as an input); only a ``batch_invariant`` model reads them.
+
+        Returns:
+            ``(head outputs, text_hidden (B, M, D), text_embedded (B, M, D))``; :meth:`forward` is this plus the image
+            encoder, the anchors and the losses. :mod:`glip_train.export` traces it (no Python branch on a value).
+        """
+        text = self.language_backbone(input_ids, attention_mask)
+        text_hidden, text_embedded = text.hidden, text.embedded
+        if self.prompt_tuning is not None:
+            text_hidden, text_embedded = self.prompt_tuning(text_hidden, text_embedded)
+        image_masks = None
+        if self.config.batch_invariant:
+            image_masks = level_image_masks(image_sizes, [f.shape[-2:] for f in image_features],
+                                            self.config.anchor_strides,
+                                            size_divisibility=self.config.size_divisibility,
+                                            device=image_features[0].device)
+        head = self.head(list(image_features), text_hidden, text_embedded, attention_mask.bool(),
+                         image_masks=image_masks, output_intermediates=output_intermediates)
+        return head, text_hidden, text_embedded
 
     def compute_losses(self, output: GLIPOutput, targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """GLIP's training losses of a forward pass: the official ATSS assignment and loss terms

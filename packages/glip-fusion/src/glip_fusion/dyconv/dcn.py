@@ -1,5 +1,6 @@
 """DyConv's spatial attention: the 3x3 modulated deformable convolution layer (DCNv2) and the choice of its
-implementation (the gather + GEMM op of :mod:`glip_fusion.dyconv.deform` or torchvision's).
+implementation (the gather + GEMM op or the GridSample + MatMul op of :mod:`glip_fusion.dyconv.deform`, or
+torchvision's, imported only when chosen).
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ import os
 
 import torch
 from torch import nn
-from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
-from .deform import deform_conv2d
+from .deform import deform_conv2d, deform_conv2d_grid_sample
 
-__all__ = ["ModulatedDeformConv3x3", "DCN_IMPLS", "DCN_IMPL_ENV_VAR", "resolve_dcn_impl", "set_dcn_impl"]
+__all__ = ["ModulatedDeformConv3x3", "DCN_IMPLS", "DCN_IMPL_ENV_VAR", "resolve_dcn_impl", "dcn_function",
+           "set_dcn_impl"]
 
-#: implementations a :class:`ModulatedDeformConv3x3` can use (``"auto"`` picks one)
-DCN_IMPLS = ("gather", "torchvision")
+#: implementations a :class:`ModulatedDeformConv3x3` can use (``"auto"`` picks one):
+#: ``"gather"`` (:func:`deform_conv2d`), ``"torchvision"``, ``"grid_sample"`` (:func:`deform_conv2d_grid_sample`)
+DCN_IMPLS = ("gather", "torchvision", "grid_sample")
 #: environment variable that forces the implementation chosen by ``impl="auto"``
 DCN_IMPL_ENV_VAR = "GLIP_DCN_IMPL"
 
@@ -30,8 +32,10 @@ class ModulatedDeformConv3x3(nn.Module):
 
     ``impl`` (an attribute, also settable on a whole model with :func:`glip_fusion.set_dcn_impl`):
     ``"gather"`` (:func:`glip_fusion.deform_conv2d`: row gather + GEMM, several times faster on CPU, forward and
-    backward), ``"torchvision"`` (:func:`torchvision.ops.deform_conv2d`) or ``"auto"`` (default: ``$GLIP_DCN_IMPL``
-    if set, else ``"gather"`` on CPU and ``"torchvision"`` on other devices). Both compute the same function.
+    backward), ``"torchvision"`` (:func:`torchvision.ops.deform_conv2d`), ``"grid_sample"``
+    (:func:`glip_fusion.dyconv.deform.deform_conv2d_grid_sample`: plain ONNX ops, what exported graphs use) or
+    ``"auto"`` (default: ``$GLIP_DCN_IMPL`` if set, else ``"gather"`` on CPU and ``"torchvision"`` on other devices).
+    All compute the same function.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, impl: str = "auto"):
@@ -54,7 +58,7 @@ class ModulatedDeformConv3x3(nn.Module):
                 f"impl={self.impl!r}")
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        op = tv_deform_conv2d if resolve_dcn_impl(self.impl, x.device) == "torchvision" else deform_conv2d
+        op = dcn_function(resolve_dcn_impl(self.impl, x.device))
         if _autocast_enabled(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return op(x.float(), offset.float(), self.weight.float(), self.bias.float(),
@@ -71,7 +75,7 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def resolve_dcn_impl(impl: str, device: torch.device) -> str:
-    """``"gather"`` or ``"torchvision"`` for an ``impl`` setting and the device of the data.
+    """The implementation (one of :data:`DCN_IMPLS`) for an ``impl`` setting and the device of the data.
 
     ``"auto"``: ``$GLIP_DCN_IMPL`` if set, else ``"gather"`` on CPU (measured faster there) and ``"torchvision"``
     on other devices (its native kernels; the gather path runs there too but has not been measured).
@@ -89,10 +93,22 @@ def resolve_dcn_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
+def dcn_function(impl: str):
+    """The function of an implementation name of :data:`DCN_IMPLS` (all with torchvision's signature)."""
+    if impl == "torchvision":
+        from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
+
+        return torchvision_deform_conv2d
+    functions = {"gather": deform_conv2d, "grid_sample": deform_conv2d_grid_sample}
+    if impl not in functions:
+        raise ValueError(f"DCN impl must be one of {DCN_IMPLS}; got {impl!r}")
+    return functions[impl]
+
+
 def set_dcn_impl(module: nn.Module, impl: str) -> int:
     """Set ``impl`` on every deformable convolution inside ``module`` (e.g. a whole GLIP model); returns how many.
 
-    ``impl``: ``"auto"``, ``"gather"`` or ``"torchvision"``.
+    ``impl``: ``"auto"`` or one of :data:`DCN_IMPLS`.
     """
     if impl != "auto" and impl not in DCN_IMPLS:
         raise ValueError(f"DCN impl must be 'auto' or one of {DCN_IMPLS}; got {impl!r}")

@@ -3,6 +3,8 @@
 ``deform_conv2d`` has the signature and numerics of :func:`torchvision.ops.deform_conv2d` for one offset group and
 ``groups=1``; on CPU it is several times faster, forward and especially backward (torchvision's CPU backward is a
 single-threaded scatter loop).
+``deform_conv2d_grid_sample`` is the same function as one ``grid_sample`` plus one matmul: plain ONNX operators, what
+exported graphs use (slower, and it materialises every column at once).
 
 Formulation. For output position p and kernel tap k = i * kw + j (row-major), the sampling point is
 ``y = p_y * stride - padding + i * dilation + offset[2k]``, ``x = ... + offset[2k + 1]``; the sample is the bilinear
@@ -33,7 +35,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["deform_conv2d", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["deform_conv2d", "deform_conv2d_grid_sample", "DEFAULT_CHUNK_ELEMENTS"]
 
 #: column elements per chunk (4 Mi = 16 MB in float32; measured fastest on CPU between 1 Mi and 8 Mi)
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -339,3 +341,44 @@ def _check_inputs(x, offset, weight, bias, mask, stride, padding, dilation) -> N
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"deform_conv2d: weight/bias dtype must equal the input's ({x.dtype}); got "
                         f"{weight.dtype}{'' if bias is None else f' / {bias.dtype}'}")
+
+
+def deform_conv2d_grid_sample(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                              bias: Optional[torch.Tensor] = None, stride: _Pair = 1, padding: _Pair = 0,
+                              dilation: _Pair = 1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`deform_conv2d` (torchvision's semantics) as one bilinear ``grid_sample`` of every tap plus one matmul.
+
+    Every op is a plain ONNX operator (``GridSample``, ``MatMul``) and no Python branch depends on a size or a value,
+    so an exported graph keeps the image size dynamic and runs in any runtime (onnxruntime, OpenVINO).
+    ``grid_sample``'s zero padding reads corners outside the map as 0, which is torchvision's rule. The sampling point
+    goes through grid_sample's normalised coordinates (``(2x + 1) / W - 1``, ``align_corners=False``, defined for a
+    one-pixel map too) and back, which moves it by float rounding (about ``1e-6`` of a pixel per unit of ``W``):
+    equal to :func:`deform_conv2d` to about ``1e-5`` relative in float32, not bitwise. Materialises the sampled
+    columns ``(B, C * kh * kw, Ho * Wo)`` at once (no chunking: a graph has no loop over chunks). Same arguments and
+    shapes as :func:`deform_conv2d`; differentiable through autograd.
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    _check_inputs(input, offset, weight, bias, mask, stride, padding, dilation)
+    B, C, H, W = input.shape
+    O, _, kh, kw = weight.shape
+    K = kh * kw
+    Ho, Wo = offset.shape[-2:]
+    dtype = _coordinate_dtype(input.dtype)
+    device = input.device
+    off = offset.to(dtype).reshape(B, K, 2, Ho, Wo)
+    tap_y = (torch.arange(kh, device=device, dtype=dtype) * dilation[0]).repeat_interleave(kw).view(1, K, 1, 1)
+    tap_x = (torch.arange(kw, device=device, dtype=dtype) * dilation[1]).repeat(kh).view(1, K, 1, 1)
+    base_y = (torch.arange(Ho, device=device, dtype=dtype) * stride[0] - padding[0]).view(1, 1, Ho, 1)
+    base_x = (torch.arange(Wo, device=device, dtype=dtype) * stride[1] - padding[1]).view(1, 1, 1, Wo)
+    y = base_y + tap_y + off[:, :, 0]  # (B, K, Ho, Wo): integer base + offset, one rounding (as torchvision)
+    x = base_x + tap_x + off[:, :, 1]
+    grid = torch.stack([(2 * x + 1) / W - 1, (2 * y + 1) / H - 1], dim=-1).reshape(B, K * Ho, Wo, 2)
+    sampled = F.grid_sample(input.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    sampled = sampled.reshape(B, C, K, Ho, Wo)  # (B, C, K * Ho, Wo) -> per channel and tap
+    if mask is not None:
+        sampled = sampled * mask.to(dtype).reshape(B, 1, K, Ho, Wo)
+    # columns (B, C * K, Ho * Wo) in the weight's (channel, tap) order
+    out = torch.matmul(weight.to(dtype).reshape(O, C * K), sampled.reshape(B, C * K, Ho * Wo))
+    if bias is not None:
+        out = out + bias.to(dtype).reshape(1, O, 1)
+    return out.reshape(B, O, Ho, Wo).to(input.dtype)

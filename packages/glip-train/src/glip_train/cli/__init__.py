@@ -1,4 +1,4 @@
-"""The ``glip`` command line: detect, ground, convert, train, eval, pseudo-label -- one module per command.
+"""The ``glip`` command line: detect, ground, convert, train, eval, pseudo-label, export -- one module per command.
 
 Run ``glip COMMAND --help`` for every option. Exit codes (also in ``glip --help``): 0 success; 1 finished, but some
 inputs were skipped (each named on stderr and counted in the outputs); 2 usage error (a bad option value, a missing
@@ -19,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import convert, detect, ground, pseudo_label, train
+from . import convert, detect, export, ground, pseudo_label, train
 from . import eval as eval_command
 from ._common import (EXIT_CODES_HELP, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, UsageError,
                       run_command)
@@ -35,6 +35,7 @@ COMMANDS = {
     "train": (train, "train, fine-tune, prompt-tune or linear-probe (one process, or many with torchrun)"),
     "eval": (eval_command, "evaluate with an official protocol (coco, lvis-minival, flickr30k, odinw, custom)"),
     "pseudo-label": (pseudo_label, "label caption data with a teacher model (self-training)"),
+    "export": (export, "export the network as ONNX or OpenVINO, for onnxruntime / OpenVINO Runtime on the CPU"),
 }
 
 
