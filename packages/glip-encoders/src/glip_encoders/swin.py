@@ -187,7 +187,7 @@ def _linear(x: torch.Tensor, linear: nn.Linear, gelu: bool = False) -> torch.Ten
     (AMD EPYC, one core: 100-110 vs 90-100 GFLOP/s on the fused Swin chunk shapes; the Swin body 5% faster);
     equal to float rounding."""
     if (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")):
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):  # no ONNX op for it
         if gelu:
             return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "none")
         return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")
@@ -320,9 +320,12 @@ class PatchMerging(TimmPatchMerging):
         """``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), out_dim)``."""
         B, H, W, C = x.shape
         x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-        H2, W2 = (H + 1) // 2, (W + 1) // 2
-        # (B, H2, dy, W2, dx, C) -> (B, H2, W2, dx, dy, C): the four sub-grids in the official order, in one copy
-        x = x.view(B, H2, 2, W2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H2, W2, 4 * C)
+        if torch.compiler.is_compiling():  # traced (export): the slicing form, whose sizes stay plainly symbolic
+            x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        else:
+            H2, W2 = (H + 1) // 2, (W + 1) // 2
+            # (B, H2, dy, W2, dx, C) -> (B, H2, W2, dx, dy, C): the four sub-grids in the official order, one copy
+            x = x.view(B, H2, 2, W2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H2, W2, 4 * C)
         x = self.norm(x)
         return self.reduction(x) if torch.is_grad_enabled() else _linear(x, self.reduction)
 
@@ -350,8 +353,10 @@ class SwinStage(nn.Module):
         self.fused_inference = True
 
     def _fused(self, x: torch.Tensor) -> bool:
+        # not when traced (export): the window plans are cached per concrete size, which a traced graph keeps symbolic
         return (self.fused_inference and not self.training and not torch.is_grad_enabled()
-                and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type))
+                and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+                and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C_in)`` -> ``(B, H', W', C)`` (H' = ceil(H/2) when downsampling)."""
