@@ -30,3 +30,34 @@ def load_model_and_street(args: argparse.Namespace):
     model = GLIP.from_pretrained(args.weights).eval()
     image = Image.open(STREET).convert("RGB").resize((1333, 800), Image.BILINEAR)
     return model, image
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """FLOPs of CPU SDPA ``(B, H, L, E) x (B, H, S, E) x (B, H, S, Ev)``: the two batched matmuls."""
+    b, h, q_len, e = query_shape
+    s, ev = key_shape[2], value_shape[-1]
+    return 2 * b * h * q_len * s * e + 2 * b * h * q_len * s * ev
+
+
+def _onednn_linear_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``mkldnn._linear_pointwise``: input ``(..., K)`` times weight ``(N, K)`` transposed."""
+    rows = 1
+    for size in input_shape[:-1]:
+        rows *= size
+    return 2 * rows * weight_shape[0] * weight_shape[1]
+
+
+def flop_mapping(with_cpu_attention: bool = True) -> dict:
+    """``custom_mapping`` for ``torch.utils.flop_counter.FlopCounterMode`` so that every GLIP-T CPU benchmark counts
+    the same FLOPs: oneDNN's fused linear (Swin's fused blocks, the deformable convolution's GEMM) has no formula in
+    torch and would count 0 -- the count would shrink with every oneDNN path --, and with ``with_cpu_attention`` the
+    CPU flash-attention kernel's two products are counted too."""
+    import torch
+
+    mapping = {}
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        mapping[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops
+    if with_cpu_attention:
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        mapping[op] = lambda q, k, v, *a, out_shape=None, **kw: _cpu_attention_flops(q, k, v)
+    return mapping

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_detect_stages import PROMPTS, StageTimer, configure  # noqa: E402
-from glip_t_cpu import GLIP_T_RECIPE, STREET  # noqa: E402
+from glip_t_cpu import GLIP_T_RECIPE, STREET, flop_mapping  # noqa: E402
 from other_load import clean_median, sample  # noqa: E402
 
 VARIANTS = ("default", "reference")
@@ -74,34 +74,11 @@ def gemm_rate(clock, repeats: int = 5) -> float:
     return 2 * GEMM_N**3 / statistics.median(times) / 1e9
 
 
-def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    """FLOPs of CPU SDPA ``(B, H, L, E) x (B, H, S, E) x (B, H, S, Ev)``: the two batched matmuls."""
-    b, h, q_len, e = query_shape
-    s, ev = key_shape[2], value_shape[-1]
-    return 2 * b * h * q_len * s * e + 2 * b * h * q_len * s * ev
-
-
-_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn_linear_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of ``mkldnn._linear_pointwise``: input ``(..., K)`` times weight ``(N, K)`` transposed."""
-    rows = 1
-    for size in input_shape[:-1]:
-        rows *= size
-    return 2 * rows * weight_shape[0] * weight_shape[1]
-
-
 def count_flops(model, image, classes, variant: str, with_cpu_attention: bool) -> dict[str, float]:
     """GFLOP of one detection per stage (and ``total``), as ``FlopCounterMode`` counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    # oneDNN's fused linear (Swin's fused blocks, the deformable convolution's GEMM) has no formula in torch:
-    # without this its GEMMs would count 0 and the reference count would shrink with every oneDNN path
-    mapping = {torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops} if _HAS_ONEDNN_LINEAR else {}
-    if with_cpu_attention:
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        mapping[op] = lambda q, k, v, *a, out_shape=None, **kw: _cpu_attention_flops(q, k, v)
+    mapping = flop_mapping(with_cpu_attention)
     kwargs = set_variant(model, variant)
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model.detect(image, classes=classes, threshold=0.0, classes_per_prompt=len(classes), **kwargs)

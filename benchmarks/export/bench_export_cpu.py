@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "benchmarks" / "detect"))
 from bench_detect_cpu import COCO_CLASSES  # noqa: E402
-from glip_t_cpu import add_common_arguments, load_model_and_street  # noqa: E402
+from glip_t_cpu import add_common_arguments, flop_mapping, load_model_and_street  # noqa: E402
 from other_load import clean_median, sample  # noqa: E402
 
 PROMPTS = {"4": ["person", "car", "red umbrella", "traffic light"], "80": COCO_CLASSES}
@@ -63,7 +63,7 @@ def network_gflop(model, image) -> float:
     processor = model.processor
     batch = processor.preprocess([image])
     ids, mask = processor.tokenize([". ".join(PROMPTS["4"]) + "."])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
         model(batch.pixel_values, ids, mask, batch.image_sizes)
     return counter.get_total_flops() / 1e9
 
