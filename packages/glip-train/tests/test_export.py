@@ -335,3 +335,42 @@ def test_glip_t_parity_images(fmt, parity_dir, parity_index, tmp_path_factory):
         ours = runtime.ground(images, case["captions"], case["phrases"], **kwargs)
         ref = model.ground(images, case["captions"], case["phrases"], **kwargs)
         _assert_same_detections(ours, ref, f"GLIP-T {fmt} {name}")
+
+
+def test_swin_window_count_stays_symbolic(tmp_path):
+    """A Swin stage with shifted windows, exported with dynamic height and width, runs at sizes whose token maps are
+    not multiples of the window (so they are padded, and ceil(n / w) != floor(n / w)): the window count in the graph
+    follows the input. (GLIP-T's backbone; the shipped model's RegNet has no windows. A negative floor division in
+    the padded size once exported as ONNX's truncating Div, one window short at nearly every image size.)"""
+    from torch.export import Dim
+
+    from glip_encoders.swin import SwinBackbone, SwinConfig
+
+    torch.manual_seed(0)
+    backbone = SwinBackbone(SwinConfig(16, (2,), (1,), window_size=7), out_indices=(0,)).eval()
+
+    class Features(torch.nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return self.body(x)[0]
+
+    path = tmp_path / "swin.onnx"
+    units = Dim("h", min=2, max=256), Dim("w", min=2, max=256)
+    with torch.no_grad():
+        torch.onnx.export(Features(backbone), (torch.randn(1, 3, 96, 160),), str(path), dynamo=True,
+                          dynamic_shapes={"x": {2: 32 * units[0], 3: 32 * units[1]}}, optimize=False,
+                          verbose=False)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for size in [(96, 160), (64, 224), (128, 96)]:  # token maps 24x40, 16x56, 32x24: padded to 28x42, 21x56, 35x28
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            reference = backbone(x)[0].numpy()
+        (ours,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert ours.shape == reference.shape
+        # float32 rounding of a 2-block stage (LayerNorm, attention, MLP): ~1e-6 absolute on unit-scale features
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)

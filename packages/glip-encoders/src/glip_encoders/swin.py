@@ -370,7 +370,9 @@ class SwinStage(nn.Module):
         mask = None
         if len(self.blocks) > 1 and self.shift_size > 0:
             w = self.window_size
-            Hp, Wp = -(-x.shape[1] // w) * w, -(-x.shape[2] // w) * w
+            # ceil by (n + w - 1) // w, not -(-n // w): exported, a symbolic floor division of a negative size
+            # becomes ONNX's truncating Div and the window count comes out one short
+            Hp, Wp = (x.shape[1] + w - 1) // w * w, (x.shape[2] + w - 1) // w * w
             mask = shifted_window_mask(Hp, Wp, w, self.shift_size, device=x.device, dtype=x.dtype)
         for block in self.blocks:
             block_mask = mask if block.shift > 0 else None
