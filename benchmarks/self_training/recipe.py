@@ -18,7 +18,7 @@ pseudo-labels) with the web-scale path instead of the single-file one:
     python benchmarks/self_training/recipe.py --smoke          # tiny world, a few steps: checks the pipeline
 
 Every step skips what is done and resumes what was interrupted (rerun the same command). The result goes to
-``benchmarks/results/self_training_<date>.json`` / ``.md`` beside the experiment's row.
+``benchmarks/results/self_training_<date>_seed<seed>_nproc<N>.json``, one file per run.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"self_training_{result['date']}"
+    stem = out / f"self_training_{result['date']}_seed{args.seed}_nproc{args.nproc}"  # one file per run
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
