@@ -374,3 +374,28 @@ def test_swin_window_count_stays_symbolic(tmp_path):
         assert ours.shape == reference.shape
         # float32 rounding of a 2-block stage (LayerNorm, attention, MLP): ~1e-6 absolute on unit-scale features
         np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_exports_the_network_with_its_adapter(shipped, images, tmp_path):
+    """``glip export --weights default --adapter FILE``: the exported graph carries the prompt-tuning table: its
+    detections equal the eager model with the adapter applied, and differ from the shipped model's without it."""
+    from glip_train.adapters import load_adapter, save_adapter
+
+    tuned = GLIP.from_pretrained().eval()
+    tuned.enable_prompt_tuning(64)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(tuned.prompt_tuning.weight, std=0.5)
+    adapter = save_adapter(tuned, tmp_path / "prompt.safetensors", "prompt_tuning")
+    folder = tmp_path / "onnx"
+    assert glip_main(["export", "--weights", "default", "--adapter", str(adapter), "--format", "onnx", "-o",
+                      str(folder), "--no-optimize", "--quiet"]) == 0
+    exported = ExportedGLIP.from_pretrained(folder / "model.onnx")
+    reference = GLIP.from_pretrained().eval()
+    load_adapter(reference, adapter)  # the adapter as `glip detect --adapter` applies it, read back from the file
+    kwargs = dict(classes=list(PROMPTS[0]), threshold=0.0, max_detections=None, batch_size=2)
+    ours = exported.detect(images, **kwargs)
+    _assert_same_detections(ours, reference.detect(images, **kwargs), "onnx with adapter")
+    plain = shipped.detect(images, **kwargs)
+    # the table moves the scores far beyond the export's float error (|score difference| < 1e-3)
+    moved = max(float((a["scores"][:5] - b["scores"][:5]).abs().max()) for a, b in zip(ours, plain))
+    assert moved > 1e-2
