@@ -56,13 +56,19 @@ def torchrun(nproc: int) -> list[str]:
             f"--master_port={free_port()}", "-m", "glip_train.cli"]
 
 
-def student_config(paths: "zero_shot.Paths", pseudo: Path, out: Path, seed: int, nproc: int) -> dict:
-    """The experiment's (full) row config with the pseudo-label shards as its caption source."""
+def student_config(paths: "zero_shot.Paths", pseudo: Path, out: Path, seed: int, nproc: int,
+                   jsonl: Path | None = None) -> dict:
+    """The experiment's (full) row config with the pseudo-label shards as its caption source (``jsonl``: the same
+    records as one caption file read map-style instead, the control of the streamed path)."""
     with contextlib.redirect_stdout(io.StringIO()):  # its note that the row's own pseudo-label file is absent
         config = zero_shot.row_config(paths, ROW, seed)
     train = [s for s in config["data"]["train"] if s["kind"] != "captions"]
-    train.append({"kind": "shards", "annotations": str(pseudo), "min_score": zero_shot.PSEUDO_THRESHOLD,
-                  "pack_captions": True})
+    if jsonl is None:
+        train.append({"kind": "shards", "annotations": str(pseudo), "min_score": zero_shot.PSEUDO_THRESHOLD,
+                      "pack_captions": True})
+    else:
+        train.append({"kind": "captions", "annotations": str(jsonl), "images": str(paths.world / "images"),
+                      "min_score": zero_shot.PSEUDO_THRESHOLD, "pack_captions": True})
     config["data"]["train"] = train
     config["data"]["batch_size"] = 4 // nproc  # the row's global batch of 4
     config["output_dir"] = str(out)
@@ -77,6 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=1, help="pseudo-label: images per forward [1, the experiment's]")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--student-source", choices=("shards", "jsonl"), default="shards",
+                    help="the student reads the pseudo-labels streamed from their shards [shards], or (the control "
+                         "of the streamed path) the same records as one caption JSON Lines file, map-style")
     ap.add_argument("--smoke", action="store_true", help="tiny world, a few steps")
     args = ap.parse_args(argv)
     root = Path(args.root)
@@ -89,7 +98,8 @@ def main(argv=None) -> int:
     paths = zero_shot.Paths(root / "zero_shot")
     zero_shot.setup(paths)  # the world and the text tower of the experiment
     web, pseudo = root / "web", root / f"pseudo_seed{args.seed}"
-    student = root / f"student_{ROW}_seed{args.seed}_nproc{args.nproc}"
+    control = "" if args.student_source == "shards" else "_jsonl"
+    student = root / f"student_{ROW}_seed{args.seed}_nproc{args.nproc}{control}"
     logs = root / "logs"
     timings = {}
 
@@ -105,7 +115,12 @@ def main(argv=None) -> int:
     config_file = root / f"{student.name}.yaml"
     import yaml
 
-    config_file.write_text(yaml.safe_dump(student_config(paths, pseudo, student, args.seed, args.nproc),
+    jsonl = None
+    if args.student_source == "jsonl":
+        from bench_stream_loader import as_jsonl
+
+        jsonl = as_jsonl(pseudo, paths.world / "images", root / f"pseudo_seed{args.seed}.jsonl")
+    config_file.write_text(yaml.safe_dump(student_config(paths, pseudo, student, args.seed, args.nproc, jsonl),
                                           sort_keys=False))
     if not (student / "model" / "model.safetensors").is_file():
         timings["train_s"] = zero_shot.sh([*torchrun(args.nproc), "train", config_file, "--quiet"],
@@ -115,6 +130,8 @@ def main(argv=None) -> int:
     result = {
         "date": _dt.date.today().isoformat(), "machine": f"{platform.machine()}, CPU only",
         "row": ROW, "seed": args.seed, "nproc": args.nproc, "pseudo_label_batch_size": args.batch_size,
+        "teacher": "the shipped model (the experiment's C_lr3e-4, seed 0)" if not args.smoke else "default",
+        "student_source": args.student_source,
         "pseudo_labels": {"shards": len(index["shards"]), "samples": sum(s["samples"] for s in index["shards"]),
                           "written": index["num_samples"],
                           "boxes": sum(s["boxes_kept"] for s in index["shards"])},
@@ -123,7 +140,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"self_training_{result['date']}_seed{args.seed}_nproc{args.nproc}"  # one file per run
+    stem = out / f"self_training_{result['date']}_seed{args.seed}_nproc{args.nproc}{control}"  # one file per run
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
