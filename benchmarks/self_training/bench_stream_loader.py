@@ -41,8 +41,9 @@ def as_jsonl(shards: Path, world_images: Path, out: Path) -> Path:
             record = json.loads(members["json"])
             record["image"] = lines[int(key)]["image"]
             records.append(json.dumps(record))
-    out.write_text("\n".join(records) + "\n")
-    return out
+    from glip_data.io import atomic_write_text
+
+    return atomic_write_text(out, "\n".join(records) + "\n")
 
 
 def measure(name: str, source: dict, workers: int, batches: int, model, root: Path) -> dict:
