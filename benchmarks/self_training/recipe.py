@@ -38,6 +38,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent / "zero_shot"))
 
 import run as zero_shot  # noqa: E402  (the experiment: its world, row config, evaluation and results)
+from glip_data.io import atomic_write_text  # noqa: E402
 
 ROW = "full_lr3e-4"
 SHARD_SIZE = 50  # 600 caption images -> 12 shards: several per process, an uneven last share with 5 processes
@@ -120,8 +121,8 @@ def main(argv=None) -> int:
         from bench_stream_loader import as_jsonl
 
         jsonl = as_jsonl(pseudo, paths.world / "images", root / f"pseudo_seed{args.seed}.jsonl")
-    config_file.write_text(yaml.safe_dump(student_config(paths, pseudo, student, args.seed, args.nproc, jsonl),
-                                          sort_keys=False))
+    atomic_write_text(config_file, yaml.safe_dump(student_config(paths, pseudo, student, args.seed, args.nproc, jsonl),
+                                                  sort_keys=False))
     if not (student / "model" / "model.safetensors").is_file():
         timings["train_s"] = zero_shot.sh([*torchrun(args.nproc), "train", config_file, "--quiet"],
                                           logs / f"{student.name}.log")
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"self_training_{result['date']}_seed{args.seed}_nproc{args.nproc}{control}"  # one file per run
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

@@ -147,7 +147,7 @@ def window_plan(batch: int, height: int, width: int, window_size: int, shift_siz
     chunk is either unmasked or carries its windows' masks.
     """
     w, s = window_size, shift_size
-    Hp, Wp = -(-height // w) * w, -(-width // w) * w
+    Hp, Wp = (height + w - 1) // w * w, (width + w - 1) // w * w  # the padded map, as SwinStage.forward
     nwh, nww = Hp // w, Wp // w
     rows = ((torch.arange(Hp) + s) % Hp).view(nwh, 1, w, 1).expand(nwh, nww, w, w)
     cols = ((torch.arange(Wp) + s) % Wp).view(1, nww, 1, w).expand(nwh, nww, w, w)
