@@ -93,13 +93,14 @@ def shifted_window_mask(
     Returns:
         ``(num_windows, window_size**2, window_size**2)``.
     """
-    labels = torch.zeros((1, height, width, 1), device=device, dtype=dtype)
-    region = 0
-    bounds = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
-    for hs in bounds:
-        for ws in bounds:
-            labels[:, hs, ws, :] = region
-            region += 1
+    # a token's region along one axis: 0 before the last window, 1 in it before the shift, 2 in the shift; the nine
+    # regions are numbered row-major. Built by comparisons rather than by filling slices, so that a traced graph
+    # (export) keeps the sizes symbolic without guards on the sizes of the slices
+    def band(size: int) -> torch.Tensor:
+        index = torch.arange(size, device=device)
+        return (index >= size - window_size).to(dtype) + (index >= size - shift_size).to(dtype)
+
+    labels = (3 * band(height)[:, None] + band(width)[None, :])[None, :, :, None]  # (1, height, width, 1)
     windows = window_partition(labels, (window_size, window_size)).reshape(-1, window_size * window_size)
     diff = windows[:, None, :] - windows[:, :, None]
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
@@ -241,10 +242,11 @@ class SwinBlock(SwinTransformerBlock):
         w, s = self.window, self.shift
         shortcut = x
         x = self.norm1(x)
-        # official: pad the normalised map to window multiples *before* the cyclic shift
-        pad_b, pad_r = (w - H % w) % w, (w - W % w) % w
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
+        # official: pad the normalised map to window multiples *before* the cyclic shift (the ceil form: traced, a
+        # padded size of (n + w - 1) // w * w divides by w to a plain symbol; (w - n % w) % w made torch.export's
+        # sympy spend minutes per block simplifying nested Mod/FloorDiv expressions)
+        Hp, Wp = (H + w - 1) // w * w, (W + w - 1) // w * w
+        x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         if s > 0:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
             if attn_mask is None:

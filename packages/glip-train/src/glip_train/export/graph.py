@@ -105,11 +105,16 @@ def _padded(size: int, divisor: int) -> int:
 
 
 def example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
-    """Inputs to trace with: 2 images of 224x288 (padded to the size divisibility; every level at least 2x2 and
-    no two sizes equal, so that no size is specialised), 11 tokens (3 of them padding in the second text), one image
-    smaller than the padded batch."""
+    """Inputs to trace with: 2 images of 288x480 (padded to the size divisibility), 11 tokens (3 of them padding in
+    the second text), one image smaller than the padded batch.
+
+    The sizes keep every count the graph computes from them at 2 or more and the height's apart from the width's:
+    every FPN level at least 2x2 and, for a Swin backbone (window 7 or 12), at least 2 windows each way in every
+    stage. A count of 1 is a special case to the tracer (size-1 dimensions broadcast), and a traced 1 is
+    specialised: at 224x288, GLIP-T's last stage has one window row, and the graph held only for inputs that
+    have one too."""
     config = model.config
-    height, width = _padded(224, config.size_divisibility), _padded(288, config.size_divisibility)
+    height, width = _padded(288, config.size_divisibility), _padded(480, config.size_divisibility)
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(2, 3, height, width, generator=generator)
     vocab = int(config.text_encoder.get("vocab_size", 1000))

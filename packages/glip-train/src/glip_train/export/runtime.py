@@ -22,7 +22,7 @@ from ..box_ops import AnchorGenerator
 from ..model_config import GLIPConfig
 from ..head import HeadOutput
 from ..modeling_glip import CONFIG_NAME, GLIP, TOKENIZER_DIR, GLIPOutput
-from .graph import INPUT_NAMES, output_names
+from .graph import INPUT_NAMES, OUTPUT_GROUPS, output_names
 
 __all__ = ["ExportedGLIP", "ExportError", "EXPORT_INFO_NAME", "MODEL_FILES", "RUNTIMES", "is_exported",
            "resolve_export", "open_session"]
@@ -123,13 +123,25 @@ class _OpenVINOSession:
             self.compiled = ov.Core().compile_model(str(model_file), "CPU", config)
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own exception types
             raise ExportError(f"{model_file}: OpenVINO cannot load it ({str(exc).splitlines()[0][:200]})") from None
-        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
-        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        self.input_names = [_port_name(i, INPUT_NAMES) for i in self.compiled.inputs]
+        self.output_names = [_port_name(o, OUTPUT_GROUPS) for o in self.compiled.outputs]
         self._request = self.compiled.create_infer_request()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         result = self._request.infer({name: feeds[name] for name in self.input_names})
-        return {o.get_any_name(): np.asarray(result[o]) for o in self.compiled.outputs}
+        return {name: np.asarray(result[o]) for name, o in zip(self.output_names, self.compiled.outputs)}
+
+
+def _port_name(port, wanted: Sequence[str]) -> str:
+    """The graph's name of an OpenVINO input or output: the one of its tensor names that is ``wanted`` (or starts
+    with a wanted group name). OpenVINO folds no-op nodes into the tensors around them, and a tensor then carries
+    their names too (GLIP-T's ``pixel_values`` is also ``pad``, the patch embedding's zero padding), so
+    ``get_any_name()`` may return another one."""
+    names = port.get_names()
+    for name in sorted(names):
+        if name in wanted or any(name.startswith(group + "_") for group in wanted):
+            return name
+    return port.get_any_name()
 
 
 def open_session(fmt: str, model_file: str | Path, threads: int | None = None):
