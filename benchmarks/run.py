@@ -14,7 +14,7 @@ project publishes are copied into ``benchmarks/results/`` deliberately, with the
   256 vs to the longest prompt; several minutes on 2 cores).
 * With ``--export``: ``benchmarks/export/bench_export_cpu.py`` (GLIP-T end to end on the CPU: eager / onnxruntime /
   OpenVINO x fp32 / int8, 4 and 80 classes, as shares of the measured GEMM rate; needs the ``onnx`` and ``openvino``
-  extras; the first run exports GLIP-T, tens of minutes on 2 cores).
+  extras; the first run exports GLIP-T, about 10 minutes on 2 cores).
 
 Options: ``--cpu-only``, ``--gpu-only``, ``--detect``, ``--export``, ``--no-zero-shot``, ``--zero-shot-args``, ``--out DIR``;
 arguments after ``--`` go to the GPU scripts.
@@ -59,11 +59,6 @@ def gpu_part(out: Path, extra: list[str]) -> int:
         cmd = [sys.executable, str(script), "--out", str(out), *extra]
         print("$", " ".join(cmd), flush=True)
         rc = subprocess.call(cmd, cwd=REPO) or rc
-    if args.export:
-        cmd = [sys.executable, str(HERE / "export" / "bench_export_cpu.py"), "--export-dir", str(out / "export_glip_t"),
-               "--out", str(out / f"export_cpu_{_dt.date.today().isoformat()}.json")]
-        print("$", " ".join(cmd), flush=True)
-        rc = subprocess.call(cmd, cwd=REPO) or rc
     return rc
 
 
@@ -80,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--detect", action="store_true", help="also time GLIP-T detection on the CPU (minutes)")
     ap.add_argument("--export", action="store_true",
                     help="also time GLIP-T eager / onnxruntime / OpenVINO x fp32 / int8 on the CPU (the first run "
-                         "exports GLIP-T: tens of minutes)")
+                         "exports GLIP-T: about 10 minutes)")
     ap.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot protocol runner")
     ap.add_argument("--zero-shot-args", default="", metavar="ARGS",
                     help="arguments for benchmarks/zero_shot/protocol.py (e.g. real COCO / LVIS paths and --weights)")

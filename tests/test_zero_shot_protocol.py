@@ -215,3 +215,18 @@ def test_the_row_order_is_each_learning_rates_series_in_the_papers_order(run_mod
     names = ["full_lr3e-4", "C", "B_lr3e-4", "full", "A", "C_lr3e-4", "B", "A_lr3e-4", "C_lr1e-4"]
     assert sorted(names, key=run_module.row_order) == [
         "A", "B", "C", "full", "A_lr3e-4", "B_lr3e-4", "C_lr3e-4", "full_lr3e-4", "C_lr1e-4"]
+
+
+def test_bench_runner_gpu_part_runs_every_gpu_script(tmp_path, monkeypatch):
+    """``hatch run bench`` on a machine with CUDA: the GPU part calls each ``*/gpu_bench.py`` with the output folder
+    (it once referred to the command line's options it is not given, a NameError on the first GPU)."""
+    import subprocess
+
+    runner = _load_script("bench_runner", REPO / "benchmarks/run.py")
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(subprocess, "call", lambda cmd, cwd=None: calls.append(cmd) or 0)
+    assert runner.gpu_part(tmp_path, ["--smoke"]) == 0
+    scripts = sorted(str(p) for p in (REPO / "benchmarks").glob("*/gpu_bench.py"))
+    assert scripts and [c[1] for c in calls] == scripts
+    assert all(c[2:] == ["--out", str(tmp_path), "--smoke"] for c in calls)
