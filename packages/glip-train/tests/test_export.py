@@ -102,6 +102,36 @@ def openvino_dir(onnx_dir):
     return folder
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_int8_export_quantizes_the_matrix_products(fmt, onnx_dir, shipped, images, tmp_path):
+    """An int8 model converted from a float32 export written without the exporter's optimizer (as onnx_dir is):
+    every matrix product by a constant weight is int8 (traced linear layers feed their weights through a Transpose,
+    which the quantizer does not look through unless the constants are folded first), the weights shrink, and the
+    model runs through detect."""
+    if fmt == "openvino":
+        pytest.importorskip("nncf")
+    folder = tmp_path / f"{fmt}-int8"
+    export_model(ExportedGLIP.from_pretrained(onnx_dir), folder, fmt, quantize="int8")
+    model = ExportedGLIP.from_pretrained(folder)
+    assert model.format == fmt and model.info["precision"] == "int8"
+    fp32_bytes = (onnx_dir / "model.onnx.data").stat().st_size
+    if fmt == "onnx":
+        import onnx
+
+        from glip_train.export.quantize import _constant_weight_products
+
+        graph = onnx.load(str(folder / "model.onnx"))
+        quantized = sum(1 for node in graph.graph.node if node.op_type == "MatMulInteger")
+        assert _constant_weight_products(graph) == 0  # no float32 product by a constant is left
+        assert quantized == model.info["quantization"]["matrix_products_with_constant_weights"] > 0
+        size = (folder / "model.onnx").stat().st_size
+    else:
+        size = (folder / "model.bin").stat().st_size
+    assert size < 0.75 * fp32_bytes  # float32 -> int8 weights of the matrix products (convolutions may stay)
+    (out,) = model.detect([images[0]], classes=["circle", "square"], threshold=0.0)
+    assert len(out["scores"]) > 0 and torch.isfinite(out["boxes"]).all() and torch.isfinite(out["scores"]).all()
+
+
 def test_openvino_ports_are_named_as_the_graph():
     """OpenVINO folds no-op nodes into the tensors around them, so a port can carry several names (GLIP-T's pixels
     are also ``pad``, the patch embedding's zero padding): the session names each port by the graph's own name,
