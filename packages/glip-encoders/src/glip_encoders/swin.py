@@ -82,6 +82,16 @@ SWIN_CONFIGS: dict[str, SwinConfig] = {
 }
 
 
+def padded_to_windows(size: int, window_size: int) -> int:
+    """``size`` rounded up to a whole number of windows: the official zero padding before the cyclic shift.
+
+    Written ``(n + w - 1) // w * w`` for export: traced, ``-(-n // w) * w`` becomes ONNX's truncating ``Div`` of a
+    negative size (one window short), and ``n + (w - n % w) % w`` leaves nested remainders that ``torch.export``'s
+    symbolic arithmetic spent minutes per block simplifying; this form divides by ``w`` to a plain symbol.
+    """
+    return (size + window_size - 1) // window_size * window_size
+
+
 def shifted_window_mask(
     height: int, width: int, window_size: int, shift_size: int, *, device=None, dtype=torch.float32
 ) -> torch.Tensor:
@@ -148,7 +158,7 @@ def window_plan(batch: int, height: int, width: int, window_size: int, shift_siz
     chunk is either unmasked or carries its windows' masks.
     """
     w, s = window_size, shift_size
-    Hp, Wp = (height + w - 1) // w * w, (width + w - 1) // w * w  # the padded map, as SwinStage.forward
+    Hp, Wp = padded_to_windows(height, w), padded_to_windows(width, w)
     nwh, nww = Hp // w, Wp // w
     rows = ((torch.arange(Hp) + s) % Hp).view(nwh, 1, w, 1).expand(nwh, nww, w, w)
     cols = ((torch.arange(Wp) + s) % Wp).view(1, nww, 1, w).expand(nwh, nww, w, w)
@@ -242,10 +252,8 @@ class SwinBlock(SwinTransformerBlock):
         w, s = self.window, self.shift
         shortcut = x
         x = self.norm1(x)
-        # official: pad the normalised map to window multiples *before* the cyclic shift (the ceil form: traced, a
-        # padded size of (n + w - 1) // w * w divides by w to a plain symbol; (w - n % w) % w made torch.export's
-        # sympy spend minutes per block simplifying nested Mod/FloorDiv expressions)
-        Hp, Wp = (H + w - 1) // w * w, (W + w - 1) // w * w
+        # official: pad the normalised map to window multiples *before* the cyclic shift
+        Hp, Wp = padded_to_windows(H, w), padded_to_windows(W, w)
         x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         if s > 0:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
@@ -372,9 +380,7 @@ class SwinStage(nn.Module):
         mask = None
         if len(self.blocks) > 1 and self.shift_size > 0:
             w = self.window_size
-            # ceil by (n + w - 1) // w, not -(-n // w): exported, a symbolic floor division of a negative size
-            # becomes ONNX's truncating Div and the window count comes out one short
-            Hp, Wp = (x.shape[1] + w - 1) // w * w, (x.shape[2] + w - 1) // w * w
+            Hp, Wp = padded_to_windows(x.shape[1], w), padded_to_windows(x.shape[2], w)
             mask = shifted_window_mask(Hp, Wp, w, self.shift_size, device=x.device, dtype=x.dtype)
         for block in self.blocks:
             block_mask = mask if block.shift > 0 else None
