@@ -85,10 +85,9 @@ def main() -> None:
     date = dt.date.today().isoformat()
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"int8_accuracy_{date}.json"
     result = {"date": date, "shipped_model": {}, "glip_t_parity_images": {}}
-    if out.is_file():  # the part this run skips stays as measured
-        earlier = json.loads(out.read_text())
-        result["shipped_model" if args.skip_shipped else "glip_t_parity_images"] = earlier.get(
-            "shipped_model" if args.skip_shipped else "glip_t_parity_images", {})
+    skipped = "shipped_model" if args.skip_shipped else "glip_t_parity_images" if args.skip_glip_t else None
+    if skipped and out.is_file():  # the part this run skips stays as measured
+        result[skipped] = json.loads(out.read_text()).get(skipped, {})
     shipped = None if args.skip_shipped else GLIP.from_pretrained().eval()
     models = {} if shipped is None else {"eager": shipped, **exports(shipped, folder / "shipped", "shipped")}
     for name, model in models.items():
