@@ -158,6 +158,11 @@ def test_bad_option_values_are_usage_errors(image_dir, broken_weights, options, 
     assert out.returncode == 2 and message in out.stderr
 
 
+def test_train_monitor_needs_a_positive_step_count():
+    out = run("train", "tiny_synth", "--monitor", "0")
+    assert out.returncode == 2 and "--monitor 0: give a number of steps >= 1" in out.stderr
+
+
 def test_input_problems_are_reported_before_the_model_loads(image_dir, broken_weights, tmp_path):
     """With unreadable weights, every error below must be about the input: the model was never being loaded."""
     cases = [

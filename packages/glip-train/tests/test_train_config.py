@@ -85,6 +85,24 @@ def test_official_parameter_groups_on_a_glip_t():
     assert len(groups) == sum(p.requires_grad for p in model.parameters())
 
 
+def test_lr_factors_multiply_the_official_rates_of_matching_names_and_are_checked():
+    with torch.device("meta"):
+        model = GLIP(GLIPConfig.glip_t())
+    from glip_train.training.config import OptimConfig
+
+    config = OptimConfig(lr_factors={"b_attn": 0.1, "attn.v_proj": 0.5})
+    groups = {g["name"]: g for g in parameter_groups(model, config)}
+    # the official rule first (bias: 2x), then every matching factor (0.1 and 0.5)
+    assert groups["head.dyhead_tower.0.b_attn.attn.v_proj.bias"]["lr"] == pytest.approx(1e-4 * 2 * 0.1 * 0.5)
+    assert groups["head.dyhead_tower.0.b_attn.attn.l_proj.weight"]["lr"] == pytest.approx(1e-5)
+    assert groups["head.dyhead_tower.1.attention.self.query.weight"]["lr"] == 1e-4  # no factor
+    assert groups["language_backbone.model.encoder.layer.0.attention.self.query.weight"]["lr"] == 1e-5
+    for bad, message in (({"b_attn": -1}, "optim.lr_factors.b_attn"), ({"": 0.5}, "non-empty"),
+                         ([0.1], "must map name substrings")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_dict({**BASE, "optim": {"lr_factors": bad}}).validate()
+
+
 def test_lr_schedules_by_hand():
     multistep = LRSchedule(ScheduleConfig(max_iter=100, warmup_iters=10, warmup_factor=0.1, steps=(0.5, 0.8)))
     assert multistep(0) == pytest.approx(0.1) and multistep(5) == pytest.approx(0.1 * 0.5 + 0.5)

@@ -435,6 +435,32 @@ def test_a_resumed_run_logs_each_step_once_and_ends_as_an_uninterrupted_run(worl
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_monitored_run_trains_bit_for_bit_as_an_unmonitored_one_and_logs_what_drifts(world, tmp_path):
+    from glip_train.training.monitor import StabilityMonitor
+
+    changes = {"schedule.max_iter": 3, "ema": None}
+    Trainer(load_train_config(write_config(world, tmp_path / "plain", **changes)), progress=False).train()
+    monitored = load_train_config(write_config(world, tmp_path / "monitored", **changes))
+    Trainer(monitored, progress=False, hooks=[StabilityMonitor(every=2)]).train()
+    a, b = _weights(tmp_path / "plain" / "out" / "model"), _weights(tmp_path / "monitored" / "out" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = _log(tmp_path / "monitored")
+    stability = [r for r in log if r.get("event") == "stability"]
+    assert [r["step"] for r in stability] == [1, 2]
+    assert [r for r in log if r.get("event") != "stability"] == _log(tmp_path / "plain")
+    record = stability[-1]
+    assert {"language_backbone.model", "head", "head.dyhead_tower.0"} <= set(record["groups"])
+    assert any(g.startswith("backbone.body.") for g in record["groups"])  # timm's feature extractor: a ModuleDict
+    # the official gradient clipping (total norm 1.0) bounds what the step applied (its coefficient is applied in
+    # float32 to each gradient: the norm after it is 1 to float32 rounding accumulated over the model, not exactly)
+    total = sum(g["grad_norm"] ** 2 for g in record["groups"].values()) ** 0.5
+    assert 0 < total <= 1.0 + 1e-4
+    (low, high), = record["xmha_logits"].values()  # one fusion block
+    assert low < high
+    assert set(record["token_bias"]) == {"bias0", "bias_lang_norm", "inv_temperature"}
+    assert record["text_activations"]["max_abs"] >= record["text_activations"]["rms"] > 0
+
+
 # ---- what the readers drop is reported; bad inputs stop the run before anything is built ---------------------------
 
 def _coco_only(world: Path, folder: Path, annotations: Path, **changes) -> Path:

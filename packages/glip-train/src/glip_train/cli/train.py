@@ -42,6 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="DIR", help="output_dir of the run")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the settings and the summary are still "
                                                         "printed)")
+    p.add_argument("--monitor", type=int, metavar="N",
+                   help="every N steps, log what drifts when training becomes unstable to output_dir/metrics.jsonl "
+                        "('event': 'stability': per-part gradient and update norms, fusion attention logits, layer "
+                        "scales, token-logit bias, text activations; docs/training.md). The weights are unchanged")
     return p
 
 
@@ -60,7 +64,10 @@ def take_unparsed(args: argparse.Namespace, extras: list[str], parser: argparse.
 def run(args: argparse.Namespace) -> int:
     from ..training import Trainer, load_train_config
     from ..training.finetune import coco_finetune_config
+    from ..training.monitor import StabilityMonitor
 
+    if args.monitor is not None and args.monitor < 1:
+        raise UsageError(f"--monitor {args.monitor}: give a number of steps >= 1")
     base = None
     overrides = list(args.overrides)
     if args.config is not None and "=" in args.config:  # only overrides were given
@@ -80,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={flag}")
     recipe = load_train_config(args.config, [], base=base)  # what the run's changes are reported against
     config = load_train_config(args.config, overrides, base=base)
-    result = Trainer(config, progress=not args.quiet, recipe=recipe).train()
+    hooks = [StabilityMonitor(every=args.monitor)] if args.monitor else []
+    result = Trainer(config, progress=not args.quiet, recipe=recipe, hooks=hooks).train()
     where = result.model_dir or result.adapter  # None on the other processes of a distributed run
     if where is not None:
         print(result.summary())  # also with --quiet, which only hides the progress bar

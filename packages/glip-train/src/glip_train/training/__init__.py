@@ -4,6 +4,7 @@ from .checkpointing import ResumeError
 from .config import ConfigError, DataConfig, DatasetConfig, FreezeConfig, OptimConfig, ScheduleConfig, TrainConfig
 from .config import load_train_config
 from .hooks import HookBase
+from .monitor import StabilityMonitor
 from .trainer import Trainer, TrainingDiverged, TrainResult
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "OptimConfig",
     "ResumeError",
     "ScheduleConfig",
+    "StabilityMonitor",
     "TrainConfig",
     "TrainResult",
     "Trainer",

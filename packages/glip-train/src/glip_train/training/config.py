@@ -213,6 +213,9 @@ class OptimConfig:
         lr, language_lr, weight_decay, weight_decay_bias, bias_lr_factor, betas, eps: as above.
         clip_grad_norm: L2 norm clipping over all parameters after unscaling (official 1.0; None = off).
         prompt_lr, prompt_weight_decay: the prompt-tuning table's (official 0.05, 0.25).
+        lr_factors: more LR multipliers by parameter-name substring, applied after the rules above (each substring
+            found in a name multiplies its LR), e.g. ``{"b_attn": 0.1}``: the fusion's X-MHA at a tenth of ``lr``
+            (docs/training.md, "Learning-rate instability"). Empty (the official recipe) by default.
     """
 
     lr: float = 1e-4
@@ -225,8 +228,15 @@ class OptimConfig:
     clip_grad_norm: Optional[float] = 1.0
     prompt_lr: float = 0.05
     prompt_weight_decay: float = 0.25
+    lr_factors: dict[str, float] = field(default_factory=dict)
 
     def validate(self, path: str = "optim") -> None:
+        if not isinstance(self.lr_factors, dict):
+            _fail(f"{path}.lr_factors", f"must map name substrings to LR multipliers; got {self.lr_factors!r}")
+        for key, factor in self.lr_factors.items():
+            if not isinstance(key, str) or not key:
+                _fail(f"{path}.lr_factors", f"keys must be non-empty parameter-name substrings; got {key!r}")
+            _check_number(f"{path}.lr_factors.{key}", factor, 0.0)
         for name in ("lr", "language_lr", "weight_decay", "weight_decay_bias", "bias_lr_factor", "prompt_lr",
                      "prompt_weight_decay"):
             _check_number(f"{path}.{name}", getattr(self, name), 0.0)

@@ -21,7 +21,8 @@ def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, An
     ``language_backbone`` in the name -> ``language_lr``; then ``bias`` in the name -> LR x ``bias_lr_factor`` and
     ``weight_decay_bias`` (the substring also matches ``bias_lang``, ``bias0`` and Swin's
     ``relative_position_bias_table``, exactly as the official code does); the prompt-tuning table gets
-    ``prompt_lr`` / ``prompt_weight_decay``. Each group records its parameter's ``name``.
+    ``prompt_lr`` / ``prompt_weight_decay``; last, each ``lr_factors`` substring found in the name multiplies the LR.
+    Each group records its parameter's ``name``.
     """
     groups = []
     for name, param in model.named_parameters():
@@ -35,6 +36,9 @@ def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, An
             decay = config.weight_decay_bias
         if name.endswith(PROMPT_PARAMETER):
             lr, decay = config.prompt_lr, config.prompt_weight_decay
+        for substring, factor in config.lr_factors.items():
+            if substring in name:
+                lr *= factor
         groups.append({"params": [param], "lr": lr, "weight_decay": decay, "name": name})
     if not groups:
         raise ValueError("no trainable parameters: everything is frozen")
