@@ -48,14 +48,21 @@ def attention_with_identity_projections() -> BiMultiHeadAttention:
     return attn
 
 
-def test_xmha_logits_gradients_and_updates_match_hand_computed_values():
+def monitored_attention(every: int):
+    """A model holding one X-MHA (identity projections) as ``fusion``, a stand-in trainer that keeps what is logged,
+    and a monitor registered with it, as ``Trainer`` registers hooks."""
     model = nn.Module()
     model.fusion = attention_with_identity_projections()
     trainer = SimpleNamespace(model=model, step=0, logged=[])
     trainer.log = trainer.logged.append
-    monitor = StabilityMonitor(every=1)
+    monitor = StabilityMonitor(every=every)
     monitor.trainer = trainer
     monitor.before_train()
+    return model, trainer, monitor
+
+
+def test_xmha_logits_gradients_and_updates_match_hand_computed_values():
+    model, trainer, monitor = monitored_attention(every=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     # two image and two real text tokens; head 0 reads channels 0-1, head 1 channels 2-3; the third token is padding
@@ -88,13 +95,7 @@ def test_xmha_logits_gradients_and_updates_match_hand_computed_values():
 
 
 def test_only_every_nth_step_and_the_first_are_recorded_and_hooks_are_removed():
-    model = nn.Module()
-    model.fusion = attention_with_identity_projections()
-    trainer = SimpleNamespace(model=model, step=0, logged=[])
-    trainer.log = trainer.logged.append
-    monitor = StabilityMonitor(every=3)
-    monitor.trainer = trainer
-    monitor.before_train()
+    model, trainer, monitor = monitored_attention(every=3)
     v, l = torch.randn(1, 5, 4), torch.randn(1, 3, 4)
     for _ in range(7):
         monitor.before_step()
