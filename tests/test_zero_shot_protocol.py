@@ -230,3 +230,69 @@ def test_bench_runner_gpu_part_runs_every_gpu_script(tmp_path, monkeypatch):
     scripts = sorted(str(p) for p in (REPO / "benchmarks").glob("*/gpu_bench.py"))
     assert scripts and [c[1] for c in calls] == scripts
     assert all(c[2:] == ["--out", str(tmp_path), "--smoke"] for c in calls)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return _load_script("zero_shot_default_model", REPO / "benchmarks/zero_shot/default_model.py")
+
+
+def _protocol_result(seen50, unseen50):
+    return {"coco": {"AP_all": 0.4, "AP50_seen": seen50, "AP50_unseen": unseen50, "AP_seen": 0.3, "AP_unseen": 0.2},
+            "lvis": {"AP": 0.1}}
+
+
+def test_the_default_model_is_summarised_over_unseen_worlds_against_its_target(default_model):
+    summary = default_model.summarise({7: _protocol_result(0.62, 0.50), 8: _protocol_result(0.54, 0.58)})
+    assert summary["AP50 seen"]["mean"] == pytest.approx(0.58) and summary["AP50 seen"]["half_spread"] == pytest.approx(0.04)
+    assert summary["AP50 unseen"]["min"] == pytest.approx(0.50) and summary["AP50 unseen"]["values"] == [0.50, 0.58]
+    assert summary["meets_target"]  # 0.5 on both groups of every world
+    # one world below the bar on one group is enough to miss it, whatever the mean
+    assert not default_model.summarise({7: _protocol_result(0.9, 0.9), 8: _protocol_result(0.9, 0.49)})["meets_target"]
+
+
+def test_the_default_model_trains_the_c_recipe_on_every_training_world(default_model, run_module, tmp_path):
+    paths = default_model.Paths(tmp_path)
+    config = default_model.train_config(paths, tmp_path / "text", (100, 101))
+    sources = [(s["kind"], Path(s["annotations"]).parent.name) for s in config["data"]["train"]]
+    assert sources == [("coco", "train_seed100"), ("mdetr", "train_seed100"), ("coco", "train_seed101"),
+                       ("mdetr", "train_seed101")]
+    row = run_module.row_config(run_module.Paths(tmp_path / "x"), "C_lr3e-4", 0)
+    assert config["optim"] == row["optim"] and config["optim"]["lr"] == 3e-4
+    assert config["schedule"] == row["schedule"] and config["model"]["small"]["early_fusion"]
+    assert config["output_dir"] == str(paths.run)
+
+
+def test_the_default_model_is_never_measured_on_a_world_it_trained_on(default_model, capsys):
+    with pytest.raises(SystemExit):
+        default_model.main(["evaluate", "--eval-seeds", f"7,{default_model.TRAIN_SEEDS[0]}"])
+    assert f"[{default_model.TRAIN_SEEDS[0]}] trained the model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def instability():
+    return _load_script("zero_shot_instability", REPO / "benchmarks/zero_shot/instability.py")
+
+
+def test_the_instability_report_reads_the_fusion_tower_by_kind_of_block(instability):
+    assert [instability._tower_kind(f"head.dyhead_tower.{i}") for i in range(6)] == [0, 1, 2, 0, 1, 2]
+    assert instability._tower_kind("backbone.fpn") is None
+    groups = {"head.dyhead_tower.0": {"update_norm": 3.0, "weight_norm": 100.0, "grad_norm": 0.3},
+              "head.dyhead_tower.3": {"update_norm": 4.0, "weight_norm": 100.0, "grad_norm": 0.4},
+              "head.dyhead_tower.2": {"update_norm": 1.0, "weight_norm": 10.0, "grad_norm": 0.1}}
+    record = {"step": 25, "groups": groups, "xmha_logits": {"head.dyhead_tower.0.b_attn.attn": [-7.0, 5.0]}}
+    series = instability.series([record])
+    # both X-MHA blocks in quadrature: |(3, 4)| / |(100, 100)|
+    assert series["update/weight: X-MHA (fusion)"][25] == pytest.approx(5.0 / (100 * 2 ** 0.5))
+    assert series["gradient norm: X-MHA (fusion)"][25] == pytest.approx(0.5)
+    assert series["update/weight: DyConv"][25] == pytest.approx(0.1)
+    assert series["X-MHA max abs logit q·k/√d: block 0"][25] == 7.0
+
+
+def test_the_instability_remedy_changes_only_the_fusion_layers_rates(instability, run_module, tmp_path):
+    paths = run_module.Paths(tmp_path)
+    config = instability.variant_config(paths, "C_lr1e-3_fusion_lr0.1", 0, tmp_path / "out")
+    row = run_module.row_config(paths, "C", 0)
+    assert config["optim"] == {**row["optim"], "lr_factors": {k: 0.1 for k in instability.FUSION_LAYERS}}
+    assert {k: v for k, v in config.items() if k not in ("optim", "output_dir")} == \
+        {k: v for k, v in row.items() if k not in ("optim", "output_dir")}

@@ -6,7 +6,8 @@ It reproduces the (full) row of the zero-shot experiment (``benchmarks/zero_shot
 pseudo-labels) with the web-scale path instead of the single-file one:
 
 1. the world's caption-only images as img2dataset-style shards (``glip-data shard --kind img2dataset``);
-2. the teacher -- the shipped model, which *is* the (C) model of seed 0 at 3e-4 -- labels them with
+2. the teacher -- the row's own: the experiment's (C) model at 3e-4 of the same seed, in float32 (trained by
+   ``run.py`` under --experiment-root when it is not there yet) -- labels them with
    ``torchrun --nproc_per_node N -m glip_train.cli pseudo-label --captions WEB --out PSEUDO``;
 3. the student trains on the world's detection and grounding files (map-style) and the pseudo-label shards
    (``kind: shards``, streamed, weight 1 as each source of the row) with ``torchrun ... -m glip_train.cli train``
@@ -87,6 +88,11 @@ def main(argv=None) -> int:
     ap.add_argument("--student-source", choices=("shards", "jsonl"), default="shards",
                     help="the student reads the pseudo-labels streamed from their shards [shards], or (the control "
                          "of the streamed path) the same records as one caption JSON Lines file, map-style")
+    ap.add_argument("--experiment-root", default=str(REPO / "runs" / "zero_shot"),
+                    help="the zero-shot experiment's folder: its world, text tower and the (C) teacher of --seed, "
+                         "trained there first when missing [%(default)s]")
+    ap.add_argument("--teacher", help="label with these weights instead of the experiment's (C) model of --seed "
+                                      "(a model folder, an official .pth, or 'default': the shipped model)")
     ap.add_argument("--smoke", action="store_true", help="tiny world, a few steps")
     args = ap.parse_args(argv)
     root = Path(args.root)
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
         zero_shot.DOWNSTREAM_WORLD.update(num_detection=16, num_val=6)
         root = Path(str(root) + "_smoke")
         args.results = str(root)
-    paths = zero_shot.Paths(root / "zero_shot")
+    paths = zero_shot.Paths(root / "zero_shot" if args.smoke else Path(args.experiment_root))
     zero_shot.setup(paths)  # the world and the text tower of the experiment
     web, pseudo = root / "web", root / f"pseudo_seed{args.seed}"
     control = "" if args.student_source == "shards" else "_jsonl"
@@ -108,7 +114,11 @@ def main(argv=None) -> int:
         timings["shards_s"] = zero_shot.sh(
             [sys.executable, "-m", "glip_data.cli", "shard", paths.world / "captions_train.jsonl", web,
              "--kind", "img2dataset", "--per-shard", str(SHARD_SIZE), "--quiet"], logs / "shards.log")
-    teacher = [] if not args.smoke else ["--weights", "default"]
+    if args.teacher is not None or args.smoke:
+        teacher_weights = args.teacher or "default"
+    else:  # the (full) row's teacher: the (C) row of the same seed and learning rate
+        teacher_weights = zero_shot.train_row(paths, zero_shot.teacher_of(ROW), args.seed)
+    teacher = ["--weights", teacher_weights]
     timings["pseudo_label_s"] = zero_shot.sh(
         [*torchrun(args.nproc), "pseudo-label", "--captions", web, "--out", pseudo, *teacher,
          "--threshold", str(zero_shot.PSEUDO_THRESHOLD), *zero_shot.EVAL_SIZE, "--batch-size", str(args.batch_size),
@@ -131,7 +141,7 @@ def main(argv=None) -> int:
     result = {
         "date": _dt.date.today().isoformat(), "machine": f"{platform.machine()}, CPU only",
         "row": ROW, "seed": args.seed, "nproc": args.nproc, "pseudo_label_batch_size": args.batch_size,
-        "teacher": "the shipped model (the experiment's C_lr3e-4, seed 0)" if not args.smoke else "default",
+        "teacher": str(teacher_weights),
         "student_source": args.student_source,
         "pseudo_labels": {"shards": len(index["shards"]), "samples": sum(s["samples"] for s in index["shards"]),
                           "written": index["num_samples"],

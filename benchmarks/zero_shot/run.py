@@ -620,12 +620,7 @@ def demo_scene_index(world: Path) -> int:
 
 
 def ship(paths: Paths, result_file: Path, dest: Path = SHIPPED_DIR, demo_image: Path = DEMO_IMAGE) -> Path:
-    """Export the best model of the experiment as glip-train's shipped model: fp16 safetensors, its config (with
-    the experiment's test size), its tokenizer, metrics.json and README.md; and the README's demo picture."""
-    import torch
-
-    from glip_train import GLIP as GLIPModel
-
+    """Export the best model of the experiment as glip-train's shipped model (:func:`ship_model`)."""
     result = json.loads(result_file.read_text())
     row, seed = best_run(result)
     source = paths.run(row, seed) / "model"
@@ -634,6 +629,28 @@ def ship(paths: Paths, result_file: Path, dest: Path = SHIPPED_DIR, demo_image: 
                                 f"(its result came from another clone or machine): ship from where it was trained, "
                                 f"or train it here (`run.py row {row} --seed {seed}`, then `run.py table`, whose "
                                 f"metrics are then this model's) and ship again")
+    experiment = result["rows"][row]["seeds"][str(seed)]
+
+    def describe(protocol: dict, size: int) -> tuple[dict, str]:
+        return ({"row": row, "seed": seed, "experiment": experiment, "protocol": protocol,
+                 "test_size": list(SHIPPED_TEST_SIZE), "source": f"benchmarks/results/{result_file.name}"},
+                shipped_readme(row, seed, experiment, protocol, size, result))
+
+    return ship_model(paths, source, describe, dest, demo_image)
+
+
+def ship_model(paths: Paths, source: Path, describe, dest: Path = SHIPPED_DIR, demo_image: Path = DEMO_IMAGE) -> Path:
+    """Make ``source`` glip-train's shipped model: fp16 safetensors, its config (with the experiment's test size), its
+    tokenizer, ``metrics.json`` and ``README.md``; and the README's demo picture.
+
+    ``describe(protocol, size_in_bytes) -> (metrics, readme_text)`` writes the two files from the zero-shot protocol's
+    result on the fp16 weights as shipped (``protocol.py``: a world no model trained on); ``metrics["protocol"]`` is
+    what ``protocol.py`` later prints beside its measurement. The folder is replaced in one rename.
+    """
+    import torch
+
+    from glip_train import GLIP as GLIPModel
+
     model = GLIPModel.from_pretrained(source, test_min_size=SHIPPED_TEST_SIZE[0], test_max_size=SHIPPED_TEST_SIZE[1])
     staging = dest.with_name(dest.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
@@ -643,14 +660,13 @@ def ship(paths: Paths, result_file: Path, dest: Path = SHIPPED_DIR, demo_image: 
         raise RuntimeError(f"the shipped model would be {size / 1e6:.1f} MB (> {MAX_SHIPPED_BYTES / 1e6:.0f} MB)")
     # the zero-shot protocol on a world no model saw, with the fp16 weights as shipped
     protocol_out = paths.root / "shipped_protocol"
+    shutil.rmtree(protocol_out, ignore_errors=True)
     sh([sys.executable, HERE / "protocol.py", "--weights", staging, "--out", protocol_out], protocol_out / "log")
     protocol = json.loads(max(protocol_out.glob("zero_shot_protocol_*.json")).read_text())["synthetic"]
     protocol.pop("world", None)
-    experiment = result["rows"][row]["seeds"][str(seed)]
-    (staging / "metrics.json").write_text(json.dumps(
-        {"row": row, "seed": seed, "experiment": experiment, "protocol": protocol,
-         "test_size": list(SHIPPED_TEST_SIZE), "source": f"benchmarks/results/{result_file.name}"}, indent=2) + "\n")
-    (staging / "README.md").write_text(shipped_readme(row, seed, experiment, protocol, size, result))
+    metrics, readme = describe(protocol, size)
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (staging / "README.md").write_text(readme)
     shutil.rmtree(dest, ignore_errors=True)
     staging.rename(dest)
     demo(paths, dest, demo_image)

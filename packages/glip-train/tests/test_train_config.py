@@ -90,12 +90,14 @@ def test_lr_factors_multiply_the_official_rates_of_matching_names_and_are_checke
         model = GLIP(GLIPConfig.glip_t())
     from glip_train.training.config import OptimConfig
 
-    config = OptimConfig(lr_factors={"b_attn": 0.1, "attn.v_proj": 0.5})
+    config = OptimConfig(lr_factors={"b_attn": 0.1, "attn.v_proj": 0.5, "*dyhead_tower.*.attention.*": 0.25})
     groups = {g["name"]: g for g in parameter_groups(model, config)}
     # the official rule first (bias: 2x), then every matching factor (0.1 and 0.5)
     assert groups["head.dyhead_tower.0.b_attn.attn.v_proj.bias"]["lr"] == pytest.approx(1e-4 * 2 * 0.1 * 0.5)
     assert groups["head.dyhead_tower.0.b_attn.attn.l_proj.weight"]["lr"] == pytest.approx(1e-5)
-    assert groups["head.dyhead_tower.1.attention.self.query.weight"]["lr"] == 1e-4  # no factor
+    # a glob names the whole name: the tower's text layer, not the text encoder's layer of the same shape
+    assert groups["head.dyhead_tower.1.attention.self.query.weight"]["lr"] == pytest.approx(0.25e-4)
+    assert groups["head.dyhead_tower.1.intermediate.dense.weight"]["lr"] == 1e-4  # no factor
     assert groups["language_backbone.model.encoder.layer.0.attention.self.query.weight"]["lr"] == 1e-5
     for bad, message in (({"b_attn": -1}, "optim.lr_factors.b_attn"), ({"": 0.5}, "non-empty"),
                          ([0.1], "must map name substrings")):

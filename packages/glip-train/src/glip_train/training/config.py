@@ -213,9 +213,11 @@ class OptimConfig:
         lr, language_lr, weight_decay, weight_decay_bias, bias_lr_factor, betas, eps: as above.
         clip_grad_norm: L2 norm clipping over all parameters after unscaling (official 1.0; None = off).
         prompt_lr, prompt_weight_decay: the prompt-tuning table's (official 0.05, 0.25).
-        lr_factors: more LR multipliers by parameter-name substring, applied after the rules above (each substring
-            found in a name multiplies its LR), e.g. ``{"b_attn": 0.1}``: the fusion's X-MHA at a tenth of ``lr``
-            (docs/training.md, "Learning-rate instability"). Empty (the official recipe) by default.
+        lr_factors: more LR multipliers, applied after the rules above: each key that names a parameter -- a
+            substring of its name, or a glob over the whole name when the key has ``*`` or ``?`` -- multiplies its
+            LR. E.g. ``{"b_attn": 0.1}``: the fusion's X-MHA at a tenth of ``lr``; ``{"*dyhead_tower.*.attention.*":
+            0.1}``: the tower's text attention layers (docs/training.md, "Learning-rate instability"). Empty (the
+            official recipe) by default.
     """
 
     lr: float = 1e-4

@@ -1,6 +1,7 @@
 """The official optimizer parameter groups and learning-rate schedules (``docs/official_model.md#training-recipe``)."""
 from __future__ import annotations
 
+import fnmatch
 import math
 from bisect import bisect_right
 from typing import Any
@@ -21,7 +22,8 @@ def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, An
     ``language_backbone`` in the name -> ``language_lr``; then ``bias`` in the name -> LR x ``bias_lr_factor`` and
     ``weight_decay_bias`` (the substring also matches ``bias_lang``, ``bias0`` and Swin's
     ``relative_position_bias_table``, exactly as the official code does); the prompt-tuning table gets
-    ``prompt_lr`` / ``prompt_weight_decay``; last, each ``lr_factors`` substring found in the name multiplies the LR.
+    ``prompt_lr`` / ``prompt_weight_decay``; last, each ``lr_factors`` key that names the parameter (a substring of the
+    name, or a glob over the whole name when it has ``*`` or ``?``) multiplies the LR.
     Each group records its parameter's ``name``.
     """
     groups = []
@@ -36,13 +38,21 @@ def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, An
             decay = config.weight_decay_bias
         if name.endswith(PROMPT_PARAMETER):
             lr, decay = config.prompt_lr, config.prompt_weight_decay
-        for substring, factor in config.lr_factors.items():
-            if substring in name:
+        for key, factor in config.lr_factors.items():
+            if _names(key, name):
                 lr *= factor
         groups.append({"params": [param], "lr": lr, "weight_decay": decay, "name": name})
     if not groups:
         raise ValueError("no trainable parameters: everything is frozen")
     return groups
+
+
+def _names(key: str, name: str) -> bool:
+    """Whether an ``lr_factors`` key names a parameter: a key with ``*`` or ``?`` is a glob over the whole name
+    (``fnmatch``), any other key a substring (as the official rules read names)."""
+    if "*" in key or "?" in key:
+        return fnmatch.fnmatchcase(name, key)
+    return key in name
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
