@@ -311,3 +311,23 @@ def test_command_line_mistakes_are_one_line_before_the_teacher_loads(web, tmp_pa
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_image_with_no_class_above_the_threshold_is_left_out_not_an_error():
+    from collections import Counter
+
+    import torch
+
+    from glip_train.pseudo_label_shards import _class_entities
+
+    result = {"boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0], [1.0, 1.0, 4.0, 4.0]]),
+              "scores": torch.tensor([0.2, 0.4]), "labels": torch.tensor([0, 1])}
+    counts = Counter()
+    assert _class_entities(result, ["circle", "square"], 0.5, None, counts) == ("", [], 0)
+    assert counts["boxes_below_threshold"] == 2
+    # one class above it: its prompt, one entity, the other class's box counted below the threshold
+    counts = Counter()
+    caption, entities, kept = _class_entities({**result, "scores": torch.tensor([0.2, 0.7])}, ["circle", "square"],
+                                              0.5, None, counts)
+    assert caption == "square" and [e["category_id"] for e in entities] == [2] and kept == 1
+    assert counts["boxes_below_threshold"] == 1

@@ -530,6 +530,9 @@ def _class_entities(result: dict[str, Any], classes: list[str], threshold: float
 
     labels = result["labels"]
     found = sorted({int(x) for x in labels[passes_threshold(result["scores"], threshold)].tolist()})
+    if not found:  # nothing at or above the threshold: no prompt to write; the caller names the image as skipped
+        counts["boxes_below_threshold"] += len(labels)
+        return "", [], 0
     caption, spans = detection_prompt([classes[i] for i in found])
     entities = [{"phrase": classes[i], "tokens_positive": [list(x) for x in span], "category_id": i + 1}
                 for i, span in zip(found, spans)]
