@@ -165,65 +165,32 @@ def summarise(per_seed: dict[int, dict]) -> dict:
     return out
 
 
-def baseline_weights() -> tuple[str, Path]:
-    """The model shipped before this one: the experiment's (C) row at 3e-4, seed 0, trained on the seed-0 world only
-    (kept under the run folder once, so that the comparison survives shipping the new model)."""
+def single_world_model(paths: Paths, experiment_paths: "experiment.Paths") -> Path | None:
+    """The model to compare with: the experiment's (C) row at 3e-4, seed 0, trained on the seed-0 world only. First
+    the copy of the model shipped until 2026-12-07 kept under the run folder (made while the shipped model was still
+    that one); else the row as this clone trained it (``run.py row C_lr3e-4 --seed 0``); else None."""
     from glip_train.shipped import default_model_dir
 
-    return "single_world", default_model_dir()
-
-
-def table(paths: Paths, results_dir: Path, models: dict[str, dict], eval_seeds: tuple[int, ...]) -> Path:
-    date = _dt.date.today().isoformat()
-    result = {"date": date, "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
-              "command": "python benchmarks/zero_shot/default_model.py all",
-              "recipe": f"row {ROW} of the zero-shot experiment (run.py), {experiment.TRAIN_STEPS} steps",
-              "train_worlds": {"seeds": list(TRAIN_SEEDS), "per_world": PER_WORLD},
-              "eval_worlds": {"seeds": list(eval_seeds), "config": {**PROTOCOL_WORLD, "seed": "each of seeds"}},
-              "target": {"AP50_seen": TARGET_AP50, "AP50_unseen": TARGET_AP50, "on": "every unseen world"},
-              "models": models}
-    json_path = results_dir / f"default_model_{date}.json"
-    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
-    lines = [f"# A default model for worlds it never saw ({date}, {result['machine']})", "",
-             f"Both models: {result['recipe']} (detection data on five shapes, grounding captions on all eight). "
-             f"`single_world`: trained on the experiment's one world (seed 0; the model shipped until now). "
-             f"`multi_world`: trained on {len(TRAIN_SEEDS)} worlds (seeds {TRAIN_SEEDS[0]}-{TRAIN_SEEDS[-1]}, "
-             f"{PER_WORLD['num_detection']} detection + {PER_WORLD['num_grounding']} grounding images each: as many "
-             f"images as the one world). Evaluated with `protocol.py` (test size 160-240; `single_world` in its shipped "
-             f"float16, `multi_world` in float32 before shipping: float16 gives the same AP to 0.1) on "
-             f"the {PROTOCOL_WORLD['num_val']} validation images of each world of seeds "
-             f"{', '.join(map(str, eval_seeds))}, which neither trained on. AP in %, mean ± half the spread over the "
-             f"worlds (min in brackets). Target: AP50 >= {100 * TARGET_AP50:.0f} on the labelled (`seen`) and on the "
-             f"never-labelled (`unseen`) shapes of every world (`meets target`: every world does).", "",
-             "| model | " + " | ".join(name for name, _, _ in KEYS) + " | meets target |",
-             "|---" * (len(KEYS) + 2) + "|"]
-    for label, data in models.items():
-        summary = data["summary"]
-        cells = [f"{100 * summary[n]['mean']:.1f} ± {100 * summary[n]['half_spread']:.1f} "
-                 f"({100 * summary[n]['min']:.1f})" for n, _, _ in KEYS]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'yes' if summary['meets_target'] else 'no'} |")
-    lines += ["", "Per world (AP50 seen / AP50 unseen):", "",
-              "| model | " + " | ".join(f"seed {s}" for s in eval_seeds) + " |", "|---" * (len(eval_seeds) + 1) + "|"]
-    for label, data in models.items():
-        cells = [f"{100 * data['per_seed'][str(s)]['coco']['AP50_seen']:.1f} / "
-                 f"{100 * data['per_seed'][str(s)]['coco']['AP50_unseen']:.1f}" for s in eval_seeds]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    md_path = json_path.with_suffix(".md")
-    atomic_write_text(md_path, "\n".join(lines) + "\n")
-    return md_path
-
-
-def measure(paths: Paths, eval_seeds: tuple[int, ...]) -> dict[str, dict]:
-    models = {}
-    label, weights = baseline_weights()
     kept = paths.root / "single_world_model"
-    if not (kept / "model.safetensors").is_file() and weights is not None:
-        metrics = json.loads((weights / "metrics.json").read_text()) if (weights / "metrics.json").is_file() else {}
+    shipped = default_model_dir()
+    if not (kept / "model.safetensors").is_file() and shipped is not None:
+        metrics = json.loads((shipped / "metrics.json").read_text()) if (shipped / "metrics.json").is_file() else {}
         if metrics.get("row") == ROW and metrics.get("seed") == 0:  # still the single-world model: keep a copy
-            shutil.copytree(weights, kept.with_name(kept.name + ".new"), dirs_exist_ok=True)
-            kept.with_name(kept.name + ".new").rename(kept)
+            staging = kept.with_name(kept.name + ".new")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(shipped, staging)
+            staging.rename(kept)
     if (kept / "model.safetensors").is_file():
-        models[label] = kept
+        return kept
+    trained = experiment_paths.run(ROW, 0) / "model"
+    return trained if (trained / "model.safetensors").is_file() else None
+
+
+def measure(paths: Paths, experiment_paths: "experiment.Paths", eval_seeds: tuple[int, ...]) -> dict[str, dict]:
+    models = {}
+    single = single_world_model(paths, experiment_paths)
+    if single is not None:
+        models["single_world"] = single
     models["multi_world"] = paths.model
     out = {}
     for label, weights in models.items():
@@ -327,7 +294,7 @@ def main(argv=None) -> int:
     if args.what in ("evaluate", "table", "all"):
         if not (paths.model / "model.safetensors").is_file():
             ap.error(f"no trained model under {paths.model}: run `default_model.py train` first")
-        models = measure(paths, eval_seeds)
+        models = measure(paths, experiment_paths, eval_seeds)
         if args.what != "evaluate":
             print(table(paths, Path(args.results), models, eval_seeds))
     if args.what in ("ship", "all"):
