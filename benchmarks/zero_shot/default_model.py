@@ -111,7 +111,7 @@ def train(paths: Paths, text: Path, train_seeds: tuple[int, ...]) -> Path:
 
     config = paths.root / "train.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump(train_config(paths, text, train_seeds), sort_keys=False))
+    atomic_write_text(config, yaml.safe_dump(train_config(paths, text, train_seeds), sort_keys=False))
     experiment.sh([*experiment.GLIP, "train", config, "--quiet"], paths.root / "train.log")
     return paths.model
 

@@ -37,29 +37,26 @@ from glip_data.io import atomic_write_text  # noqa: E402
 
 EVERY = 25
 
-#: variant -> (row of the experiment, changes to its config as {dotted key: value})
 #: the remedy: the fusion's attention layers -- X-MHA and the tower's text BERT layers, whose relative updates grew
 #: first -- at a tenth of the rate (the text tower's, and the official recipe's 1e-4), DyConv and the rest at 1e-3
 FUSION_LAYERS = ("b_attn", "*dyhead_tower.*.attention.*", "*dyhead_tower.*.intermediate.*",
                  "*dyhead_tower.*.output.*")
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "C_lr1e-3": ("C", {}),
-    "C_lr3e-4": ("C_lr3e-4", {}),
-    "C_lr1e-3_fusion_lr0.1": ("C", {"optim.lr_factors": {key: 0.1 for key in FUSION_LAYERS}}),
+#: variant -> (row of the experiment, overrides of its config in ``glip train``'s key=value grammar)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "C_lr1e-3": ("C", []),
+    "C_lr3e-4": ("C_lr3e-4", []),
+    "C_lr1e-3_fusion_lr0.1": ("C", ["optim.lr_factors=" + json.dumps({key: 0.1 for key in FUSION_LAYERS})]),
 }
 
 
 def variant_config(paths: "experiment.Paths", variant: str, seed: int, out: Path) -> dict:
-    row, changes = VARIANTS[variant]
+    """The experiment's row config of ``variant`` with its overrides applied (the ``glip train KEY=VALUE`` rules)."""
+    from glip_train.training.config import apply_overrides
+
+    row, overrides = VARIANTS[variant]
     config = experiment.row_config(paths, row, seed)
     config["output_dir"] = str(out)
-    for key, value in changes.items():
-        node = config
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return config
+    return apply_overrides(config, overrides)
 
 
 class StopAt(Exception):
@@ -81,7 +78,7 @@ def train(paths: "experiment.Paths", variant: str, seed: int, root: Path, stop_a
         return out
     config_file = root / f"{variant}_seed{seed}.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(yaml.safe_dump(variant_config(paths, variant, seed, out), sort_keys=False))
+    atomic_write_text(config_file, yaml.safe_dump(variant_config(paths, variant, seed, out), sort_keys=False))
 
     class Stop(HookBase):
         def after_step(self) -> None:
@@ -186,7 +183,7 @@ def report(root: Path, results_dir: Path, seed: int) -> Path:
         raise FileNotFoundError(f"no monitored run under {root}: run `instability.py run C_lr1e-3` first")
     date = _dt.date.today().isoformat()
     result = {"date": date, "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only", "seed": seed,
-              "variants": {v: {"row": VARIANTS[v][0], "changes": VARIANTS[v][1]} for v in runs}, "runs": {}}
+              "variants": {v: {"row": VARIANTS[v][0], "overrides": VARIANTS[v][1]} for v in runs}, "runs": {}}
     lines = [f"# The learning-rate instability of the fused rows, instrumented ({date}, {result['machine']})", ""]
     for variant, run in runs.items():
         records, loss, reg = read_run(run)
@@ -198,7 +195,8 @@ def report(root: Path, results_dir: Path, seed: int) -> Path:
         metrics = run / "eval" / "metrics.json"
         if metrics.is_file():
             result["runs"][variant]["metrics"] = json.loads(metrics.read_text())
-        lines += [f"## {variant} (row {VARIANTS[variant][0]}{', ' + str(VARIANTS[variant][1]) if VARIANTS[variant][1] else ''}), seed {seed}",
+        overrides = " ".join(f"`{o}`" for o in VARIANTS[variant][1])
+        lines += [f"## {variant} (row {VARIANTS[variant][0]}{', ' + overrides if overrides else ''}), seed {seed}",
                   "", "Mean over each 250 steps (the token loss: its training log; the rest: StabilityMonitor, every "
                   f"{EVERY} steps).", "",
                   "| quantity | " + " | ".join(f"{a + 1}-{a + 250}" for a in edges[:-1]) + " |",
