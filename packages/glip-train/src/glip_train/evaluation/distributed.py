@@ -36,12 +36,11 @@ def _initialized() -> bool:
 
 
 def dist_info() -> DistInfo:
-    """This process's rank and the world size (``(0, 1)`` when ``torch.distributed`` is not initialised)."""
-    if _initialized():
-        import torch.distributed as dist
+    """This process's rank and the world size (``(0, 1)`` when ``torch.distributed`` is not initialised); the one
+    reading is glip-data's, which its shard streams use too."""
+    from glip_data.shards import dist_info as rank_and_world
 
-        return DistInfo((dist.get_rank(), dist.get_world_size()))
-    return DistInfo((0, 1))
+    return DistInfo(rank_and_world())
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
