@@ -296,3 +296,106 @@ def test_the_instability_remedy_changes_only_the_fusion_layers_rates(instability
     assert config["optim"] == {**row["optim"], "lr_factors": {k: 0.1 for k in instability.FUSION_LAYERS}}
     assert {k: v for k, v in config.items() if k not in ("optim", "output_dir")} == \
         {k: v for k, v in row.items() if k not in ("optim", "output_dir")}
+
+
+@pytest.fixture(scope="module")
+def fusion_gap(run_module):
+    return _load_script("zero_shot_fusion_gap", REPO / "benchmarks/zero_shot/fusion_gap.py")
+
+
+def test_the_two_bases_differ_only_in_deep_fusion_and_the_large_size_has_over_3x_the_parameters(
+        fusion_gap, minilm_dir, tmp_path):
+    from glip_data import SynthConfig, generate_world
+    from glip_train import GLIP, GLIPConfig
+
+    paths = fusion_gap.Paths(tmp_path)
+    generate_world(paths.world, config=SynthConfig(seed=3, num_detection=4, num_grounding=4, num_captions=0,
+                                                   num_val=0, min_size=64, max_size=80))
+    sys.path.insert(0, str(REPO / "benchmarks/zero_shot"))
+    from text_tower import make_text_tower, world_texts
+
+    params = {}
+    for size, spec in fusion_gap.SIZES.items():
+        make_text_tower(minilm_dir, paths.text_dir(size), world_texts(paths.world), layers=spec["text_layers"])
+        configs = {base: fusion_gap.base_config(paths, size, base, "3e-4", 1) for base in fusion_gap.BASES}
+        fused, plain = configs["fusion"], configs["nofusion"]
+        assert fused["model"]["small"].pop("early_fusion") and not plain["model"]["small"].pop("early_fusion")
+        assert {k: v for k, v in fused.items() if k != "output_dir"} == \
+            {k: v for k, v in plain.items() if k != "output_dir"}  # same data, steps, rates, seed, model otherwise
+        assert [s["kind"] for s in fused["data"]["train"]] == ["coco", "mdetr"]  # detection + grounding
+        assert fused["optim"]["lr"] == 3e-4 and fused["seed"] == 1
+        for base, config in configs.items():
+            small = dict(config["model"]["small"], early_fusion=fusion_gap.BASES[base])
+            text = small.pop("text_encoder_dir")
+            params[size, base] = sum(p.numel() for p in GLIP(GLIPConfig.small(text, **small)).parameters())
+    for base in fusion_gap.BASES:
+        assert params["large", base] >= 3 * params["small", base], (base, params)
+    assert params["small", "fusion"] > params["small", "nofusion"]  # the fusion layers are what the bases differ in
+
+
+def _curve(val, test):
+    return {"val": dict(val), "test": dict(test)}
+
+
+def test_each_method_keeps_the_rate_and_step_best_on_validation_and_reports_the_test_ap_there(fusion_gap):
+    runs = {1e-4: _curve({25: 0.30, 50: 0.42, 75: 0.41}, {25: 0.28, 50: 0.39, 75: 0.44}),
+            3e-4: _curve({25: 0.35, 50: 0.40, 75: 0.42}, {25: 0.50, 50: 0.51, 75: 0.52})}
+    chosen = fusion_gap.select(runs)
+    # 0.42 at step 50 (1e-4) and at step 75 (3e-4): the fewer steps win; the test AP is read there, not its best
+    assert (chosen["lr"], chosen["step"], chosen["val_AP"], chosen["test_AP"]) == (1e-4, 50, 0.42, 0.39)
+    assert chosen["plateau"]  # last two validations 0.42, 0.41
+    climbing = fusion_gap.select({0.05: _curve({25: 0.1, 50: 0.3}, {25: 0.1, 50: 0.2})})
+    assert (climbing["step"], climbing["test_AP"], climbing["plateau"]) == (50, 0.2, False)
+    with pytest.raises(ValueError, match="no test AP at step 50"):
+        fusion_gap.select({0.05: _curve({50: 0.3}, {25: 0.1})})
+
+
+def _chosen(test_ap):
+    return {"lr": 1e-4, "step": 50, "val_AP": test_ap, "test_AP": test_ap, "plateau": True}
+
+
+def test_the_gap_and_the_three_claims_are_read_from_the_cells(fusion_gap):
+    cells = {}
+    for size, base, gaps_by_shots in (("small", "fusion", {"1": (0.10, 0.14), "all": (0.02, 0.04)}),
+                                      ("small", "nofusion", {"1": (0.20, 0.30), "all": (0.05, 0.01)}),
+                                      ("large", "fusion", {"1": (0.05, 0.07)})):
+        for shots, per_seed in gaps_by_shots.items():
+            cells[f"{size}/{base}/full/{shots}"] = {str(s): _chosen(0.5) for s in range(2)}
+            cells[f"{size}/{base}/prompt_tuning/{shots}"] = {str(s): _chosen(0.5 - g) for s, g in enumerate(per_seed)}
+    cells["large/nofusion/full/1"] = {"0": _chosen(0.5)}  # no prompt-tuning cell: no gap
+    gap = fusion_gap.gaps(cells)
+    assert set(gap) == {"small/fusion/1", "small/fusion/all", "small/nofusion/1", "small/nofusion/all",
+                        "large/fusion/1"}
+    assert gap["small/fusion/1"]["mean"] == pytest.approx(0.12)
+    assert gap["small/fusion/1"]["half_spread"] == pytest.approx(0.02)
+    claims = fusion_gap.claims(gap)
+    a = {c["shots"]: c["verdict"] for c in claims["a"] if c["size"] == "small"}
+    # 1 shot: 0.12 +- 0.02 vs 0.25 +- 0.05, apart by more than the spreads; all: 0.03 +- 0.01 vs 0.03 +- 0.02
+    assert a["1"] == "holds" and a["all"] in ("holds, within spread", "fails, within spread")
+    assert [(c["base"], c["shots"], c["verdict"]) for c in claims["b"]] == [("fusion", "1", "holds")]  # 0.06 < 0.12
+    c = {(x["base"], x["from"], x["to"]): x["verdict"] for x in claims["c"]}
+    assert c[("fusion", "1", "all")] == "holds" and c[("nofusion", "1", "all")] == "holds"
+    # a gap that grows with the data is a failure of the claim
+    grows = fusion_gap.claims({"small/fusion/1": fusion_gap.summary([0.01, 0.01]),
+                               "small/fusion/all": fusion_gap.summary([0.2, 0.3])})
+    assert grows["c"][0]["verdict"] == "fails"
+    text = fusion_gap.markdown({"date": "d", "machine": "m", "pretraining": {}, "cells": cells, "gaps": gap,
+                                "claims": claims})
+    assert "(b) the gap shrinks as the model grows: holds in 1 of 1 comparisons (1 beyond the seeds' spread)" in text
+
+
+def test_the_tuning_split_holds_out_validation_images_with_their_boxes(fusion_gap, tmp_path):
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 10, "height": 10} for i in (5, 3, 9, 1, 7)]
+    annotations = [{"id": 10 * i + k, "image_id": i, "category_id": 1, "bbox": [0, 0, 2, 2], "area": 4, "iscrowd": 0}
+                   for i in (5, 3, 9, 1, 7) for k in range(i % 3 + 1)]
+    (tmp_path / "detection_train.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "orb"}]}))
+    fusion_gap.split_tuning_set(tmp_path, 2)
+    val = json.loads((tmp_path / "tune_val.json").read_text())
+    train = json.loads((tmp_path / "tune_train.json").read_text())
+    assert sorted(im["id"] for im in val["images"]) == [1, 3]  # the lowest ids
+    assert sorted(im["id"] for im in train["images"]) == [5, 7, 9]
+    assert sorted(a["id"] for a in val["annotations"] + train["annotations"]) == sorted(a["id"] for a in annotations)
+    assert all(a["image_id"] in (1, 3) for a in val["annotations"]) and val["categories"] == train["categories"]
+    with pytest.raises(ValueError, match="5 images cannot give 5"):
+        fusion_gap.split_tuning_set(tmp_path, 5)

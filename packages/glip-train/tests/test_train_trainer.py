@@ -307,6 +307,30 @@ def test_validation_runs_every_eval_every_steps_and_at_the_end_on_the_trained_we
     assert [e["step"] for e in events if e.get("event") == "eval"] == [2, 3]  # not logged twice
 
 
+def test_a_named_validation_hook_tracks_a_second_set_at_the_same_steps_without_touching_the_run(world, tmp_path):
+    from glip_train.training.hooks import ValidationHook
+
+    val = {"annotations": str(world / "coco_val.json"), "images": str(world / "images")}
+    changes = {"schedule.max_iter": 3, "eval_every": 2, "data.val": val, "ema": None,
+               "model.small.postprocess": {"candidate_threshold": 0.0}}
+    plain = Trainer(load_train_config(write_config(world, tmp_path / "plain", **changes)), progress=False).train()
+    config = load_train_config(write_config(world, tmp_path / "tracked", **changes))
+    # the second set is the validation set itself, so both must measure the same weights at the same steps
+    test = ValidationHook(2, val["annotations"], val["images"], {"protocol": "coco"}, name="test")
+    result = Trainer(config, progress=False, hooks=[test]).train()
+    out = Path(config.output_dir)
+    events = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    by_kind = {kind: {e["step"]: e["AP"] for e in events if e.get("event") == kind} for kind in ("eval", "test")}
+    assert sorted(by_kind["test"]) == sorted(by_kind["eval"]) == [2, 3]
+    assert by_kind["test"] == by_kind["eval"]
+    assert sorted(p.name for p in (out / "test").iterdir()) == ["step_00000002", "step_00000003"]
+    # val_metrics stay data.val's, and evaluating a second set leaves the training itself unchanged
+    assert result.val_metrics == plain.val_metrics
+    trained = GLIP.from_pretrained(result.model_dir).state_dict()
+    for key, value in GLIP.from_pretrained(plain.model_dir).state_dict().items():
+        assert torch.equal(trained[key], value), key
+
+
 def test_a_missing_validation_file_stops_the_run_before_training_and_can_be_fixed_on_resume(world, tmp_path):
     bad = {"annotations": str(world / "coco_vall.json"), "images": str(world / "images")}
     with pytest.raises(FileNotFoundError, match=r"data.val.annotations: .*coco_vall.json does not exist"):

@@ -270,13 +270,23 @@ class ValidationHook(HookBase):
     to ``trainer.result.val_metrics``. A step already evaluated there is read back, not run again (a rerun of a
     finished run). The trained weights are evaluated, not the EMA (as the official evaluation loads ``"model"``,
     quirk 19).
+
+    ``name`` names the folder and the log event: a second instance with another name (``"test"``) tracks a
+    held-out set beside ``data.val`` at the same steps (``output_dir/test/step_<step>/``, ``"event": "test"``);
+    only the one named ``"eval"`` sets ``trainer.result.val_metrics``.
     """
 
-    def __init__(self, every: int | None, annotations: str, images: str | None, val: dict[str, Any]):
+    def __init__(self, every: int | None, annotations: str, images: str | None, val: dict[str, Any],
+                 name: str = "eval"):
         self.every = every
         self.annotations, self.images = annotations, images
         self.val = val
+        self.event = name
         self.start_step = 0
+
+    @property
+    def name(self) -> str:
+        return "ValidationHook" if self.event == "eval" else f"ValidationHook[{self.event}]"
 
     def before_train(self) -> None:
         self.start_step = self.trainer.step
@@ -287,12 +297,14 @@ class ValidationHook(HookBase):
             self.evaluate()
 
     def after_train(self) -> None:
-        self.trainer.result.val_metrics = self.evaluate()
+        metrics = self.evaluate()
+        if self.event == "eval":
+            self.trainer.result.val_metrics = metrics
 
     def evaluate(self) -> dict[str, Any] | None:
         """Validate at the current step; the scalar metrics on rank 0, None elsewhere."""
         trainer = self.trainer
-        out_dir = trainer.output_dir / "eval" / f"step_{trainer.step:08d}"
+        out_dir = trainer.output_dir / self.event / f"step_{trainer.step:08d}"
         done = out_dir / "metrics.json"
         # evaluated before (decided jointly: all ranks or none): read back, not run again; logged again only when
         # this run replays the step (the log lost its line with the steps after the checkpoint), not on a rerun of
@@ -302,7 +314,7 @@ class ValidationHook(HookBase):
                 return None
             scalars = _scalars(json.loads(done.read_text())["metrics"])
             if trainer.step > self.start_step:
-                trainer.log({"step": trainer.step, "event": "eval", **scalars})
+                trainer.log({"step": trainer.step, "event": self.event, **scalars})
             return scalars
         from ..evaluation import evaluate
 
@@ -319,7 +331,7 @@ class ValidationHook(HookBase):
         if not trainer.is_main or result is None:
             return None
         scalars = _scalars(result.metrics)
-        trainer.log({"step": trainer.step, "event": "eval", **scalars})
+        trainer.log({"step": trainer.step, "event": self.event, **scalars})
         return scalars
 
 
