@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import contextlib
 import datetime as _dt
+import io
 import json
+import os
 import platform
 import statistics
 import sys
@@ -125,7 +128,7 @@ def split_tuning_set(world: Path, val_images: int) -> None:
 
 def base_config(paths: Paths, size: str, base: str, lr: str, seed: int) -> dict:
     """Row (C)'s recipe (detection + grounding) at ``lr``; the model of ``size``, with or without deep fusion."""
-    with _quiet():
+    with contextlib.redirect_stdout(io.StringIO()):  # row_config's note on pseudo-labels: no (full) row here
         config = experiment.row_config(paths, f"C_lr{lr}", seed)
     small = experiment.model_config(paths.text_dir(size), early_fusion=BASES[base])["small"]
     config["model"] = {"small": {**small, **SIZES[size]["model"]}}
@@ -445,7 +448,7 @@ def table(paths: Paths, results: Path) -> Path:
     found = collect(paths)
     gap = gaps(found["cells"])
     record = {"date": _dt.date.today().isoformat(),
-              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
               "setting": {"sizes": SIZES, "pretrain_lrs": PRETRAIN_LRS, "seeds": SEEDS, "shots": SHOTS,
                           "tune_lrs": {m: list(v) for m, v in TUNE_LRS.items()},
                           "tune_steps": {str(k): v for k, v in TUNE_STEPS.items()}, "tune_world": TUNE_WORLD,
@@ -471,20 +474,6 @@ def plan(sizes: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-class _quiet:
-    """Silences run.row_config's note on pseudo-labels (this experiment has no (full) row)."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-
-        self._redirect = contextlib.redirect_stdout(io.StringIO())
-        return self._redirect.__enter__()
-
-    def __exit__(self, *exc):
-        return self._redirect.__exit__(*exc)
 
 
 def _eval_sizes() -> dict:
