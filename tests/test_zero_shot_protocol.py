@@ -259,14 +259,51 @@ def test_the_default_model_trains_the_c_recipe_on_every_training_world(default_m
                        ("mdetr", "train_seed101")]
     row = run_module.row_config(run_module.Paths(tmp_path / "x"), "C_lr3e-4", 0)
     assert config["optim"] == row["optim"] and config["optim"]["lr"] == 3e-4
-    assert config["schedule"] == row["schedule"] and config["model"]["small"]["early_fusion"]
-    assert config["output_dir"] == str(paths.run)
+    # the row's schedule (warm-up, a tenth at 67% and 89%) stretched to the model's steps
+    assert config["schedule"] == {**row["schedule"], "max_iter": default_model.TRAIN_STEPS}
+    assert default_model.train_config(paths, tmp_path / "text", (100,), steps=40)["schedule"]["max_iter"] == 40
+    assert config["model"]["small"]["early_fusion"] and config["output_dir"] == str(paths.run)
 
 
 def test_the_default_model_is_never_measured_on_a_world_it_trained_on(default_model, capsys):
     with pytest.raises(SystemExit):
         default_model.main(["evaluate", "--eval-seeds", f"7,{default_model.TRAIN_SEEDS[0]}"])
     assert f"[{default_model.TRAIN_SEEDS[0]}] trained the model" in capsys.readouterr().err
+
+
+def test_the_default_model_table_is_what_ship_reads(default_model, tmp_path):
+    per_seed = {7: _protocol_result(0.62, 0.55), 9: _protocol_result(0.48, 0.70)}
+    models = {"multi_world": {"weights": "w", "per_seed": {str(s): r for s, r in per_seed.items()},
+                              "summary": default_model.summarise(per_seed)}}
+    md = default_model.table(tmp_path, models, (7, 9), (100, 101, 102), 50, 1234)
+    result = json.loads(md.with_suffix(".json").read_text())
+    assert result["train_worlds"]["seeds"] == [100, 101, 102] and result["train_steps"] == 1234
+    assert result["train_worlds"]["per_world"]["num_detection"] == 50 == result["train_worlds"]["per_world"]["num_grounding"]
+    assert "--train-seeds 100-102 --images-per-world 50 --steps 1234" in result["command"]
+    text = md.read_text()
+    assert "| multi_world | 40.0 ± 0.0 (40.0) | 55.0 ± 7.0 (48.0) | 62.5 ± 7.5 (55.0) |" in text
+    assert text.rstrip().endswith("| multi_world | 62.0 / 55.0 | 48.0 / 70.0 |")
+    readme = default_model.shipped_readme(result, {"coco": {"AP_all": 0.4, "AP50_seen": 0.6, "AP50_unseen": 0.5},
+                                                   "lvis": {"AP": 0.3}}, 22_000_000)
+    assert "3 worlds" in readme and "1234 steps" in readme
+    assert "not on every world" in readme and "AP50\n48.0 on the labelled shapes of the seed-9 world" in readme
+
+
+def test_the_default_model_reads_its_training_worlds_and_keeps_one_recipe_per_root(default_model, tmp_path, capsys):
+    assert default_model.parse_seeds("100-103") == (100, 101, 102, 103)
+    assert default_model.parse_seeds("5,3") == (5, 3)
+    for bad in ("103-100", "4,4", ","):
+        with pytest.raises(ValueError, match="--train-seeds"):
+            default_model.parse_seeds(bad)
+    (tmp_path / "recipe.json").write_text(json.dumps({"train_seeds": [100, 101], "images_per_world": 10, "steps": 5}))
+    with pytest.raises(SystemExit):  # refused before anything is generated or trained
+        default_model.main(["train", "--root", str(tmp_path), "--steps", "6"])
+    err = capsys.readouterr().err
+    assert "recipe.json records" in err and '"steps": 6' in err and "another --root" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.json"]
+    with pytest.raises(SystemExit):  # the recorded worlds are the ones kept apart from the evaluation worlds
+        default_model.main(["evaluate", "--root", str(tmp_path), "--eval-seeds", "7,101"])
+    assert "[101] trained the model" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
