@@ -326,6 +326,25 @@ def test_the_instability_report_reads_the_fusion_tower_by_kind_of_block(instabil
     assert series["X-MHA max abs logit q·k/√d: block 0"][25] == 7.0
 
 
+def test_the_instability_report_averages_each_window_and_names_a_second_seeds_file(instability, tmp_path):
+    run = tmp_path / "runs" / "C_lr1e-3_fusion_lr0.1_seed1"
+    run.mkdir(parents=True)
+    groups = {"head.dyhead_tower.0": {"update_norm": 2.0, "weight_norm": 100.0, "grad_norm": 0.3}}
+    lines = [{"step": s, "loss_dot_product_token": s / 1000, "loss_reg": 0.5} for s in range(25, 501, 25)]
+    lines.append({"step": 250, "loss_dot_product_token": 9.0, "loss_reg": 0.5})  # logged again after a resume: last wins
+    lines += [{"event": "stability", "step": s, "groups": groups,
+               "xmha_logits": {"head.dyhead_tower.0.b_attn.attn": [-float(s), 1.0]}} for s in (100, 300, 400)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    md = instability.report(tmp_path / "runs", tmp_path / "results", seed=1)
+    assert md.name.endswith("_seed1.md")
+    result = json.loads(md.with_suffix(".json").read_text())
+    first = [s / 1000 for s in range(25, 250, 25)] + [9.0]  # steps 25..250
+    second = [s / 1000 for s in range(275, 501, 25)]
+    assert result["runs"]["C_lr1e-3_fusion_lr0.1"]["token_loss_per_250"] == pytest.approx(
+        [sum(first) / len(first), sum(second) / len(second)])
+    assert "| X-MHA max abs logit q·k/√d: block 0 | 100 | 350 |" in md.read_text()
+
+
 def test_the_instability_remedy_changes_only_the_fusion_layers_rates(instability, run_module, tmp_path):
     paths = run_module.Paths(tmp_path)
     config = instability.variant_config(paths, "C_lr1e-3_fusion_lr0.1", 0, tmp_path / "out")

@@ -218,7 +218,8 @@ def report(root: Path, results_dir: Path, seed: int) -> Path:
                     lines.append(f"| {name} | " + " | ".join(_fmt(window_mean(values, a, a + 100))
                                                           for a in close[:-1]) + " |")
         lines.append("")
-    json_path = results_dir / f"instability_{date}.json"
+    # seed 0's file keeps the plain name it has always had; another seed's names its seed
+    json_path = results_dir / f"instability_{date}{'' if seed == 0 else f'_seed{seed}'}.json"
     atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
     md_path = json_path.with_suffix(".md")
     atomic_write_text(md_path, "\n".join(lines) + "\n")
