@@ -289,6 +289,21 @@ def test_the_default_model_table_is_what_ship_reads(default_model, tmp_path):
     assert "not on every world" in readme and "AP50\n48.0 on the labelled shapes of the seed-9 world" in readme
 
 
+def test_the_default_model_ships_the_newest_result_of_its_own_recipe(default_model, tmp_path):
+    def write(name, date, seeds, steps, images=100):
+        (tmp_path / name).write_text(json.dumps({"date": date, "train_steps": steps, "train_worlds": {
+            "seeds": seeds, "per_world": {"num_detection": images}}}))
+
+    recipe = {"train_seeds": [100, 101], "images_per_world": 100, "steps": 3500}
+    assert default_model.result_of(tmp_path, recipe) is None
+    write("default_model_2026-12-07.json", "2026-12-07", [100, 101], 3500)
+    write("default_model_2026-12-08_24worlds.json", "2026-12-08", list(range(100, 124)), 3500)  # sorts last
+    write("default_model_2026-12-09.json", "2026-12-09", [100, 101], 3500, images=50)
+    assert default_model.result_of(tmp_path, recipe).name == "default_model_2026-12-07.json"
+    write("default_model_2026-12-10.json", "2026-12-10", [100, 101], 3500)
+    assert default_model.result_of(tmp_path, recipe).name == "default_model_2026-12-10.json"
+
+
 def test_the_default_model_reads_its_training_worlds_and_keeps_one_recipe_per_root(default_model, tmp_path, capsys):
     assert default_model.parse_seeds("100-103") == (100, 101, 102, 103)
     assert default_model.parse_seeds("5,3") == (5, 3)
