@@ -319,7 +319,7 @@ images use an official GLIP checkpoint (`glip detect photo.jpg --classes ... --w
 
 Box AP % on the validation images of worlds neither model trained on (seeds
 {', '.join(map(str, result['eval_worlds']['seeds']))}; mean ± half the spread over the worlds; `seen` = shapes labelled
-for detection, `unseen` = never labelled); `single_world` is the model shipped before, trained on one world:
+for detection, `unseen` = never labelled); `single_world` is the model shipped until 2026-12-07, trained on one world:
 
 | model | {' | '.join(n for n, _, _ in KEYS)} |
 |---|{'---|' * len(KEYS)}
@@ -327,8 +327,8 @@ for detection, `unseen` = never labelled); `single_world` is the model shipped b
 
 The target set for it -- AP50 >= {100 * TARGET_AP50:.0f} on the labelled and on the never-labelled shapes of every unseen
 world -- is {'met' if mine['summary']['meets_target'] else 'met on average, not on every world'}: its lowest is AP50
-{pct(worst[0])} on the {worst[2]} shapes of the seed-{worst[1]} world. Reproduce (about an hour on 2
-cores): `python benchmarks/zero_shot/default_model.py all`.
+{pct(worst[0])} on the {worst[2]} shapes of the seed-{worst[1]} world. Reproduce (about 80 minutes on one
+core: training, then both models on every world): `python benchmarks/zero_shot/default_model.py all`.
 
 `python benchmarks/zero_shot/protocol.py` (also run by `hatch run bench`) measures it on the seed-7 world again:
 COCO AP {pct(p.get('AP_all'))}, AP50 seen {pct(p.get('AP50_seen'))}, AP50 unseen {pct(p.get('AP50_unseen'))}, LVIS AP
