@@ -307,6 +307,9 @@ def test_the_default_model_ships_the_newest_result_of_its_own_recipe(default_mod
 def test_the_default_model_reads_its_training_worlds_and_keeps_one_recipe_per_root(default_model, tmp_path, capsys):
     assert default_model.parse_seeds("100-103") == (100, 101, 102, 103)
     assert default_model.parse_seeds("5,3") == (5, 3)
+    for seeds in ((100, 101, 102), (5, 3), (7,), (1, 2, 4)):  # what the result file's command names reads back
+        assert default_model.parse_seeds(default_model.format_seeds(seeds)) == seeds
+    assert default_model.format_seeds((100, 101, 102)) == "100-102"
     for bad in ("103-100", "4,4", ","):
         with pytest.raises(ValueError, match="--train-seeds"):
             default_model.parse_seeds(bad)

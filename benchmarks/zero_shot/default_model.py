@@ -8,8 +8,10 @@ script trains the same network with the same recipe -- row (C) at 3e-4: detectio
 default, ``--images-per-world`` detection and as many grounding images each), so that no colour predicts a shape, for
 ``--steps`` (3500: the row's 2500 stopped while the loss still fell), and measures it with the zero-shot protocol
 (``protocol.py``) on worlds of ``--eval-seeds`` that no training run used, next to the single-world model shipped
-until 2026-12-07 where a copy of it is at hand. The never-labelled shapes (diamond, cross, ring) still come only from
-the grounding captions.
+until 2026-12-07 where a copy of it is at hand in ``<root>/single_world_model`` (a git clone has it:
+``mkdir -p ROOT/single_world_model && git archive 2f40bc8 packages/glip-train/src/glip_train/assets/default_model |
+tar -x --strip-components=6 -C ROOT/single_world_model``). The never-labelled shapes (diamond, cross, ring) still come
+only from the grounding captions.
 
     python benchmarks/zero_shot/default_model.py train        # the worlds, the text tower, training (~65 min)
     python benchmarks/zero_shot/default_model.py evaluate     # protocol.py on every --eval-seeds world, both models
@@ -220,7 +222,7 @@ def table(results_dir: Path, models: dict[str, dict], eval_seeds: tuple[int, ...
     date = _dt.date.today().isoformat()
     result = {"date": date, "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
               "command": "python benchmarks/zero_shot/default_model.py all"
-                         + (f" --train-seeds {train_seeds[0]}-{train_seeds[-1]}" if train_seeds != TRAIN_SEEDS else "")
+                         + (f" --train-seeds {format_seeds(train_seeds)}" if train_seeds != TRAIN_SEEDS else "")
                          + (f" --images-per-world {images_per_world}" if images_per_world != IMAGES_PER_WORLD else "")
                          + (f" --steps {steps}" if steps != TRAIN_STEPS else ""),
               "recipe": f"row {ROW} of the zero-shot experiment (run.py), {steps} steps",
@@ -234,8 +236,8 @@ def table(results_dir: Path, models: dict[str, dict], eval_seeds: tuple[int, ...
     atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
     lines = [f"# A default model for worlds it never saw ({date}, {result['machine']})", "",
              f"`multi_world`: row {ROW} of the zero-shot experiment (detection data on five shapes, grounding captions "
-             f"on all eight) trained for {steps} steps on {len(train_seeds)} worlds (seeds {train_seeds[0]}-"
-             f"{train_seeds[-1]}, {images_per_world} detection + {images_per_world} grounding images each). "
+             f"on all eight) trained for {steps} steps on {len(train_seeds)} worlds (seeds {format_seeds(train_seeds)}, "
+             f"{images_per_world} detection + {images_per_world} grounding images each). "
              "`single_world`, where measured: the same row trained 2500 steps on the experiment's one world (seed 0; "
              f"the model shipped until 2026-12-07). Evaluated with `protocol.py` (test size "
              f"{experiment.SHIPPED_TEST_SIZE[0]}-{experiment.SHIPPED_TEST_SIZE[1]}, float32) on the "
@@ -360,6 +362,13 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--train-seeds {text}: one or more distinct seeds")
     return seeds
+
+
+def format_seeds(seeds: tuple[int, ...]) -> str:
+    """What :func:`parse_seeds` reads back: ``"100-111"`` for a run of consecutive seeds, else ``"100,103"``."""
+    if len(seeds) > 1 and list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(map(str, seeds))
 
 
 def main(argv=None) -> int:
