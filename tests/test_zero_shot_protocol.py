@@ -275,32 +275,45 @@ def test_the_default_model_table_is_what_ship_reads(default_model, tmp_path):
     per_seed = {7: _protocol_result(0.62, 0.55), 9: _protocol_result(0.48, 0.70)}
     models = {"multi_world": {"weights": "w", "per_seed": {str(s): r for s, r in per_seed.items()},
                               "summary": default_model.summarise(per_seed)}}
-    md = default_model.table(tmp_path, models, (7, 9), (100, 101, 102), 50, 1234)
+    recipe = {"train_seeds": [100, 101, 102], "images_per_world": 50, "steps": 1234}
+    md = default_model.table(tmp_path, models, (7, 9), recipe, default_model.REPO / "runs" / "dm_small")
+    assert md.name.endswith("_3worlds_50img_1234steps.md")  # a recipe other than the default names itself
     result = json.loads(md.with_suffix(".json").read_text())
     assert result["train_worlds"]["seeds"] == [100, 101, 102] and result["train_steps"] == 1234
     assert result["train_worlds"]["per_world"]["num_detection"] == 50 == result["train_worlds"]["per_world"]["num_grounding"]
-    assert "--train-seeds 100-102 --images-per-world 50 --steps 1234" in result["command"]
+    assert result["command"] == ("python benchmarks/zero_shot/default_model.py all --root runs/dm_small "
+                                 "--train-seeds 100-102 --images-per-world 50 --steps 1234 --eval-seeds 7,9")
     text = md.read_text()
     assert "| multi_world | 40.0 ± 0.0 (40.0) | 55.0 ± 7.0 (48.0) | 62.5 ± 7.5 (55.0) |" in text
     assert text.rstrip().endswith("| multi_world | 62.0 / 55.0 | 48.0 / 70.0 |")
-    readme = default_model.shipped_readme(result, {"coco": {"AP_all": 0.4, "AP50_seen": 0.6, "AP50_unseen": 0.5},
-                                                   "lvis": {"AP": 0.3}}, 22_000_000)
-    assert "3 worlds" in readme and "1234 steps" in readme
-    assert "not on every world" in readme and "AP50\n48.0 on the labelled shapes of the seed-9 world" in readme
+    protocol = {"coco": {"AP_all": 0.4, "AP50_seen": 0.6, "AP50_unseen": 0.5}, "lvis": {"AP": 0.3}}
+    readme = default_model.shipped_readme(result, protocol, 22_000_000, md.with_suffix(".json").name)
+    assert "3 worlds" in readme and "seeds 100-102" in readme and "1234 steps" in readme
+    assert f"benchmarks/results/{md.name}" in readme and result["command"] in readme
+    assert "met on average, not on every world" in readme  # both means >= 50, seed 9's labelled shapes below
+    assert "AP50\n48.0 on the labelled shapes of the seed-9 world" in readme
+    low = {7: _protocol_result(0.45, 0.55), 9: _protocol_result(0.48, 0.70)}  # the labelled shapes' mean is 46.5
+    result["models"]["multi_world"]["summary"] = default_model.summarise(low)
+    assert "is not met" in default_model.shipped_readme(result, protocol, 1, "x.json")
+    # the default recipe in the default root: the plain file name and command
+    assert default_model.table(tmp_path, models, (7, 9), default_model.DEFAULT_RECIPE).name == \
+        f"default_model_{result['date']}.md"
+    assert default_model.reproduce_command(default_model.DEFAULT_RECIPE, default_model.DEFAULT_ROOT,
+                                           default_model.EVAL_SEEDS) == "python benchmarks/zero_shot/default_model.py all"
 
 
 def test_the_default_model_ships_the_newest_result_of_its_own_recipe(default_model, tmp_path):
-    def write(name, date, seeds, steps, images=100):
-        (tmp_path / name).write_text(json.dumps({"date": date, "train_steps": steps, "train_worlds": {
+    def write(name, seeds, steps, images=100):
+        (tmp_path / name).write_text(json.dumps({"train_steps": steps, "train_worlds": {
             "seeds": seeds, "per_world": {"num_detection": images}}}))
 
     recipe = {"train_seeds": [100, 101], "images_per_world": 100, "steps": 3500}
     assert default_model.result_of(tmp_path, recipe) is None
-    write("default_model_2026-12-07.json", "2026-12-07", [100, 101], 3500)
-    write("default_model_2026-12-08_24worlds.json", "2026-12-08", list(range(100, 124)), 3500)  # sorts last
-    write("default_model_2026-12-09.json", "2026-12-09", [100, 101], 3500, images=50)
+    write("default_model_2026-12-07.json", [100, 101], 3500)
+    write("default_model_2026-12-08_24worlds.json", list(range(100, 124)), 3500)  # sorts last: another recipe
+    write("default_model_2026-12-09_50img.json", [100, 101], 3500, images=50)
     assert default_model.result_of(tmp_path, recipe).name == "default_model_2026-12-07.json"
-    write("default_model_2026-12-10.json", "2026-12-10", [100, 101], 3500)
+    write("default_model_2026-12-10.json", [100, 101], 3500)
     assert default_model.result_of(tmp_path, recipe).name == "default_model_2026-12-10.json"
 
 
@@ -310,7 +323,7 @@ def test_the_default_model_reads_its_training_worlds_and_keeps_one_recipe_per_ro
     for seeds in ((100, 101, 102), (5, 3), (7,), (1, 2, 4)):  # what the result file's command names reads back
         assert default_model.parse_seeds(default_model.format_seeds(seeds)) == seeds
     assert default_model.format_seeds((100, 101, 102)) == "100-102"
-    for bad in ("103-100", "4,4", ","):
+    for bad in ("103-100", "4,4", ",", "100-101,105", "a"):
         with pytest.raises(ValueError, match="--train-seeds"):
             default_model.parse_seeds(bad)
     (tmp_path / "recipe.json").write_text(json.dumps({"train_seeds": [100, 101], "images_per_world": 10, "steps": 5}))
@@ -322,6 +335,11 @@ def test_the_default_model_reads_its_training_worlds_and_keeps_one_recipe_per_ro
     with pytest.raises(SystemExit):  # the recorded worlds are the ones kept apart from the evaluation worlds
         default_model.main(["evaluate", "--root", str(tmp_path), "--eval-seeds", "7,101"])
     assert "[101] trained the model" in capsys.readouterr().err
+    older = tmp_path / "older"  # trained before roots recorded a recipe: its model is not taken for the default's
+    (older / "run").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        default_model.main(["table", "--root", str(older)])
+    assert "recipe.json is missing" in capsys.readouterr().err and not (older / "recipe.json").exists()
 
 
 @pytest.fixture(scope="module")
