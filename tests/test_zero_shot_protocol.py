@@ -331,7 +331,13 @@ def test_the_default_model_reads_its_training_worlds_and_keeps_one_recipe_per_ro
         default_model.main(["train", "--root", str(tmp_path), "--steps", "6"])
     err = capsys.readouterr().err
     assert "recipe.json records" in err and '"steps": 6' in err and "another --root" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["recipe.json"]
+    from glip_data.io import RunLock
+
+    with RunLock(tmp_path, "another default_model.py"):  # a second command on a root in use is refused at once
+        with pytest.raises(SystemExit):
+            default_model.main(["table", "--root", str(tmp_path)])
+    assert "in use by another run (another default_model.py" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the recorded worlds are the ones kept apart from the evaluation worlds
         default_model.main(["evaluate", "--root", str(tmp_path), "--eval-seeds", "7,101"])
     assert "[101] trained the model" in capsys.readouterr().err

@@ -431,6 +431,21 @@ def main(argv=None) -> int:
     # absolute: the training config names files, and a relative name would be read from the config's own folder
     paths = Paths(Path(args.root).resolve())
     experiment_paths = experiment.Paths(Path(args.experiment_root).resolve())
+    # one command at a time per root: a second one (say, two `evaluate`s) is refused at once, not interleaved
+    from glip_data.io import OutputLockedError, RunLock
+
+    try:
+        lock = RunLock(paths.root, f"default_model.py {args.what}").acquire()
+    except OutputLockedError as e:
+        ap.error(str(e))
+    try:
+        return _locked_main(ap, args, paths, experiment_paths)
+    finally:
+        lock.release()
+
+
+def _locked_main(ap: argparse.ArgumentParser, args: argparse.Namespace, paths: Paths,
+                 experiment_paths: "experiment.Paths") -> int:
     # one root, one recipe: what trained there is recorded, so later commands need no flags and a changed flag
     # cannot resume another model's checkpoints
     recorded = paths.root / "recipe.json"
