@@ -219,17 +219,23 @@ DEFAULT_RECIPE = {"train_seeds": list(TRAIN_SEEDS), "images_per_world": IMAGES_P
 DEFAULT_ROOT = REPO / "runs" / "default_model"
 
 
+#: recipe key -> its flag's value, and what a result file's name says of it, where it is not the default
+RECIPE_FIELDS = {
+    "train_seeds": ("--train-seeds", lambda v: format_seeds(tuple(v)), lambda v: f"{len(v)}worlds"),
+    "images_per_world": ("--images-per-world", str, lambda v: f"{v}img"),
+    "steps": ("--steps", str, lambda v: f"{v}steps"),
+}
+
+
+def _changed(recipe: dict) -> list[str]:
+    """The keys of ``recipe`` that differ from :data:`DEFAULT_RECIPE`, in flag order."""
+    return [key for key in RECIPE_FIELDS if recipe[key] != DEFAULT_RECIPE[key]]
+
+
 def recipe_tag(recipe: dict) -> str:
     """What a result file's name adds for a recipe other than the default: ``""``, ``"_24worlds"``,
     ``"_12worlds_50img_2000steps"``... (so two recipes measured on one day keep two files)."""
-    parts = []
-    if recipe["train_seeds"] != DEFAULT_RECIPE["train_seeds"]:
-        parts.append(f"{len(recipe['train_seeds'])}worlds")
-    if recipe["images_per_world"] != IMAGES_PER_WORLD:
-        parts.append(f"{recipe['images_per_world']}img")
-    if recipe["steps"] != TRAIN_STEPS:
-        parts.append(f"{recipe['steps']}steps")
-    return "".join("_" + p for p in parts)
+    return "".join("_" + RECIPE_FIELDS[key][2](recipe[key]) for key in _changed(recipe))
 
 
 def reproduce_command(recipe: dict, root: Path, eval_seeds: tuple[int, ...]) -> str:
@@ -237,12 +243,7 @@ def reproduce_command(recipe: dict, root: Path, eval_seeds: tuple[int, ...]) -> 
     flags = []
     if root != DEFAULT_ROOT:
         flags.append(f"--root {root.relative_to(REPO) if root.is_relative_to(REPO) else root}")
-    if recipe["train_seeds"] != DEFAULT_RECIPE["train_seeds"]:
-        flags.append(f"--train-seeds {format_seeds(tuple(recipe['train_seeds']))}")
-    if recipe["images_per_world"] != IMAGES_PER_WORLD:
-        flags.append(f"--images-per-world {recipe['images_per_world']}")
-    if recipe["steps"] != TRAIN_STEPS:
-        flags.append(f"--steps {recipe['steps']}")
+    flags += [f"{RECIPE_FIELDS[key][0]} {RECIPE_FIELDS[key][1](recipe[key])}" for key in _changed(recipe)]
     if tuple(eval_seeds) != EVAL_SEEDS:
         flags.append(f"--eval-seeds {','.join(map(str, eval_seeds))}")
     return " ".join(["python benchmarks/zero_shot/default_model.py all", *flags])
